@@ -1,0 +1,40 @@
+//! Parsing `--device` and `--dtype`.
+
+use crate::error::{PolicyError, Result};
+use candle_core::{DType, Device};
+
+/// `cpu`, `cuda` or `cuda:N` (the latter two need the `cuda` feature).
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = match s.strip_prefix("cuda:") {
+                Some(n) => n.parse::<usize>().map_err(|_| {
+                    PolicyError::InvalidArgument(format!("device `{s}`: expected cuda:N"))
+                })?,
+                None => 0,
+            };
+            if !candle_core::utils::cuda_is_available() {
+                return Err(PolicyError::InvalidArgument(format!(
+                    "device `{s}`: this rlft was built without CUDA; rebuild with `--features cuda`"
+                )));
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+        _ => Err(PolicyError::InvalidArgument(format!(
+            "unknown device `{s}`; expected cpu, cuda or cuda:N"
+        ))),
+    }
+}
+
+/// `f32` (the CPU default), `bf16` or `f16`; transformers' names are accepted too.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" | "float32" | "fp32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" | "fp16" => Ok(DType::F16),
+        _ => Err(PolicyError::InvalidArgument(format!(
+            "unknown dtype `{s}`; expected f32, bf16 or f16"
+        ))),
+    }
+}

@@ -1,0 +1,207 @@
+//! Model families behind one trait. A family is one file: it reads its `config.json`, loads
+//! its weights by their Hugging Face names and runs the forward pass.
+
+pub mod attention;
+pub mod batch;
+mod gpt2;
+mod llama;
+mod mistral;
+mod qwen2;
+mod rotary;
+
+pub use batch::{attention_bias, BatchInput};
+
+use crate::ctx::ForwardCtx;
+use crate::error::{PolicyError, Result};
+use crate::kv_cache::KvCache;
+use crate::linear::Linear;
+use crate::weights::WeightFiles;
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use std::path::Path;
+
+/// What callers need to know about a loaded model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    /// Longest sequence the model's positions allow.
+    pub max_positions: usize,
+    /// Module path of the output projection (`lm_head`), excluded from `all-linear`.
+    pub output_head: String,
+    pub tie_word_embeddings: bool,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+/// A causal language model. Base weights are immutable during a forward pass; the active
+/// adapter (if any) comes with the [`ForwardCtx`], so one model serves policy and reference.
+pub trait CausalLm: Send + Sync {
+    fn info(&self) -> &ModelInfo;
+
+    /// Final hidden states (after the last norm), `[b, t, hidden]`. With a cache, `input`
+    /// holds only the new tokens and the cache is extended.
+    fn forward_hidden(
+        &self,
+        input: &BatchInput,
+        ctx: &ForwardCtx,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor>;
+
+    /// Output head: `[.., hidden]` → logits `[.., vocab]` in the model dtype.
+    fn logits(&self, hidden: &Tensor, ctx: &ForwardCtx) -> Result<Tensor>;
+
+    /// Every linear layer (LoRA candidates), in a stable order.
+    fn linears(&self) -> Vec<&Linear>;
+    fn linears_mut(&mut self) -> Vec<&mut Linear>;
+
+    /// A fresh KV cache for up to `max_len` positions.
+    fn new_cache(&self, max_len: usize) -> KvCache {
+        KvCache::new(self.info().num_layers, max_len)
+    }
+
+    /// Logits for every position of `input` (no cache).
+    fn forward(&self, input: &BatchInput, ctx: &ForwardCtx) -> Result<Tensor> {
+        let h = self.forward_hidden(input, ctx, None)?;
+        self.logits(&h, ctx)
+    }
+}
+
+/// The `model_type`s rlft can load, and the file that implements each.
+pub const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "gpt2"];
+
+/// Parses `config.json` of `dir` and loads the weights into the matching family.
+pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Box<dyn CausalLm>> {
+    let cfg_path = dir.join("config.json");
+    let cfg: Value = crate::error::read_json(&cfg_path)?;
+    let model_type = cfg
+        .get("model_type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| PolicyError::config(&cfg_path, "model_type", "missing"))?
+        .to_string();
+    if !SUPPORTED.contains(&model_type.as_str()) {
+        return Err(PolicyError::UnsupportedModel {
+            path: cfg_path,
+            model_type,
+            supported: SUPPORTED.join(", "),
+        });
+    }
+    let weights = WeightFiles::open(dir, dtype, device)?;
+    let reader = ConfigReader {
+        cfg: &cfg,
+        path: &cfg_path,
+    };
+    Ok(match model_type.as_str() {
+        "llama" => Box::new(llama::load(&reader, &weights)?),
+        "mistral" => Box::new(mistral::load(&reader, &weights)?),
+        "qwen2" => Box::new(qwen2::load(&reader, &weights)?),
+        "gpt2" => Box::new(gpt2::load(&reader, &weights)?),
+        _ => unreachable!("checked against SUPPORTED"),
+    })
+}
+
+/// Typed access to `config.json` with errors naming the file and key.
+pub(crate) struct ConfigReader<'a> {
+    pub cfg: &'a Value,
+    pub path: &'a Path,
+}
+
+impl ConfigReader<'_> {
+    pub fn usize(&self, key: &str) -> Result<usize> {
+        self.opt_usize(key)?
+            .ok_or_else(|| PolicyError::config(self.path, key, "missing"))
+    }
+    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.cfg.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
+                PolicyError::config(
+                    self.path,
+                    key,
+                    format!("expected a non-negative integer, got {v}"),
+                )
+            }),
+        }
+    }
+    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        match self.cfg.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| {
+                PolicyError::config(self.path, key, format!("expected a number, got {v}"))
+            }),
+        }
+    }
+    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.cfg.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| {
+                PolicyError::config(self.path, key, format!("expected true or false, got {v}"))
+            }),
+        }
+    }
+    pub fn str_or<'b>(&'b self, key: &str, default: &'b str) -> Result<&'b str> {
+        match self.cfg.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_str().ok_or_else(|| {
+                PolicyError::config(self.path, key, format!("expected a string, got {v}"))
+            }),
+        }
+    }
+}
+
+/// Activation functions by their transformers names.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    Silu,
+    /// Exact (erf) GELU: "gelu".
+    Gelu,
+    /// Tanh approximation: "gelu_new", "gelu_pytorch_tanh", "gelu_fast".
+    GeluTanh,
+    Relu,
+}
+
+impl Activation {
+    pub(crate) fn parse(r: &ConfigReader, key: &str, default: &str) -> Result<Self> {
+        Ok(match r.str_or(key, default)? {
+            "silu" | "swish" => Activation::Silu,
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "relu" => Activation::Relu,
+            other => {
+                return Err(PolicyError::config(
+                    r.path,
+                    key,
+                    format!("unsupported activation `{other}`; supported: silu, gelu, gelu_new, gelu_pytorch_tanh, relu"),
+                ))
+            }
+        })
+    }
+
+    pub fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Activation::Silu => x.silu(),
+            Activation::Gelu => x.gelu_erf(),
+            Activation::GeluTanh => x.gelu(),
+            Activation::Relu => x.relu(),
+        }
+    }
+}
+
+/// Errors when a batch reaches past the model's position table.
+pub(crate) fn check_positions(
+    info: &ModelInfo,
+    input: &BatchInput,
+    offset_len: usize,
+) -> Result<()> {
+    let longest = input.max_position + 1;
+    if longest > info.max_positions || offset_len > info.max_positions {
+        return Err(PolicyError::InvalidArgument(format!(
+            "sequence of {} tokens is longer than the model's {} positions (max_position_embeddings); shorten it or lower max_seq_len",
+            longest.max(offset_len),
+            info.max_positions
+        )));
+    }
+    Ok(())
+}

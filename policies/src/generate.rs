@@ -1,0 +1,144 @@
+//! Batched generation for left-padded prompts, with or without the KV cache.
+
+use crate::ctx::ForwardCtx;
+use crate::error::{PolicyError, Result};
+use crate::families::{BatchInput, CausalLm};
+use crate::lora::Adapter;
+use crate::sampling::{sample, SamplingParams};
+use candle_core::{DType, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+#[derive(Debug, Clone)]
+pub struct GenerationConfig {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub seed: u64,
+    /// A sequence ends at the first of these (EOS and any extra stop ids).
+    pub stop_ids: Vec<u32>,
+    /// Id fed for padding and after a sequence has stopped.
+    pub pad_id: u32,
+    /// Reuse keys/values of earlier positions (off only to check the cache).
+    pub use_cache: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub prompt_ids: Vec<u32>,
+    /// The generated tokens, including the stop token when one ended the sequence.
+    pub completion_ids: Vec<u32>,
+    /// Whether a stop token ended it (false: it hit `max_new_tokens`).
+    pub stopped: bool,
+}
+
+/// Generates a completion for each prompt. Sampling draws from one generator seeded with
+/// `cfg.seed`, row by row at each step, so a run is repeatable.
+pub fn generate(
+    model: &dyn CausalLm,
+    adapter: Option<&Adapter>,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+) -> Result<Vec<Generation>> {
+    cfg.sampling
+        .validate()
+        .map_err(PolicyError::InvalidArgument)?;
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let info = model.info();
+    let dev = info.device.clone();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if longest + cfg.max_new_tokens > info.max_positions {
+        return Err(PolicyError::InvalidArgument(format!(
+            "prompt of {longest} tokens + max_new_tokens {} exceeds the model's {} positions",
+            cfg.max_new_tokens, info.max_positions
+        )));
+    }
+    let ctx = ForwardCtx::inference(adapter);
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let b = prompts.len();
+    let mut out: Vec<Generation> = prompts
+        .iter()
+        .map(|p| Generation {
+            prompt_ids: p.clone(),
+            completion_ids: Vec::new(),
+            stopped: false,
+        })
+        .collect();
+    let mut done = vec![false; b];
+    let mut cache = cfg
+        .use_cache
+        .then(|| model.new_cache(longest + cfg.max_new_tokens));
+    let mut input = BatchInput::left_padded(prompts, cfg.pad_id, &dev)?;
+    for step in 0..cfg.max_new_tokens {
+        let hidden = model.forward_hidden(&input, &ctx, cache.as_mut())?;
+        let t = hidden.dim(1)?;
+        let last = hidden.narrow(1, t - 1, 1)?;
+        let logits: Vec<Vec<f32>> = model
+            .logits(&last, &ctx)?
+            .squeeze(1)?
+            .to_dtype(DType::F32)?
+            .to_vec2()?;
+        let mut next = Vec::with_capacity(b);
+        for (i, row) in logits.iter().enumerate() {
+            if done[i] {
+                next.push(cfg.pad_id);
+                continue;
+            }
+            let tok = sample(row, &cfg.sampling, &mut rng);
+            out[i].completion_ids.push(tok);
+            if cfg.stop_ids.contains(&tok) {
+                done[i] = true;
+                out[i].stopped = true;
+            }
+            next.push(tok);
+        }
+        if done.iter().all(|&d| d) || step + 1 == cfg.max_new_tokens {
+            break;
+        }
+        input = if cfg.use_cache {
+            let positions: Vec<u32> = (0..b).map(|i| (prompts[i].len() + step) as u32).collect();
+            BatchInput::from_parts(next, positions, vec![vec![true]; b], &dev)?
+        } else {
+            let rows: Vec<Vec<u32>> = (0..b)
+                .map(|i| {
+                    let mut r = prompts[i].clone();
+                    r.extend(&out[i].completion_ids);
+                    r.resize(prompts[i].len() + step + 1, cfg.pad_id);
+                    r
+                })
+                .collect();
+            BatchInput::left_padded(&rows, cfg.pad_id, &dev)?
+        };
+    }
+    Ok(out)
+}
+
+/// Per-token log-probabilities `lp[b][t] = log p(ids[t+1] | ids[..=t])` of each row, from
+/// logits divided by `temperature` (1 for scoring greedy samples), computed in f32.
+/// Rows are left-padded into one batch; each result has `len − 1` entries.
+pub fn score(
+    model: &dyn CausalLm,
+    adapter: Option<&Adapter>,
+    rows: &[Vec<u32>],
+    pad_id: u32,
+    temperature: f64,
+) -> Result<Vec<Vec<f32>>> {
+    let input = BatchInput::left_padded(rows, pad_id, &model.info().device)?;
+    let ctx = ForwardCtx::inference(adapter);
+    let lp = crate::logprobs::token_logprobs(model, &input, &ctx, temperature)?;
+    let lp: Vec<Vec<f32>> = lp.to_vec2()?;
+    let t = input.seq_len();
+    Ok(rows
+        .iter()
+        .zip(lp)
+        .map(|(r, row)| row[t - r.len()..].to_vec())
+        .collect())
+}
+
+/// Helper for tests and tools: the `[b, t]` u32 tensor of `rows` (all the same length).
+pub fn ids_tensor(rows: &[Vec<u32>], dev: &candle_core::Device) -> Result<Tensor> {
+    let t = rows.first().map_or(0, Vec::len);
+    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+    Ok(Tensor::from_vec(flat, (rows.len(), t), dev)?)
+}

@@ -1,0 +1,84 @@
+//! The one linear layer of every family: a base weight (frozen, or a variable when the base
+//! is trained) plus the LoRA path of the active adapter, looked up by module path.
+//!
+//! `y = x Wᵀ + b + (α/r) · B A dropout(x)`
+
+use crate::ctx::ForwardCtx;
+use crate::ops::frozen_matmul_t;
+use candle_core::{DType, Result, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// Module path as Hugging Face names it, e.g. `model.layers.0.self_attn.q_proj`.
+    pub path: String,
+    /// `[out, in]` (GPT-2's Conv1D weights are transposed at load).
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    /// Stored `[in, out]` in the checkpoint (GPT-2 Conv1D): PEFT's `fan_in_fan_out`.
+    pub conv1d: bool,
+}
+
+impl Linear {
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// `x`: [..., in] → [..., out].
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let x2 = x.reshape(((), self.in_features()))?;
+        let mut y = if self.weight.is_variable() && ctx.grad {
+            x2.matmul(&self.weight.t()?)?
+        } else {
+            // Frozen base: no weight gradient is ever computed.
+            frozen_matmul_t(&x2, &self.weight.detach())?
+        };
+        if let Some(b) = &self.bias {
+            let b = if ctx.grad { b.clone() } else { b.detach() };
+            y = y.broadcast_add(&b)?;
+        }
+        if let Some(lora) = ctx
+            .adapter
+            .and_then(|a| a.module(&self.path).map(|m| (a, m)))
+        {
+            let (adapter, module) = lora;
+            let delta = module.delta(&x2, adapter.scale(), adapter.config.lora_dropout, ctx)?;
+            y = (y + delta.to_dtype(x.dtype())?)?;
+        }
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("linear input has a last dim") = self.out_features();
+        y.reshape(out_dims)
+    }
+
+    /// `W ← W + scale · B A` in f32, stored back in the weight's dtype.
+    pub fn merge(&mut self, a: &Tensor, b: &Tensor, scale: f64) -> Result<()> {
+        let dtype = self.weight.dtype();
+        let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
+        self.weight = (self.weight.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?;
+        Ok(())
+    }
+}
+
+/// Token embedding table `[vocab, hidden]`.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    pub path: String,
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    /// `ids`: [b, t] u32 → [b, t, hidden].
+    pub fn forward(&self, ids: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let w = if ctx.grad {
+            self.weight.clone()
+        } else {
+            self.weight.detach()
+        };
+        w.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))
+    }
+}

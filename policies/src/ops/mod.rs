@@ -1,0 +1,16 @@
+//! Differentiable building blocks. Each op's forward uses candle's fast kernel where one
+//! exists and its backward is written out here (see `bridge`), so gradients reach the
+//! adapter exactly and frozen weights cost no gradient work.
+
+pub mod bridge;
+pub mod logprob;
+pub mod matmul;
+pub mod norm;
+pub mod rope;
+pub mod softmax;
+
+pub use logprob::{entropy, gather_logprobs};
+pub use matmul::frozen_matmul_t;
+pub use norm::{layer_norm, rms_norm};
+pub use rope::rope;
+pub use softmax::softmax_last_dim;

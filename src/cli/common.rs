@@ -1,0 +1,39 @@
+//! Arguments and loading shared by the commands that run a model.
+
+use anyhow::{Context, Result};
+use rlft_policies::device::{parse_device, parse_dtype};
+use rlft_policies::{Adapter, Pretrained};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct ModelArgs {
+    /// A Hugging Face model folder (config.json, model.safetensors, tokenizer.json, …).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<(Pretrained, Option<Adapter>)> {
+        let dtype = parse_dtype(&self.dtype)?;
+        let device = parse_device(&self.device)?;
+        let pre = Pretrained::load(&self.model, dtype, &device)
+            .with_context(|| format!("loading model {}", self.model.display()))?;
+        let adapter = match &self.adapter {
+            Some(dir) => Some(
+                Adapter::load(dir, pre.model.as_ref())
+                    .with_context(|| format!("loading adapter {}", dir.display()))?,
+            ),
+            None => None,
+        };
+        Ok((pre, adapter))
+    }
+}

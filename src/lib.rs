@@ -1,0 +1,8 @@
+//! `rlft`: LoRA fine-tuning and reinforcement learning from feedback for causal language
+//! models. The binary's commands live in [`cli`]; model code is in `rlft-policies`, the
+//! reward trait in `rlft-reward`.
+
+pub mod cli;
+
+pub use rlft_policies as policies;
+pub use rlft_reward as reward;
