@@ -15,6 +15,13 @@ pub fn token_logprobs(
     temperature: f64,
 ) -> Result<Tensor> {
     let (b, t) = (input.batch_size(), input.seq_len());
+    if t < 2 {
+        return Ok(Tensor::zeros(
+            (b, 0),
+            crate::ops::compute_dtype(model.info().dtype),
+            &model.info().device,
+        )?);
+    }
     let hidden = model.forward_hidden(input, ctx, None)?;
     let hidden = hidden.narrow(1, 0, t - 1)?;
     let mut logits = model.logits(&hidden, ctx)?;

@@ -1,7 +1,7 @@
 //! Scaled dot-product attention with grouped-query heads, softmax in f32.
 
-use crate::ops::softmax_last_dim;
-use candle_core::{DType, Result, Tensor};
+use crate::ops::{compute_dtype, softmax_last_dim};
+use candle_core::{Result, Tensor};
 
 /// `q`: [b, h, t, d]; `k`, `v`: [b, kv, s, d] with h a multiple of kv; `bias`: [b, 1, t, s].
 /// Returns [b, t, h·d].
@@ -16,9 +16,9 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> 
     let q = q.contiguous()?.reshape((b, kv, rep * t, d))?;
     let scores = (q.matmul(&k.t()?)? * scale)?;
     let scores = scores
-        .to_dtype(DType::F32)?
-        .reshape((b, h, t, s))?
-        .broadcast_add(bias)?;
+        .to_dtype(compute_dtype(v.dtype()))?
+        .reshape((b, h, t, s))?;
+    let scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
     let p = softmax_last_dim(&scores)?
         .to_dtype(v.dtype())?
         .reshape((b, kv, rep * t, s))?;

@@ -38,7 +38,7 @@ impl LoraModule {
         } else {
             (self.a.as_tensor().detach(), self.b.as_tensor().detach())
         };
-        let mut x = x.to_dtype(DType::F32)?;
+        let mut x = x.to_dtype(a.dtype())?;
         if let Some(mask) = ctx.dropout_mask(p, x.elem_count()) {
             let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
             x = (x * mask)?;
@@ -53,8 +53,14 @@ pub struct Adapter {
     modules: BTreeMap<String, LoraModule>,
 }
 
-fn var_from(t: Tensor) -> Result<Var> {
-    Ok(Var::from_tensor(&t.to_dtype(DType::F32)?)?)
+/// Adapter weights are f32 (PEFT's `autocast_adapter_dtype`) on an f32/bf16/f16 base, and
+/// f64 on an f64 base.
+fn adapter_dtype(model: &dyn CausalLm) -> DType {
+    crate::ops::compute_dtype(model.info().dtype)
+}
+
+fn var_from(t: Tensor, dtype: DType) -> Result<Var> {
+    Ok(Var::from_tensor(&t.to_dtype(dtype)?)?)
 }
 
 impl Adapter {
@@ -65,6 +71,7 @@ impl Adapter {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let dev = model.info().device.clone();
         let head = model.info().output_head.clone();
+        let dtype = adapter_dtype(model);
         let mut modules = BTreeMap::new();
         for lin in model.linears() {
             if !config.target_modules.matches(&lin.path, lin.path == head)? {
@@ -89,8 +96,8 @@ impl Adapter {
             modules.insert(
                 lin.path.clone(),
                 LoraModule {
-                    a: Var::from_tensor(&Tensor::from_vec(a, (r, inp), &dev)?)?,
-                    b: Var::zeros((out, r), DType::F32, &dev)?,
+                    a: var_from(Tensor::from_vec(a, (r, inp), &dev)?, dtype)?,
+                    b: Var::zeros((out, r), dtype, &dev)?,
                 },
             );
         }
@@ -228,6 +235,7 @@ impl Adapter {
                 e.1 = Some(t);
             }
         }
+        let dtype = adapter_dtype(model);
         let mut modules = BTreeMap::new();
         for (path, (a, b)) in pairs {
             let (Some(a), Some(b)) = (a, b) else {
@@ -238,8 +246,8 @@ impl Adapter {
             modules.insert(
                 path,
                 LoraModule {
-                    a: var_from(a)?,
-                    b: var_from(b)?,
+                    a: var_from(a, dtype)?,
+                    b: var_from(b, dtype)?,
                 },
             );
         }

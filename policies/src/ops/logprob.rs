@@ -4,11 +4,13 @@
 //! `d logits[i, v] = g_i · (1[v = y_i] − softmax(logits[i])_v)`.
 
 use super::bridge::{bridge1, Backward1};
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
 
 /// `logits`: [n, V] (any float dtype; computed in f32), `targets`: [n] u32 → [n] f32.
 pub fn gather_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+    let logits = logits
+        .to_dtype(super::compute_dtype(logits.dtype()))?
+        .contiguous()?;
     let det = logits.detach();
     let lse = det.log_sum_exp(D::Minus1)?;
     let idx = targets.unsqueeze(1)?;
@@ -28,7 +30,7 @@ pub fn gather_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// Entropy `H = −Σ p log p` of each row of `logits` ([n, V]) in f32, differentiable through
 /// candle's ops.
 pub fn entropy(logits: &Tensor) -> Result<Tensor> {
-    let logits = logits.to_dtype(DType::F32)?;
+    let logits = logits.to_dtype(super::compute_dtype(logits.dtype()))?;
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     (logp.exp()? * &logp)?.sum(D::Minus1)?.neg()
 }

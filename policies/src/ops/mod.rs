@@ -9,8 +9,23 @@ pub mod norm;
 pub mod rope;
 pub mod softmax;
 
+use candle_core::DType;
+
+/// The dtype reductions run in: f32 for f32/bf16/f16 models, f64 for f64 (used by the
+/// finite-difference checks).
+pub fn compute_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 pub use logprob::{entropy, gather_logprobs};
 pub use matmul::frozen_matmul_t;
 pub use norm::{layer_norm, rms_norm};
 pub use rope::rope;
 pub use softmax::softmax_last_dim;
+
+#[cfg(test)]
+mod tests;

@@ -21,7 +21,12 @@ fn sum_to_last(g: &Tensor) -> Result<Tensor> {
 /// `y = x / sqrt(mean(x²) + eps) · w`
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
-    let out = candle_nn::ops::rms_norm(&x.detach(), &w.detach(), eps as f32)?;
+    // candle's fused kernel has no f64 path; the composed version serves f64 (checks only).
+    let out = if x.dtype() == DType::F64 {
+        candle_nn::ops::rms_norm_slow(&x.detach(), &w.detach(), eps as f32)?
+    } else {
+        candle_nn::ops::rms_norm(&x.detach(), &w.detach(), eps as f32)?
+    };
     bridge2(
         &x,
         w,
@@ -50,7 +55,7 @@ impl Backward2 for RmsNormBwd {
         let dtype = self.x.dtype();
         let x = internal(&self.x)?;
         let g = internal(g)?;
-        let w = self.w.to_dtype(DType::F32)?;
+        let w = self.w.to_dtype(super::compute_dtype(self.w.dtype()))?;
         let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
             .sqrt()?
             .recip()?;
@@ -72,7 +77,11 @@ impl Backward2 for RmsNormBwd {
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
     let zero = b.detach().zeros_like()?;
-    let out = candle_nn::ops::layer_norm(&x.detach(), &w.detach(), &zero, eps as f32)?;
+    let out = if x.dtype() == DType::F64 {
+        candle_nn::ops::layer_norm_slow(&x.detach(), &w.detach(), &zero, eps as f32)?
+    } else {
+        candle_nn::ops::layer_norm(&x.detach(), &w.detach(), &zero, eps as f32)?
+    };
     let scaled = bridge2(
         &x,
         w,
@@ -102,7 +111,7 @@ impl Backward2 for LayerNormBwd {
         let dtype = self.x.dtype();
         let x = internal(&self.x)?;
         let g = internal(g)?;
-        let w = self.w.to_dtype(DType::F32)?;
+        let w = self.w.to_dtype(super::compute_dtype(self.w.dtype()))?;
         let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
         let r = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
             .sqrt()?

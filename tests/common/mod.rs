@@ -1,0 +1,93 @@
+//! Helpers shared by the integration tests: fixture paths, the reference outputs that
+//! transformers + PEFT computed, and running the `rlft` binary.
+#![allow(dead_code)]
+
+use rlft::policies::candle_core::{DType, Device};
+use rlft::policies::{Adapter, Pretrained};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+pub const FAMILIES: [&str; 3] = ["llama", "qwen2", "gpt2"];
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+pub fn reference(model: &str) -> Value {
+    let text = std::fs::read_to_string(fixture(model).join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn load(model: &str, dtype: DType) -> Pretrained {
+    Pretrained::load(&fixture(model), dtype, &Device::Cpu).unwrap()
+}
+
+pub fn load_adapter(model: &str, pre: &Pretrained) -> Adapter {
+    Adapter::load(&fixture(&format!("{model}-lora")), pre.model.as_ref()).unwrap()
+}
+
+pub fn rlft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rlft"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run rlft")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn f32s(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+pub fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// A fresh temporary folder under the target dir (removed when dropped).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let p = base.join(format!(
+            "{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
