@@ -195,6 +195,8 @@ impl Adapter {
             msg,
         };
         let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        // Sorted, so the first error reported is always the same one.
+        let tensors: BTreeMap<String, Tensor> = tensors.into_iter().collect();
         for (key, t) in tensors {
             let norm = key.replace(".default.weight", ".weight");
             let rest = norm.strip_prefix(PEFT_PREFIX).ok_or_else(|| {
