@@ -3,6 +3,11 @@
 //! reward trait in `rlft-reward`.
 
 pub mod cli;
+pub mod config;
+pub mod data;
+pub mod sft;
+pub mod telemetry;
+pub mod train;
 
 pub use rlft_policies as policies;
 pub use rlft_reward as reward;

@@ -16,6 +16,7 @@ pub mod linear;
 pub mod logprobs;
 pub mod lora;
 pub mod ops;
+pub mod params;
 pub mod pretrained;
 pub mod rope;
 pub mod sampling;

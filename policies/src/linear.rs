@@ -63,6 +63,15 @@ impl Linear {
     }
 }
 
+/// `(path.weight, W)` and `(path.bias, b)` of a linear layer.
+pub fn linear_params(lin: &mut Linear) -> Vec<(String, &mut Tensor)> {
+    let mut out = vec![(format!("{}.weight", lin.path), &mut lin.weight)];
+    if let Some(b) = lin.bias.as_mut() {
+        out.push((format!("{}.bias", lin.path), b));
+    }
+    out
+}
+
 /// Token embedding table `[vocab, hidden]`.
 #[derive(Debug, Clone)]
 pub struct Embedding {

@@ -104,6 +104,23 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of `text` and each token's byte span in `text` (special tokens added by
+    /// the post-processor get an empty span at 0).
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc =
+            self.inner
+                .encode(text, add_special_tokens)
+                .map_err(|e| PolicyError::Tokenizer {
+                    path: self.path.clone(),
+                    msg: format!("encoding failed: {e}"),
+                })?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special_tokens)

@@ -3,6 +3,8 @@
 mod common;
 mod generate;
 mod logprobs;
+mod merge;
+mod sft;
 
 use clap::{Parser, Subcommand};
 use std::ffi::OsString;
@@ -25,6 +27,10 @@ enum Command {
     Logprobs(logprobs::Args),
     /// Generate a completion for one or more prompts.
     Generate(generate::Args),
+    /// Supervised fine-tuning (LoRA by default) from a TOML config.
+    Sft(sft::Args),
+    /// Merge an adapter into the base weights and write a Hugging Face folder.
+    Merge(merge::Args),
 }
 
 /// Parses `args`, runs the command, and turns any error into a message and exit code 1
@@ -41,10 +47,12 @@ where
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    init_tracing();
+    crate::telemetry::init();
     let result = match cli.command {
         Command::Logprobs(a) => logprobs::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Sft(a) => sft::run(a),
+        Command::Merge(a) => merge::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -53,14 +61,4 @@ where
             ExitCode::FAILURE
         }
     }
-}
-
-/// Human-readable logs on stderr; `RUST_LOG` sets the level (default `info`).
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }

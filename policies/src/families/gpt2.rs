@@ -7,7 +7,7 @@ use super::{check_positions, Activation, CausalLm, ConfigReader, ModelInfo};
 use crate::ctx::ForwardCtx;
 use crate::error::{PolicyError, Result};
 use crate::kv_cache::KvCache;
-use crate::linear::{Embedding, Linear};
+use crate::linear::{linear_params, Embedding, Linear};
 use crate::ops::layer_norm;
 use crate::weights::WeightFiles;
 use candle_core::Tensor;
@@ -204,6 +204,35 @@ impl CausalLm for Gpt2 {
         }
         out.push(&self.lm_head);
         out
+    }
+
+    fn params_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut out: Vec<(String, &mut Tensor)> = vec![
+            ("transformer.wte.weight".into(), &mut self.wte.weight),
+            ("transformer.wpe.weight".into(), &mut self.wpe),
+        ];
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            let p = format!("transformer.h.{i}");
+            for (name, n) in [("ln_1", &mut b.ln_1), ("ln_2", &mut b.ln_2)] {
+                out.push((format!("{p}.{name}.weight"), &mut n.w));
+                out.push((format!("{p}.{name}.bias"), &mut n.b));
+            }
+            for lin in [
+                &mut b.c_attn,
+                &mut b.attn_proj,
+                &mut b.c_fc,
+                &mut b.mlp_proj,
+            ] {
+                out.extend(linear_params(lin));
+            }
+        }
+        out.push(("transformer.ln_f.weight".into(), &mut self.ln_f.w));
+        out.push(("transformer.ln_f.bias".into(), &mut self.ln_f.b));
+        out
+    }
+
+    fn sync_tied(&mut self) {
+        self.lm_head.weight = self.wte.weight.clone();
     }
 
     fn linears_mut(&mut self) -> Vec<&mut Linear> {

@@ -57,6 +57,13 @@ pub trait CausalLm: Send + Sync {
     fn linears(&self) -> Vec<&Linear>;
     fn linears_mut(&mut self) -> Vec<&mut Linear>;
 
+    /// Every distinct parameter with its Hugging Face name, in the model's own layout
+    /// (GPT-2's Conv1D weights are `[out, in]` here). A tied output head is not listed.
+    fn params_mut(&mut self) -> Vec<(String, &mut Tensor)>;
+
+    /// Re-points a tied output head at the embedding after the embedding was replaced.
+    fn sync_tied(&mut self) {}
+
     /// A fresh KV cache for up to `max_len` positions.
     fn new_cache(&self, max_len: usize) -> KvCache {
         KvCache::new(self.info().num_layers, max_len)

@@ -10,7 +10,7 @@ use super::{check_positions, Activation, CausalLm, ModelInfo};
 use crate::ctx::ForwardCtx;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
-use crate::linear::{Embedding, Linear};
+use crate::linear::{linear_params, Embedding, Linear};
 use crate::ops::{rms_norm, rope};
 use crate::rope::{RopeConfig, RopeTables};
 use crate::weights::WeightFiles;
@@ -229,6 +229,41 @@ impl CausalLm for RotaryDecoder {
         }
         out.push(&self.lm_head);
         out
+    }
+
+    fn params_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut out: Vec<(String, &mut Tensor)> =
+            vec![("model.embed_tokens.weight".into(), &mut self.embed.weight)];
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), &mut b.input_norm));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                &mut b.post_norm,
+            ));
+            for lin in [
+                &mut b.q,
+                &mut b.k,
+                &mut b.v,
+                &mut b.o,
+                &mut b.gate,
+                &mut b.up,
+                &mut b.down,
+            ] {
+                out.extend(linear_params(lin));
+            }
+        }
+        out.push(("model.norm.weight".into(), &mut self.norm));
+        if !self.spec.tie_word_embeddings {
+            out.extend(linear_params(&mut self.lm_head));
+        }
+        out
+    }
+
+    fn sync_tied(&mut self) {
+        if self.spec.tie_word_embeddings {
+            self.lm_head.weight = self.embed.weight.clone();
+        }
     }
 
     fn linears_mut(&mut self) -> Vec<&mut Linear> {

@@ -1,0 +1,114 @@
+//! Training base weights (`trainable = full | last_n_layers`) and exporting a model back to
+//! a Hugging Face folder (after training or merging an adapter).
+
+use crate::error::{PolicyError, Result};
+use crate::families::CausalLm;
+use candle_core::{Device, Tensor, Var};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The block index in a parameter name (`model.layers.3.…`, `transformer.h.3.…`).
+pub fn layer_index(name: &str) -> Option<usize> {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts
+        .windows(2)
+        .find(|w| w[0] == "layers" || w[0] == "h")
+        .and_then(|w| w[1].parse().ok())
+}
+
+/// Replaces every parameter for which `select(name)` holds by a variable and returns them,
+/// named as Hugging Face names them. The others stay frozen (no gradient work).
+pub fn make_trainable(
+    model: &mut dyn CausalLm,
+    select: &dyn Fn(&str) -> bool,
+) -> Result<Vec<(String, Var)>> {
+    let mut vars = Vec::new();
+    for (name, t) in model.params_mut() {
+        if select(&name) {
+            let v = Var::from_tensor(t)?;
+            *t = v.as_tensor().clone();
+            vars.push((name, v));
+        }
+    }
+    model.sync_tied();
+    Ok(vars)
+}
+
+/// `select` for the last `n` blocks (the "freeze the first layers" variant); the final norm
+/// and an untied output head count as part of the last block.
+pub fn last_n_layers(num_layers: usize, n: usize) -> impl Fn(&str) -> bool {
+    let first = num_layers.saturating_sub(n);
+    move |name: &str| match layer_index(name) {
+        Some(i) => i >= first,
+        None => n > 0 && !name.contains("embed") && !name.contains("wte") && !name.contains("wpe"),
+    }
+}
+
+/// All parameters under their Hugging Face names and layouts (Conv1D back to `[in, out]`).
+pub fn export_weights(model: &mut dyn CausalLm) -> Result<Vec<(String, Tensor)>> {
+    let conv1d: Vec<String> = model
+        .linears()
+        .iter()
+        .filter(|l| l.conv1d)
+        .map(|l| format!("{}.weight", l.path))
+        .collect();
+    let mut out = Vec::new();
+    for (name, t) in model.params_mut() {
+        let t = if conv1d.contains(&name) {
+            t.t()?.contiguous()?
+        } else {
+            t.detach()
+        };
+        out.push((name, t));
+    }
+    Ok(out)
+}
+
+/// Writes a loadable Hugging Face folder: `model.safetensors` from `model`, and the
+/// configuration and tokenizer files copied from `src_dir`.
+pub fn save_pretrained(model: &mut dyn CausalLm, src_dir: &Path, out_dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(out_dir).map_err(|e| PolicyError::io(out_dir, e))?;
+    let tensors: HashMap<String, Tensor> = export_weights(model)?
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let dst = out_dir.join("model.safetensors");
+    let tmp = out_dir.join(".model.safetensors.tmp");
+    candle_core::safetensors::save(&tensors, &tmp).map_err(|e| PolicyError::Safetensors {
+        path: tmp.clone(),
+        msg: e.to_string(),
+    })?;
+    std::fs::rename(&tmp, &dst).map_err(|e| PolicyError::io(&dst, e))?;
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ] {
+        let s = src_dir.join(f);
+        if s.is_file() {
+            let bytes = std::fs::read(&s).map_err(|e| PolicyError::io(&s, e))?;
+            crate::fsutil::write_atomic(&out_dir.join(f), &bytes)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_indices() {
+        assert_eq!(layer_index("model.layers.12.mlp.up_proj.weight"), Some(12));
+        assert_eq!(layer_index("transformer.h.0.ln_1.bias"), Some(0));
+        assert_eq!(layer_index("model.norm.weight"), None);
+        let sel = last_n_layers(4, 1);
+        assert!(sel("model.layers.3.mlp.up_proj.weight"));
+        assert!(!sel("model.layers.2.mlp.up_proj.weight"));
+        assert!(sel("model.norm.weight"));
+        assert!(!sel("model.embed_tokens.weight"));
+    }
+}

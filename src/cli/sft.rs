@@ -1,0 +1,45 @@
+//! `rlft sft`: supervised LoRA fine-tuning from a TOML config.
+
+use crate::config::{self, sft::SftConfig};
+use crate::sft::{run as run_sft, RunOptions};
+use anyhow::Result;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// TOML configuration (see configs/sft.toml and docs/config.md).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override a key: `--set training.learning_rate=1e-4` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Continue from the newest checkpoint in output_dir, or from the given one.
+    #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1, default_missing_value = "latest")]
+    pub resume: Option<String>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let cfg: SftConfig = config::load(args.config.as_deref(), &args.overrides)?;
+    let out = run_sft(
+        &cfg,
+        &RunOptions {
+            resume: args.resume,
+            quiet: args.quiet,
+        },
+    )?;
+    println!(
+        "sft: {} steps, final train loss {:.4}{}, {:.1} tokens/s, {:.2} steps/s → {}",
+        out.steps,
+        out.final_train_loss,
+        out.eval_loss
+            .map(|l| format!(", eval loss {l:.4}"))
+            .unwrap_or_default(),
+        out.tokens_per_s,
+        out.steps_per_s,
+        out.output.display()
+    );
+    Ok(())
+}

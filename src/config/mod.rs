@@ -1,0 +1,130 @@
+//! Stage configurations: TOML files read into serde structs with `deny_unknown_fields`,
+//! defaults in one place (each struct's `Default`), and `--set section.key=value` overrides.
+//! An unknown key is an error naming it and the closest known key.
+
+pub mod common;
+pub mod sft;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::de::DeserializeOwned;
+use std::path::Path;
+
+/// Reads `path` (if given), applies `overrides` (`section.key=value`, the value parsed as
+/// TOML, else taken as a string) and deserialises into `T`.
+pub fn load<T: DeserializeOwned>(path: Option<&Path>, overrides: &[String]) -> Result<T> {
+    let (mut doc, source) = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config {}", p.display()))?;
+            let doc: toml::Table = toml::from_str(&text)
+                .map_err(|e| anyhow!("{}: {}", p.display(), e.to_string().trim_end()))?;
+            (doc, p.display().to_string())
+        }
+        None => (toml::Table::new(), "built-in defaults".to_string()),
+    };
+    for o in overrides {
+        apply_override(&mut doc, o)?;
+    }
+    T::deserialize(toml::Value::Table(doc))
+        .map_err(|e| anyhow!("{source}: {}", explain(&e.to_string())))
+}
+
+/// `a.b.c=value` → sets `doc[a][b][c]`.
+fn apply_override(doc: &mut toml::Table, o: &str) -> Result<()> {
+    let (key, raw) = o
+        .split_once('=')
+        .ok_or_else(|| anyhow!("--set `{o}`: expected section.key=value"))?;
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("--set `{o}`: empty key segment");
+    }
+    let value = parse_value(raw.trim());
+    let mut table = doc;
+    for p in &parts[..parts.len() - 1] {
+        let entry = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| anyhow!("--set `{o}`: `{p}` is not a section"))?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+fn parse_value(raw: &str) -> toml::Value {
+    // Parse as the right-hand side of a TOML assignment; bare words become strings.
+    let doc = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+/// Adds "did you mean `x`?" to serde's "unknown field `y`, expected one of …" errors.
+fn explain(msg: &str) -> String {
+    let msg = msg.trim_end().to_string();
+    let Some(rest) = msg.split("unknown field `").nth(1) else {
+        return msg;
+    };
+    let Some((unknown, expected)) = rest.split_once('`') else {
+        return msg;
+    };
+    let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    match closest(unknown, &candidates) {
+        Some(best) => format!("{msg}; did you mean `{best}`?"),
+        None => msg,
+    }
+}
+
+/// The candidate nearest to `word` by edit distance, when it is near enough to be a typo.
+pub fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (levenshtein(word, c), *c))
+        .min()
+        .filter(|(d, c)| *d <= (word.len().max(c.len()) / 2).max(2))
+        .map(|(_, c)| c)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(
+            closest("lerning_rate", &["learning_rate", "seed"]),
+            Some("learning_rate")
+        );
+        assert_eq!(closest("zzz", &["learning_rate", "seed"]), None);
+        let e = explain("unknown field `lerning_rate`, expected one of `learning_rate`, `seed`");
+        assert!(e.ends_with("did you mean `learning_rate`?"), "{e}");
+    }
+
+    #[test]
+    fn override_values_are_typed() {
+        let mut t = toml::Table::new();
+        apply_override(&mut t, "training.learning_rate=1e-3").unwrap();
+        apply_override(&mut t, "adapter.target_modules=[\"q_proj\"]").unwrap();
+        apply_override(&mut t, "adapter.target_modules2=all-linear").unwrap();
+        assert_eq!(t["training"]["learning_rate"].as_float(), Some(1e-3));
+        assert!(t["adapter"]["target_modules"].is_array());
+        assert_eq!(t["adapter"]["target_modules2"].as_str(), Some("all-linear"));
+        assert!(apply_override(&mut t, "novalue").is_err());
+    }
+}

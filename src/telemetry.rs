@@ -1,0 +1,144 @@
+//! Logging and metrics through `tracing`.
+//!
+//! - Human-readable lines go to stderr (level from `RUST_LOG`, default `info`), printed
+//!   above the progress bar when one is shown.
+//! - Events with target [`METRICS`] are also written, one JSON object a line, to the run's
+//!   `metrics.jsonl` while a run has [`open_metrics`]'d it. Field names are the metric
+//!   names (`"train/loss"`, `lr`, …); see docs/metrics.md.
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::sync::Mutex;
+use tracing::field::{Field, Visit};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
+
+/// Target of metric events.
+pub const METRICS: &str = "rlft::metrics";
+
+static SINK: Mutex<Option<std::io::BufWriter<std::fs::File>>> = Mutex::new(None);
+static PROGRESS: Mutex<Option<ProgressBar>> = Mutex::new(None);
+
+/// Installs the global subscriber (once; later calls do nothing).
+pub fn init() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Terminal lines show the message only; metric fields go to metrics.jsonl.
+    let message_only = tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        if field.name() == "message" {
+            write!(w, "{value:?}")
+        } else {
+            Ok(())
+        }
+    });
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(|| ProgressAwareStderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .fmt_fields(message_only)
+        .with_filter(filter);
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(MetricsLayer)
+        .try_init();
+}
+
+/// Appends metric events to `path` until [`close_metrics`].
+pub fn open_metrics(path: &Path) -> std::io::Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    *SINK.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::io::BufWriter::new(f));
+    Ok(())
+}
+
+pub fn close_metrics() {
+    if let Some(mut w) = SINK.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let _ = w.flush();
+    }
+}
+
+/// A progress bar on stderr, hidden when `quiet` or stderr is not a terminal.
+pub fn progress(len: u64, label: &str, quiet: bool) -> ProgressBar {
+    let pb = if quiet || !std::io::stderr().is_terminal() {
+        ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::hidden())
+    } else {
+        ProgressBar::new(len)
+    };
+    pb.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed} < {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(label.to_string());
+    *PROGRESS.lock().unwrap_or_else(|e| e.into_inner()) = Some(pb.clone());
+    pb
+}
+
+pub fn finish_progress() {
+    if let Some(pb) = PROGRESS.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        pb.finish_and_clear();
+    }
+}
+
+struct ProgressAwareStderr;
+
+impl Write for ProgressAwareStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let pb = PROGRESS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match pb {
+            Some(pb) if !pb.is_hidden() => pb.suspend(|| std::io::stderr().write(buf)),
+            _ => std::io::stderr().write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+struct MetricsLayer;
+
+struct JsonVisitor(serde_json::Map<String, serde_json::Value>);
+
+impl Visit for JsonVisitor {
+    fn record_f64(&mut self, f: &Field, v: f64) {
+        // JSON has no NaN/Inf: they are written as null (and logged as such).
+        let j = serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into);
+        self.0.insert(f.name().to_string(), j);
+    }
+    fn record_i64(&mut self, f: &Field, v: i64) {
+        self.0.insert(f.name().to_string(), v.into());
+    }
+    fn record_u64(&mut self, f: &Field, v: u64) {
+        self.0.insert(f.name().to_string(), v.into());
+    }
+    fn record_bool(&mut self, f: &Field, v: bool) {
+        self.0.insert(f.name().to_string(), v.into());
+    }
+    fn record_str(&mut self, f: &Field, v: &str) {
+        self.0.insert(f.name().to_string(), v.into());
+    }
+    fn record_debug(&mut self, f: &Field, v: &dyn std::fmt::Debug) {
+        if f.name() != "message" {
+            self.0.insert(f.name().to_string(), format!("{v:?}").into());
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> Layer<S> for MetricsLayer {
+    fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+        if event.metadata().target() != METRICS {
+            return;
+        }
+        let mut sink = SINK.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(w) = sink.as_mut() else { return };
+        let mut v = JsonVisitor(serde_json::Map::new());
+        event.record(&mut v);
+        let line = serde_json::Value::Object(v.0).to_string();
+        // A line is written whole and flushed, so readers never see half of one.
+        let _ = writeln!(w, "{line}").and_then(|_| w.flush());
+    }
+}

@@ -1,0 +1,164 @@
+//! Checkpoints `output_dir/checkpoint-N/`: trainable weights, optimizer moments and
+//! `trainer_state.json` (step, data position, RNG position, …). A checkpoint is written in
+//! a hidden temporary folder and renamed into place, so a kill never leaves a partial one:
+//! a folder named `checkpoint-N` is always complete.
+
+use super::optimizer::Optimizer;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer updates done.
+    pub global_step: u64,
+    /// Micro-batches consumed from the (epoch-shuffled) data stream.
+    pub data_position: u64,
+    /// Word position of the dropout generator (decimal string: it is a u128).
+    pub dropout_rng_word_pos: String,
+    /// The run's configuration, to refuse resuming with a different one.
+    pub config: serde_json::Value,
+    /// Stage-specific state (e.g. PPO's adaptive β).
+    #[serde(default)]
+    pub extra: serde_json::Value,
+}
+
+/// Saves tensors with `candle`'s safetensors writer, via a temporary file.
+pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let cpu: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    candle_core::safetensors::save(&cpu, path)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn fsync_dir(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+fn sync_files(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_file() {
+            std::fs::File::open(&p)?.sync_all()?;
+        }
+    }
+    Ok(())
+}
+
+pub struct Checkpointer {
+    pub output_dir: PathBuf,
+    pub save_total_limit: Option<usize>,
+}
+
+impl Checkpointer {
+    /// Writes checkpoint `step`: `payload` writes the trainable weights into the folder.
+    pub fn save(
+        &self,
+        step: u64,
+        payload: &dyn Fn(&Path) -> Result<()>,
+        optimizer: &Optimizer,
+        state: &TrainerState,
+    ) -> Result<PathBuf> {
+        let final_dir = self.output_dir.join(format!("checkpoint-{step}"));
+        let tmp = self.output_dir.join(format!(".checkpoint-{step}.tmp"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        payload(&tmp)?;
+        save_tensors(&optimizer.state_tensors(), &tmp.join(OPTIMIZER_FILE))?;
+        let json = serde_json::to_string_pretty(state)?;
+        std::fs::write(tmp.join(STATE_FILE), json)?;
+        sync_files(&tmp)?;
+        if final_dir.exists() {
+            // Same step written again (a resumed run): swap the old one out first.
+            let old = self.output_dir.join(format!(".checkpoint-{step}.old"));
+            let _ = std::fs::remove_dir_all(&old);
+            std::fs::rename(&final_dir, &old)?;
+            std::fs::rename(&tmp, &final_dir)?;
+            let _ = std::fs::remove_dir_all(&old);
+        } else {
+            std::fs::rename(&tmp, &final_dir)
+                .with_context(|| format!("renaming into {}", final_dir.display()))?;
+        }
+        fsync_dir(&self.output_dir);
+        self.rotate()?;
+        Ok(final_dir)
+    }
+
+    /// Keeps only the newest `save_total_limit` checkpoints.
+    fn rotate(&self) -> Result<()> {
+        let Some(limit) = self.save_total_limit else {
+            return Ok(());
+        };
+        let mut all = list(&self.output_dir);
+        if all.len() > limit.max(1) {
+            all.sort();
+            for (_, p) in &all[..all.len() - limit.max(1)] {
+                std::fs::remove_dir_all(p)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Complete checkpoints under `dir` as (step, path).
+pub fn list(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| {
+        let e = e.ok()?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+        e.path()
+            .join(STATE_FILE)
+            .is_file()
+            .then(|| (step, e.path()))
+    })
+    .collect()
+}
+
+/// `--resume` → a checkpoint folder: "latest" (the newest under `output_dir`) or a path.
+pub fn resolve(resume: &str, output_dir: &Path) -> Result<PathBuf> {
+    if resume == "latest" {
+        return list(output_dir)
+            .into_iter()
+            .max()
+            .map(|(_, p)| p)
+            .with_context(|| {
+                format!(
+                    "--resume: no checkpoint-N folder in {}",
+                    output_dir.display()
+                )
+            });
+    }
+    let p = PathBuf::from(resume);
+    if !p.join(STATE_FILE).is_file() {
+        bail!(
+            "--resume {}: not a checkpoint folder (no {STATE_FILE})",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let p = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid trainer state", p.display()))
+}
+
+pub fn read_optimizer(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let p = dir.join(OPTIMIZER_FILE);
+    candle_core::safetensors::load(&p, device).with_context(|| format!("reading {}", p.display()))
+}
