@@ -29,6 +29,9 @@ rm -rf "$CUDA13/candle-core-dl"
 cp -r "$CANDLE_SRC" "$CUDA13/candle-core-dl"
 sed -i 's/"dynamic-linking"/"dynamic-loading"/' "$CUDA13/candle-core-dl/Cargo.toml"
 
+# The patch rewrites Cargo.lock; keep the committed one.
+cp Cargo.lock "$CUDA13/Cargo.lock.keep"
+trap 'cp "$CUDA13/Cargo.lock.keep" Cargo.lock' EXIT
 RUSTFLAGS="-L$CUDA13/link" CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda \
     --config "patch.crates-io.candle-core.path=\"$CUDA13/candle-core-dl\""
 strip target/cuda/release/rlft
