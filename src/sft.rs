@@ -170,6 +170,8 @@ fn check_writable(dir: &Path) -> Result<()> {
 }
 
 pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftOutcome> {
+    // metrics.jsonl is written by a tracing layer: make sure one is installed.
+    telemetry::init();
     cfg.validate()?;
     let t = &cfg.training;
     let dtype = parse_dtype(&cfg.model.dtype)?;

@@ -18,7 +18,12 @@ use tracing_subscriber::Layer;
 /// Target of metric events.
 pub const METRICS: &str = "rlft::metrics";
 
-static SINK: Mutex<Option<std::io::BufWriter<std::fs::File>>> = Mutex::new(None);
+thread_local! {
+    /// Per thread, so concurrent runs (tests) keep their metrics apart; a run emits its
+    /// metric events from the thread that opened the file.
+    static SINK: std::cell::RefCell<Option<std::io::BufWriter<std::fs::File>>> =
+        const { std::cell::RefCell::new(None) };
+}
 static PROGRESS: Mutex<Option<ProgressBar>> = Mutex::new(None);
 
 /// Installs the global subscriber (once; later calls do nothing).
@@ -51,14 +56,16 @@ pub fn open_metrics(path: &Path) -> std::io::Result<()> {
         .create(true)
         .append(true)
         .open(path)?;
-    *SINK.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::io::BufWriter::new(f));
+    SINK.with(|s| *s.borrow_mut() = Some(std::io::BufWriter::new(f)));
     Ok(())
 }
 
 pub fn close_metrics() {
-    if let Some(mut w) = SINK.lock().unwrap_or_else(|e| e.into_inner()).take() {
-        let _ = w.flush();
-    }
+    SINK.with(|s| {
+        if let Some(mut w) = s.borrow_mut().take() {
+            let _ = w.flush();
+        }
+    });
 }
 
 /// A progress bar on stderr, hidden when `quiet` or stderr is not a terminal.
@@ -133,12 +140,14 @@ impl<S: tracing::Subscriber> Layer<S> for MetricsLayer {
         if event.metadata().target() != METRICS {
             return;
         }
-        let mut sink = SINK.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(w) = sink.as_mut() else { return };
-        let mut v = JsonVisitor(serde_json::Map::new());
-        event.record(&mut v);
-        let line = serde_json::Value::Object(v.0).to_string();
-        // A line is written whole and flushed, so readers never see half of one.
-        let _ = writeln!(w, "{line}").and_then(|_| w.flush());
+        SINK.with(|s| {
+            let mut sink = s.borrow_mut();
+            let Some(w) = sink.as_mut() else { return };
+            let mut v = JsonVisitor(serde_json::Map::new());
+            event.record(&mut v);
+            let line = serde_json::Value::Object(v.0).to_string();
+            // A line is written whole and flushed, so readers never see half of one.
+            let _ = writeln!(w, "{line}").and_then(|_| w.flush());
+        });
     }
 }

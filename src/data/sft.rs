@@ -63,7 +63,8 @@ pub fn tokenize(
         }
     } else if f.contains_key("text") {
         let t = row.str_field("text")?;
-        (t.to_string(), vec![(0, t.len())], true)
+        // Plain causal LM: every token is a target, whatever completion_only_loss says.
+        return finish(row, tok, t, None, true, max_len);
     } else {
         let keys: Vec<&str> = f.keys().map(String::as_str).collect();
         bail!(
@@ -73,12 +74,34 @@ pub fn tokenize(
             keys
         );
     };
+    finish(
+        row,
+        tok,
+        &text,
+        Some(&spans).filter(|_| completion_only),
+        add_special,
+        max_len,
+    )
+}
+
+/// Tokenizes `text`; a token trains when `spans` is `None` or its start lies in a span.
+fn finish(
+    row: &Row,
+    tok: &Tokenizer,
+    text: &str,
+    spans: Option<&Vec<(usize, usize)>>,
+    add_special: bool,
+    max_len: usize,
+) -> Result<(Tokenized, bool)> {
     let (mut ids, offsets) = tok
-        .encode_with_offsets(&text, add_special)
+        .encode_with_offsets(text, add_special)
         .map_err(|e| anyhow!("{}:{}: {e}", row.file.display(), row.line))?;
     let mut trained: Vec<bool> = offsets
         .iter()
-        .map(|&(s, e)| !completion_only || (e > s && spans.iter().any(|&(a, b)| s >= a && s < b)))
+        .map(|&(s, e)| match spans {
+            None => true,
+            Some(spans) => e > s && spans.iter().any(|&(a, b)| s >= a && s < b),
+        })
         .collect();
     // Chat templates write their own end-of-turn tokens; the other shapes get EOS.
     let is_chat = !add_special;

@@ -1,0 +1,506 @@
+//! `rlft sft`: the loss falls, masking is right, accumulation is exact, resume is
+//! bit-identical, outputs reload, frozen layers stay frozen, bad input is explained.
+
+mod common;
+use common::*;
+use rlft::config::{self, sft::SftConfig};
+use rlft::data::{read_jsonl, sft::tokenize};
+use rlft::policies::candle_core::{safetensors, DType, Device};
+use rlft::policies::{Adapter, ForwardCtx, Pretrained};
+use rlft::sft::{evaluate, load_examples, run, RunOptions};
+use std::path::{Path, PathBuf};
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+/// Sums data: 24 prompt/completion rows and 8 chat rows.
+fn data(dir: &Path) -> PathBuf {
+    let mut s = String::new();
+    for i in 0..32u32 {
+        let (a, b) = ((i * 7) % 41, (i * 13) % 37);
+        if i % 4 == 3 {
+            s += &serde_json::json!({"messages": [{"role": "user", "content": format!("{a}+{b}=")}, {"role": "assistant", "content": format!("{}", a + b)}]}).to_string();
+        } else {
+            s += &serde_json::json!({"prompt": format!("{a}+{b}="), "completion": format!("{}", a + b)}).to_string();
+        }
+        s.push('\n');
+    }
+    let p = dir.join("train.jsonl");
+    write(&p, &s);
+    p
+}
+
+fn config(model: &str, dir: &Path, extra: &[&str]) -> SftConfig {
+    let train = data(dir);
+    let mut sets = vec![
+        format!("model.path={:?}", fixture(model).display().to_string()),
+        format!("data.train_file={:?}", train.display().to_string()),
+        format!(
+            "training.output_dir={:?}",
+            dir.join("out").display().to_string()
+        ),
+        "training.learning_rate=5e-3".into(),
+        "training.max_steps=8".into(),
+        "training.per_device_train_batch_size=4".into(),
+        "training.logging_steps=1".into(),
+        "training.lr_scheduler=\"constant\"".into(),
+        "adapter.target_modules=\"all-linear\"".into(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    config::load(None, &sets).unwrap()
+}
+
+fn quiet() -> RunOptions {
+    RunOptions {
+        resume: None,
+        quiet: true,
+    }
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn loss_falls_and_the_saved_adapter_lowers_nll_on_its_data() {
+    for m in FAMILIES {
+        let tmp = TempDir::new(&format!("sft-falls-{m}"));
+        let cfg = config(
+            m,
+            &tmp.0,
+            &["training.max_steps=30", "adapter.lora_dropout=0.0"],
+        );
+        let out = run(&cfg, &quiet()).unwrap();
+        let losses: Vec<f64> = metrics(&tmp.0)
+            .iter()
+            .filter_map(|r| r["train/loss"].as_f64())
+            .collect();
+        assert_eq!(losses.len(), 30);
+        let first: f64 = losses[..3].iter().sum::<f64>() / 3.0;
+        let last: f64 = losses[27..].iter().sum::<f64>() / 3.0;
+        assert!(last < first - 1.0, "{m}: loss {first:.3} → {last:.3}");
+        // Reload the PEFT adapter written to output_dir/adapter.
+        assert_eq!(out.output, tmp.0.join("out/adapter"));
+        let pre = Pretrained::load(&fixture(m), DType::F32, &Device::Cpu).unwrap();
+        let adapter = Adapter::load(&out.output, pre.model.as_ref()).unwrap();
+        let exs = load_examples(&cfg.data.train_file, &pre.tokenizer, true, 128).unwrap();
+        let base = evaluate(pre.model.as_ref(), &ForwardCtx::inference(None), &exs, 8, 0).unwrap();
+        let tuned = evaluate(
+            pre.model.as_ref(),
+            &ForwardCtx::inference(Some(&adapter)),
+            &exs,
+            8,
+            0,
+        )
+        .unwrap();
+        assert!(tuned < base - 1.0, "{m}: NLL {base:.3} → {tuned:.3}");
+    }
+}
+
+#[test]
+fn completion_only_masking_of_a_hand_built_case() {
+    let pre = Pretrained::load(&fixture("llama"), DType::F32, &Device::Cpu).unwrap();
+    let tok = &pre.tokenizer;
+    let tmp = TempDir::new("mask");
+    let p = tmp.0.join("d.jsonl");
+    write(
+        &p,
+        concat!(
+            r#"{"prompt": "12+35=", "completion": "47"}"#,
+            "\n",
+            r#"{"messages": [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": "12+35="}, {"role": "assistant", "content": "47"}]}"#,
+            "\n",
+            r#"{"text": "7+8=15"}"#,
+            "\n",
+            r#"{"prompt": [{"role": "user", "content": "1+1="}], "completion": [{"role": "assistant", "content": "2"}]}"#,
+            "\n",
+        ),
+    );
+    let rows = read_jsonl(&p).unwrap();
+    // Prompt/completion: "12+35=47" is <s> 12 + 3 5 = 47; only "47" and the appended EOS train.
+    let (ex, cut) = tokenize(&rows[0], tok, true, 64).unwrap();
+    assert!(!cut);
+    assert_eq!(ex.ids, vec![1, 308, 16, 24, 26, 34, 459, 2]);
+    assert_eq!(
+        ex.trained,
+        vec![false, false, false, false, false, false, true, true]
+    );
+    // Without completion_only_loss every token is a target.
+    let (all, _) = tokenize(&rows[0], tok, false, 64).unwrap();
+    assert!(all.trained.iter().all(|&b| b));
+    // Chat: the ids are those transformers' template gives; only the assistant turn
+    // ("47</s>\n") trains.
+    let (ex, _) = tokenize(&rows[1], tok, true, 64).unwrap();
+    let r = reference("llama");
+    assert_eq!(ex.ids, u32s(&r["chat_example"]["ids_no_special"]));
+    let trained: Vec<u32> = ex
+        .ids
+        .iter()
+        .zip(&ex.trained)
+        .filter(|(_, &t)| t)
+        .map(|(&i, _)| i)
+        .collect();
+    assert_eq!(tok.decode(&trained, false).unwrap(), "47</s>\n");
+    // Text: everything trains, EOS appended.
+    let (ex, _) = tokenize(&rows[2], tok, true, 64).unwrap();
+    assert_eq!(ex.ids.last(), Some(&2));
+    assert!(ex.trained.iter().all(|&b| b));
+    // Conversational prompt/completion: only the completion's assistant turn.
+    let (ex, _) = tokenize(&rows[3], tok, true, 64).unwrap();
+    let trained: Vec<u32> = ex
+        .ids
+        .iter()
+        .zip(&ex.trained)
+        .filter(|(_, &t)| t)
+        .map(|(&i, _)| i)
+        .collect();
+    assert_eq!(tok.decode(&trained, false).unwrap(), "2</s>\n");
+    // Truncation is reported.
+    let (ex, cut) = tokenize(&rows[0], tok, true, 5).unwrap();
+    assert!(cut && ex.ids.len() == 5 && ex.n_trained() == 0);
+}
+
+#[test]
+fn accumulating_k_micro_batches_equals_one_k_times_larger_batch() {
+    let run_with = |tag: &str, bs: &str, accum: &str| {
+        let tmp = TempDir::new(tag);
+        let cfg = config(
+            "qwen2",
+            &tmp.0,
+            &[
+                &format!("training.per_device_train_batch_size={bs}"),
+                &format!("training.gradient_accumulation_steps={accum}"),
+                "data.shuffle=false",
+                "adapter.lora_dropout=0.0",
+                "training.max_steps=4",
+            ],
+        );
+        run(&cfg, &quiet()).unwrap();
+        let w = safetensors::load(
+            tmp.0.join("out/adapter/adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        (w, metrics(&tmp.0))
+    };
+    let (one, m1) = run_with("accum-1", "8", "1");
+    let (four, m4) = run_with("accum-4", "2", "4");
+    for (k, a) in &one {
+        let d = (a - &four[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = a
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d <= 1e-4 * scale.max(1e-3), "{k}: {d} (scale {scale})");
+    }
+    let losses = |m: &[serde_json::Value]| -> Vec<f64> {
+        m.iter().filter_map(|r| r["train/loss"].as_f64()).collect()
+    };
+    let (l1, l4) = (losses(&m1), losses(&m4));
+    assert_eq!(l1.len(), 4);
+    for (la, lb) in l1.iter().zip(&l4) {
+        assert!((la - lb).abs() < 1e-5, "loss {la} vs {lb}");
+    }
+}
+
+#[test]
+fn resuming_after_an_interruption_is_bit_identical() {
+    for extra in [
+        &["adapter.lora_dropout=0.1"][..],
+        &[
+            "adapter.trainable=\"last_n_layers\"",
+            "adapter.last_n_layers=1",
+        ],
+    ] {
+        let mut sets = vec![
+            "training.save_steps=3",
+            "training.max_steps=8",
+            "training.lr_scheduler=\"cosine\"",
+            "training.warmup_steps=2",
+        ];
+        sets.extend_from_slice(extra);
+        let a = TempDir::new("resume-a");
+        let cfg_a = config("llama", &a.0, &sets);
+        let out_a = run(&cfg_a, &quiet()).unwrap();
+        // Run B is "killed" after its step-3 checkpoint: start it from a copy of that one.
+        let b = TempDir::new("resume-b");
+        let mut cfg_b = config("llama", &b.0, &sets);
+        cfg_b.data.train_file = cfg_a.data.train_file.clone();
+        let ck = b.0.join("out/checkpoint-3");
+        std::fs::create_dir_all(&ck).unwrap();
+        for e in std::fs::read_dir(a.0.join("out/checkpoint-3")).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), ck.join(e.file_name())).unwrap();
+        }
+        // The saved config names run A's output_dir; the resumed run writes to B's.
+        let resumed = run(
+            &cfg_b,
+            &RunOptions {
+                resume: Some("latest".into()),
+                quiet: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(resumed.steps, 8);
+        let file = if out_a.output.ends_with("adapter") {
+            "adapter_model.safetensors"
+        } else {
+            "model.safetensors"
+        };
+        let wa = std::fs::read(out_a.output.join(file)).unwrap();
+        let wb = std::fs::read(resumed.output.join(file)).unwrap();
+        assert!(
+            wa == wb,
+            "{extra:?}: resumed weights differ from the uninterrupted run"
+        );
+        // Steps 4–8 were logged by the resumed run only.
+        let steps: Vec<u64> = metrics(&b.0)
+            .iter()
+            .filter_map(|r| r["train/loss"].as_f64().and(r["step"].as_u64()))
+            .collect();
+        assert_eq!(steps, vec![4, 5, 6, 7, 8]);
+    }
+}
+
+#[test]
+fn last_n_layers_leaves_the_frozen_layers_bitwise_unchanged() {
+    let tmp = TempDir::new("last-n");
+    let cfg = config(
+        "llama",
+        &tmp.0,
+        &[
+            "adapter.trainable=\"last_n_layers\"",
+            "adapter.last_n_layers=1",
+            "training.max_steps=3",
+        ],
+    );
+    let out = run(&cfg, &quiet()).unwrap();
+    assert_eq!(out.output, tmp.0.join("out/model"));
+    let before =
+        safetensors::load(fixture("llama").join("model.safetensors"), &Device::Cpu).unwrap();
+    let after = safetensors::load(out.output.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(before.len(), after.len());
+    let (mut same, mut changed) = (0, 0);
+    for (k, a) in &before {
+        let b = &after[k];
+        let equal = a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            == b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        if k.contains("layers.0.") || k.contains("embed_tokens") {
+            assert!(equal, "frozen {k} changed");
+            same += 1;
+        } else if k.contains("layers.1.") && k.ends_with("proj.weight") {
+            assert!(!equal, "trained {k} did not change");
+            changed += 1;
+        }
+    }
+    assert!(
+        same >= 10 && changed == 7,
+        "{same} frozen, {changed} trained"
+    );
+    // The written folder is a loadable model.
+    let pre = Pretrained::load(&out.output, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(pre.model.info().num_layers, 2);
+}
+
+#[test]
+fn full_training_on_gpt2_writes_a_loadable_folder() {
+    let tmp = TempDir::new("full");
+    let cfg = config(
+        "gpt2",
+        &tmp.0,
+        &[
+            "adapter.trainable=\"full\"",
+            "training.max_steps=3",
+            "training.learning_rate=1e-3",
+        ],
+    );
+    let out = run(&cfg, &quiet()).unwrap();
+    let after = safetensors::load(out.output.join("model.safetensors"), &Device::Cpu).unwrap();
+    // Conv1D weights are written back in transformers' [in, out] layout.
+    assert_eq!(
+        after["transformer.h.0.attn.c_attn.weight"].dims(),
+        &[64, 192]
+    );
+    let o = rlft(&[
+        "logprobs",
+        "--model",
+        out.output.to_str().unwrap(),
+        "--text",
+        "12+35=47",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn merge_writes_a_folder_equal_to_base_plus_adapter() {
+    let tmp = TempDir::new("merge");
+    let out = tmp.0.join("merged");
+    let o = rlft(&[
+        "merge",
+        "--model",
+        fixture("gpt2").to_str().unwrap(),
+        "--adapter",
+        fixture("gpt2-lora").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = reference("gpt2");
+    let c = &r["lora"]["outputs"][1];
+    let o = rlft(&[
+        "logprobs",
+        "--model",
+        out.to_str().unwrap(),
+        "--text",
+        c["text"].as_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let err = max_abs_diff(&f32s(&line["logprobs"]), &f32s(&c["next_token_logprobs"]));
+    assert!(err < 1e-4, "merged model off by {err}");
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+}
+
+#[test]
+fn bad_config_keys_and_values_are_explained() {
+    let err = config::load::<SftConfig>(None, &["training.lerning_rate=1".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("lerning_rate") && err.contains("did you mean `learning_rate`"),
+        "{err}"
+    );
+    let tmp = TempDir::new("badcfg");
+    let p = tmp.0.join("c.toml");
+    write(&p, "[adapter]\nr = 4\ntarget_modulez = [\"q_proj\"]\n");
+    let err = config::load::<SftConfig>(Some(&p), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("c.toml") && err.contains("did you mean `target_modules`"),
+        "{err}"
+    );
+    let mut cfg = config("llama", &tmp.0, &[]);
+    cfg.training.learning_rate = -1.0;
+    assert!(run(&cfg, &quiet())
+        .unwrap_err()
+        .to_string()
+        .contains("learning_rate must be ≥ 0"));
+    let mut cfg = config("llama", &tmp.0, &[]);
+    cfg.adapter.r = 0;
+    assert!(run(&cfg, &quiet())
+        .unwrap_err()
+        .to_string()
+        .contains("adapter.r must be at least 1"));
+    let mut cfg = config("llama", &tmp.0, &[]);
+    cfg.adapter.bias = "all".into();
+    assert!(run(&cfg, &quiet())
+        .unwrap_err()
+        .to_string()
+        .contains("only \"none\""));
+}
+
+#[test]
+fn bad_data_lines_name_the_file_line_and_field() {
+    let tmp = TempDir::new("baddata");
+    let cases: [(&str, &[u8], &str); 6] = [
+        (
+            "json",
+            b"{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\", \n",
+            ":2: invalid JSON",
+        ),
+        (
+            "field",
+            b"{\"prompt\": \"a\", \"completion\": \"b\"}\n\n{\"prompt\": \"a\"}\n",
+            ":3: field `completion`: missing",
+        ),
+        (
+            "type",
+            b"{\"prompt\": \"a\", \"completion\": 5}\n",
+            ":1: field `prompt`: prompt and completion must both be strings",
+        ),
+        (
+            "utf8",
+            b"{\"text\": \"ok\"}\n{\"text\": \"\xff\xfe\"}\n",
+            ":2: not valid UTF-8",
+        ),
+        (
+            "shape",
+            b"{\"question\": \"a\"}\n",
+            ":1: expected `prompt`+`completion`, `messages` or `text`",
+        ),
+        ("empty", b"\n\n", "no examples"),
+    ];
+    for (name, bytes, want) in cases {
+        let p = tmp.0.join(format!("{name}.jsonl"));
+        std::fs::write(&p, bytes).unwrap();
+        let mut cfg = config("llama", &tmp.0, &[]);
+        cfg.data.train_file = p.clone();
+        let err = format!("{:#}", run(&cfg, &quiet()).unwrap_err());
+        assert!(
+            err.contains(&format!("{name}.jsonl")) && err.contains(want),
+            "{name}: {err}"
+        );
+    }
+    let p = tmp.0.join("msg.jsonl");
+    write(&p, r#"{"messages": [{"role": "user", "content": 3}]}"#);
+    let mut cfg = config("llama", &tmp.0, &[]);
+    cfg.data.train_file = p;
+    let err = format!("{:#}", run(&cfg, &quiet()).unwrap_err());
+    assert!(
+        err.contains("msg.jsonl:1: field `messages[0].content`: expected a string, got a number"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_shipped_config_runs() {
+    let tmp = TempDir::new("shipped");
+    let out_dir = tmp.0.join("run");
+    let root = env!("CARGO_MANIFEST_DIR");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_rlft"))
+        .current_dir(root)
+        .args(["sft", "--config", "configs/sft.toml", "--quiet", "--set"])
+        .arg(format!(
+            "training.output_dir={:?}",
+            out_dir.display().to_string()
+        ))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out_dir.join("adapter/adapter_model.safetensors").is_file());
+    assert!(out_dir.join("metrics.jsonl").is_file());
+    // save_total_limit = 2 keeps the newest two checkpoints.
+    let ckpts: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    assert_eq!(ckpts.len(), 2, "{ckpts:?}");
+    let eval = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    assert!(eval.contains("eval/loss"));
+}
