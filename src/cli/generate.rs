@@ -90,10 +90,8 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     tracing::info!(
-        new_tokens,
-        seconds = secs,
-        tokens_per_s = new_tokens as f64 / secs.max(1e-9),
-        "generated"
+        "generated {new_tokens} tokens in {secs:.3} s ({:.0} new tokens/s)",
+        new_tokens as f64 / secs.max(1e-9)
     );
     Ok(())
 }
