@@ -1,0 +1,6 @@
+//! The RL stages (`rlft ppo`, `rlft grpo`; RLOO by config): rollouts from the policy, the
+//! reference and reward scores, shaping, advantages, and clipped updates of the adapter.
+
+pub mod advantages;
+pub mod kl;
+pub mod losses;
