@@ -8,11 +8,11 @@ use crate::telemetry::{self, METRICS};
 use crate::train::checkpoint::{self, Checkpointer, TrainerState};
 use crate::train::grads::{clip, GradAccumulator};
 use crate::train::optimizer::Optimizer;
+use crate::train::order::DataOrder;
 use crate::train::schedule::Schedule;
 use crate::train::trainable::Trainable;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rlft_policies::device::{parse_device, parse_dtype};
@@ -68,39 +68,6 @@ pub fn load_examples(
         );
     }
     Ok(out)
-}
-
-/// The order examples are visited in: epoch after epoch, each a seeded permutation.
-struct DataOrder {
-    n: usize,
-    batch: usize,
-    seed: u64,
-    shuffle: bool,
-    cached: Option<(u64, Vec<usize>)>,
-}
-
-impl DataOrder {
-    fn per_epoch(&self) -> u64 {
-        self.n.div_ceil(self.batch) as u64
-    }
-
-    /// Example indices of micro-batch number `position` of the stream.
-    fn micro_batch(&mut self, position: u64) -> Vec<usize> {
-        let epoch = position / self.per_epoch();
-        let k = (position % self.per_epoch()) as usize;
-        if self.cached.as_ref().map(|(e, _)| *e) != Some(epoch) {
-            let mut perm: Vec<usize> = (0..self.n).collect();
-            if self.shuffle {
-                let mut rng = ChaCha8Rng::seed_from_u64(
-                    self.seed ^ 0x5eed_0000_0000 ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-                );
-                perm.shuffle(&mut rng);
-            }
-            self.cached = Some((epoch, perm));
-        }
-        let perm = &self.cached.as_ref().expect("set above").1;
-        perm[k * self.batch..((k + 1) * self.batch).min(self.n)].to_vec()
-    }
 }
 
 /// A left-padded batch and its loss weights `[b, t−1]` (1 where the target is trained).
@@ -159,16 +126,6 @@ pub fn evaluate(
     Ok(total / count.max(1) as f64)
 }
 
-fn check_writable(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create output_dir {}", dir.display()))?;
-    let probe = dir.join(".rlft-write-test");
-    std::fs::write(&probe, b"ok")
-        .with_context(|| format!("output_dir {} is not writable", dir.display()))?;
-    let _ = std::fs::remove_file(probe);
-    Ok(())
-}
-
 pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftOutcome> {
     // metrics.jsonl is written by a tracing layer: make sure one is installed.
     telemetry::init();
@@ -176,7 +133,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftOutcome> {
     let t = &cfg.training;
     let dtype = parse_dtype(&cfg.model.dtype)?;
     let device = parse_device(&cfg.model.device)?;
-    check_writable(&t.output_dir)?;
+    crate::train::check_writable(&t.output_dir)?;
     let mut pre = Pretrained::load(&cfg.model.path, dtype, &device)
         .with_context(|| format!("loading model {}", cfg.model.path.display()))?;
     let max_len = cfg.model.max_seq_len.min(pre.model.info().max_positions);
@@ -236,13 +193,12 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftOutcome> {
         tracing::info!("resuming from {} at step {step}", dir.display());
     }
 
-    let mut order = DataOrder {
-        n: train.len(),
-        batch: t.per_device_train_batch_size,
-        seed: t.seed,
-        shuffle: cfg.data.shuffle,
-        cached: None,
-    };
+    let mut order = DataOrder::new(
+        train.len(),
+        t.per_device_train_batch_size,
+        t.seed,
+        cfg.data.shuffle,
+    );
     let accum = t.gradient_accumulation_steps as u64;
     let total_steps = if t.max_steps > 0 {
         t.max_steps
@@ -310,9 +266,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftOutcome> {
     while step < total_steps {
         // One optimizer update over `accum` micro-batches; the loss is the token mean over
         // all of them, so each micro-batch contributes Σ nll / N_total.
-        let batches: Vec<Vec<usize>> = (0..accum)
-            .map(|k| order.micro_batch(position + k))
-            .collect();
+        let batches: Vec<Vec<usize>> = (0..accum).map(|k| order.batch(position + k)).collect();
         position += accum;
         let n_total: usize = batches
             .iter()

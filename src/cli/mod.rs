@@ -4,6 +4,7 @@ mod common;
 mod generate;
 mod logprobs;
 mod merge;
+mod rl;
 mod sft;
 
 use clap::{Parser, Subcommand};
@@ -31,11 +32,25 @@ enum Command {
     Sft(sft::Args),
     /// Merge an adapter into the base weights and write a Hugging Face folder.
     Merge(merge::Args),
+    /// RL against reward functions with PPO (or RLOO via rl.algorithm), KL to a frozen reference.
+    Ppo(rl::Args),
+    /// RL with GRPO (critic-free, group-normalised advantages).
+    Grpo(rl::Args),
 }
 
 /// Parses `args`, runs the command, and turns any error into a message and exit code 1
 /// (never a panic or a backtrace).
 pub fn main_with_args<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    main_with_registry(args, crate::rewards::default_registry())
+}
+
+/// As [`main_with_args`], with the rewards of `registry` available to `[[reward]]` tables:
+/// the entry point for a program that registers its own rewards.
+pub fn main_with_registry<I, T>(args: I, registry: rlft_reward::Registry) -> ExitCode
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
@@ -53,6 +68,12 @@ where
         Command::Generate(a) => generate::run(a),
         Command::Sft(a) => sft::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Ppo(a) => rl::run(a, &[], &registry),
+        Command::Grpo(a) => rl::run(
+            a,
+            &["rl.algorithm=\"grpo\"", "rl.num_generations=4"],
+            &registry,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,15 +3,33 @@
 //! An unknown key is an error naming it and the closest known key.
 
 pub mod common;
+pub mod rl;
 pub mod sft;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use std::path::Path;
 
 /// Reads `path` (if given), applies `overrides` (`section.key=value`, the value parsed as
 /// TOML, else taken as a string) and deserialises into `T`.
-pub fn load<T: DeserializeOwned>(path: Option<&Path>, overrides: &[String]) -> Result<T> {
+pub fn load<T: DeserializeOwned + Serialize + Default>(
+    path: Option<&Path>,
+    overrides: &[String],
+) -> Result<T> {
+    load_with_defaults(path, &[], overrides)
+}
+
+/// As [`load`], with `defaults` (`section.key=value`) applied first where the file does not
+/// set the key (e.g. `rlft grpo` defaults `rl.algorithm` to "grpo").
+///
+/// Keys the file leaves out take the stage's own defaults (`T::default()`), section by
+/// section: the file is laid over the serialised defaults before deserialising.
+pub fn load_with_defaults<T: DeserializeOwned + Serialize + Default>(
+    path: Option<&Path>,
+    defaults: &[&str],
+    overrides: &[String],
+) -> Result<T> {
     let (mut doc, source) = match path {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -22,10 +40,18 @@ pub fn load<T: DeserializeOwned>(path: Option<&Path>, overrides: &[String]) -> R
         }
         None => (toml::Table::new(), "built-in defaults".to_string()),
     };
+    for d in defaults {
+        let key = d.split('=').next().unwrap_or_default();
+        if !has_key(&doc, key) {
+            apply_override(&mut doc, d)?;
+        }
+    }
     for o in overrides {
         apply_override(&mut doc, o)?;
     }
-    T::deserialize(toml::Value::Table(doc))
+    let mut base = toml::Table::try_from(T::default()).context("serialising the defaults")?;
+    overlay(&mut base, doc);
+    T::deserialize(toml::Value::Table(base))
         .map_err(|e| anyhow!("{source}: {}", explain(&e.to_string())))
 }
 
@@ -50,6 +76,30 @@ fn apply_override(doc: &mut toml::Table, o: &str) -> Result<()> {
     }
     table.insert(parts[parts.len() - 1].to_string(), value);
     Ok(())
+}
+
+/// Lays `top` over `base`: tables merge key by key, anything else replaces.
+fn overlay(base: &mut toml::Table, top: toml::Table) {
+    for (k, v) in top {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(t)) => overlay(b, t),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn has_key(doc: &toml::Table, dotted: &str) -> bool {
+    let mut table = doc;
+    let parts: Vec<&str> = dotted.split('.').collect();
+    for p in &parts[..parts.len() - 1] {
+        match table.get(*p).and_then(|v| v.as_table()) {
+            Some(t) => table = t,
+            None => return false,
+        }
+    }
+    table.contains_key(parts[parts.len() - 1])
 }
 
 fn parse_value(raw: &str) -> toml::Value {

@@ -4,3 +4,6 @@
 pub mod advantages;
 pub mod kl;
 pub mod losses;
+pub mod rollout;
+pub mod trainer;
+pub mod value_head;

@@ -37,6 +37,33 @@ impl BatchInput {
         Self::from_parts(ids, pos, valid, device)
     }
 
+    /// Rows of equal length with an explicit validity mask (e.g. a left-padded prompt
+    /// followed by a right-padded response); positions count valid tokens only.
+    pub fn with_mask(rows: &[Vec<u32>], valid: Vec<Vec<bool>>, device: &Device) -> Result<Self> {
+        let t = rows.first().map_or(0, Vec::len);
+        if rows.is_empty()
+            || t == 0
+            || rows.iter().any(|r| r.len() != t)
+            || valid.len() != rows.len()
+        {
+            return Err(PolicyError::InvalidArgument(
+                "with_mask needs non-empty rows of equal length and one mask row each".into(),
+            ));
+        }
+        let mut pos = Vec::with_capacity(rows.len() * t);
+        for v in &valid {
+            let mut n = 0u32;
+            for &k in v {
+                // A real token's position counts the real tokens before it; padding gets 0
+                // (it is never attended to).
+                pos.push(if k { n } else { 0 });
+                n += u32::from(k);
+            }
+        }
+        let ids = rows.iter().flatten().copied().collect();
+        Self::from_parts(ids, pos, valid, device)
+    }
+
     /// One or more new tokens per sequence at the given positions (cached decoding).
     pub fn from_parts(
         ids: Vec<u32>,
@@ -102,6 +129,16 @@ mod tests {
     #[test]
     fn left_padding_positions_and_mask() {
         let dev = Device::Cpu;
+        let m = BatchInput::with_mask(
+            &[vec![0, 5, 6, 0]],
+            vec![vec![false, true, true, false]],
+            &dev,
+        )
+        .unwrap();
+        assert_eq!(
+            m.positions.to_vec2::<u32>().unwrap(),
+            vec![vec![0, 0, 1, 0]]
+        );
         let b = BatchInput::left_padded(&[vec![5, 6, 7], vec![9]], 0, &dev).unwrap();
         assert_eq!(
             b.ids.to_vec2::<u32>().unwrap(),

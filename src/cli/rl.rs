@@ -1,0 +1,53 @@
+//! `rlft ppo` and `rlft grpo`: the RL stage (RLOO via `rl.algorithm = "rloo"`).
+
+use crate::config::{self, rl::RlConfig};
+use crate::rl::trainer::{run as run_rl, RunOptions};
+use anyhow::Result;
+use rlft_reward::Registry;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// TOML configuration (see configs/ppo.toml, configs/grpo.toml and docs/config.md).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override a key: `--set rl.kl_coef=0.1` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Continue from the newest checkpoint in output_dir, or from the given one.
+    #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1, default_missing_value = "latest")]
+    pub resume: Option<String>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `defaults` are applied where the config file is silent (`rlft grpo` → GRPO).
+pub fn run(args: Args, defaults: &[&str], registry: &Registry) -> Result<()> {
+    let cfg: RlConfig =
+        config::load_with_defaults(args.config.as_deref(), defaults, &args.overrides)?;
+    let out = run_rl(
+        &cfg,
+        registry,
+        &RunOptions {
+            resume: args.resume,
+            quiet: args.quiet,
+        },
+    )?;
+    println!(
+        "{:?}: {} steps, score {:.4} → {:.4}, KL {:.4} nats, {:.2} s/step{} → {}",
+        cfg.rl.algorithm,
+        out.steps,
+        out.first_score,
+        out.last_score,
+        out.last_kl,
+        out.seconds_per_step,
+        match (out.eval_before, out.eval_after) {
+            (Some(a), Some(b)) => format!(", eval score {a:.4} → {b:.4}"),
+            (None, Some(b)) => format!(", eval score {b:.4}"),
+            _ => String::new(),
+        },
+        out.output.display()
+    );
+    Ok(())
+}

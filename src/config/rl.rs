@@ -1,0 +1,306 @@
+//! `rlft ppo` / `rlft grpo` configuration (configs/ppo.toml, configs/grpo.toml; every key in
+//! docs/config.md).
+
+use super::common::{AdapterSection, ModelSection, TrainableKind, TrainingSection};
+use crate::rl::advantages::ScaleRewards;
+use crate::rl::kl::KlEstimator;
+use crate::rl::losses::LossAggregation;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    #[default]
+    Ppo,
+    Grpo,
+    Rloo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Critic {
+    /// The value head reads the policy's hidden state (same adapter).
+    #[default]
+    Shared,
+    /// The value head reads a second adapter on the same base weights.
+    Separate,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PromptData {
+    /// JSONL: `{"prompt": "…"}` or `{"messages": […]}` per line; other fields go to the rewards.
+    pub prompt_file: PathBuf,
+    /// Optional held-out prompts for evaluation (same shape).
+    pub eval_file: Option<PathBuf>,
+    pub shuffle: bool,
+}
+
+impl Default for PromptData {
+    fn default() -> Self {
+        Self {
+            prompt_file: PathBuf::new(),
+            eval_file: None,
+            shuffle: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenerationSection {
+    pub max_new_tokens: usize,
+    /// Sampling temperature; log-probs are computed from logits / temperature (1 when 0).
+    pub temperature: f64,
+    /// 0: off.
+    pub top_k: usize,
+    pub top_p: f64,
+    /// Extra ids that end a response besides the model's EOS ids.
+    pub stop_token_ids: Vec<u32>,
+}
+
+impl Default for GenerationSection {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 32,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            stop_token_ids: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RlSection {
+    pub algorithm: Algorithm,
+    /// An SFT adapter merged into the base first: the reference is then the SFT model.
+    pub sft_adapter: Option<PathBuf>,
+    pub critic: Critic,
+    /// Rollouts per step (prompts × num_generations).
+    pub batch_size: usize,
+    /// Completions per prompt (GRPO/RLOO groups; 1 is usual for PPO).
+    pub num_generations: usize,
+    pub num_ppo_epochs: usize,
+    pub num_mini_batches: usize,
+    /// β.
+    pub kl_coef: f64,
+    /// KL in the reward (PPO, RLOO). GRPO's KL loss always uses k3.
+    pub kl_estimator: KlEstimator,
+    /// Adapt β toward `kl_target` (Ziegler et al.).
+    pub adaptive_kl: bool,
+    pub kl_target: f64,
+    pub kl_horizon: f64,
+    /// Subtracted from the score of responses that hit max_new_tokens without a stop token.
+    pub missing_eos_penalty: Option<f64>,
+    /// Clip the score to ±reward_clip.
+    pub reward_clip: Option<f64>,
+    pub whiten_rewards: bool,
+    pub whiten_advantages: bool,
+    pub gamma: f64,
+    pub lam: f64,
+    /// ε (ε_low when cliprange_high is set).
+    pub cliprange: f64,
+    /// ε_high (DAPO's clip-higher); unset: = cliprange.
+    pub cliprange_high: Option<f64>,
+    /// Dual clip c for negative advantages (veRL); unset: off.
+    pub clip_ratio_c: Option<f64>,
+    pub cliprange_value: f64,
+    pub vf_coef: f64,
+    pub entropy_coef: f64,
+    pub loss_aggregation: LossAggregation,
+    pub scale_rewards: ScaleRewards,
+    /// Stop the epoch loop early when the mean approx KL of an epoch exceeds this.
+    pub target_kl: Option<f64>,
+    /// Write sample rollouts to rollouts.jsonl every N steps (0: never).
+    pub log_rollouts_every: u64,
+    /// How many rollouts each such write holds.
+    pub rollouts_per_log: usize,
+    /// Evaluate greedy accuracy-style rewards on `data.eval_file` every N steps (0: at the end).
+    pub eval_steps: u64,
+    /// LoRA dropout off during RL (as TRL's `disable_dropout`), so ratios start at exactly 1.
+    pub disable_dropout: bool,
+    /// Hash the base weights before and after the run and log whether they are bitwise
+    /// unchanged (`check/base_weights_unchanged`); costs one read of the weights.
+    pub verify_base_weights: bool,
+}
+
+impl Default for RlSection {
+    fn default() -> Self {
+        Self {
+            algorithm: Algorithm::Ppo,
+            sft_adapter: None,
+            critic: Critic::Shared,
+            batch_size: 16,
+            num_generations: 1,
+            num_ppo_epochs: 4,
+            num_mini_batches: 1,
+            kl_coef: 0.05,
+            kl_estimator: KlEstimator::K1,
+            adaptive_kl: false,
+            kl_target: 6.0,
+            kl_horizon: 10000.0,
+            missing_eos_penalty: None,
+            reward_clip: None,
+            whiten_rewards: false,
+            whiten_advantages: true,
+            gamma: 1.0,
+            lam: 0.95,
+            cliprange: 0.2,
+            cliprange_high: None,
+            clip_ratio_c: None,
+            cliprange_value: 0.2,
+            vf_coef: 0.1,
+            entropy_coef: 0.0,
+            loss_aggregation: LossAggregation::TokenMean,
+            scale_rewards: ScaleRewards::Group,
+            target_kl: None,
+            log_rollouts_every: 1,
+            rollouts_per_log: 8,
+            eval_steps: 0,
+            disable_dropout: true,
+            verify_base_weights: false,
+        }
+    }
+}
+
+/// One `[[reward]]` table: `name`, `weight`, and the reward's own options.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RewardSpec {
+    pub name: String,
+    #[serde(default = "one")]
+    pub weight: f64,
+    #[serde(flatten)]
+    pub options: serde_json::Map<String, serde_json::Value>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RlConfig {
+    pub model: ModelSection,
+    pub adapter: AdapterSection,
+    pub data: PromptData,
+    pub generation: GenerationSection,
+    pub rl: RlSection,
+    pub training: TrainingSection,
+    pub reward: Vec<RewardSpec>,
+}
+
+impl Default for RlConfig {
+    fn default() -> Self {
+        let training = TrainingSection {
+            learning_rate: 1e-4,
+            lr_scheduler: crate::train::schedule::ScheduleKind::Constant,
+            num_train_epochs: 1.0,
+            per_device_train_batch_size: 8,
+            logging_steps: 1,
+            save_steps: 50,
+            output_dir: PathBuf::from("runs/ppo"),
+            ..TrainingSection::default()
+        };
+        Self {
+            model: ModelSection::default(),
+            adapter: AdapterSection {
+                lora_dropout: 0.0,
+                ..AdapterSection::default()
+            },
+            data: PromptData::default(),
+            generation: GenerationSection::default(),
+            rl: RlSection::default(),
+            training,
+            reward: Vec::new(),
+        }
+    }
+}
+
+impl RlConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.model.path.as_os_str().is_empty() {
+            bail!("model.path is required (a Hugging Face model folder)");
+        }
+        if self.data.prompt_file.as_os_str().is_empty() {
+            bail!("data.prompt_file is required (a JSONL file of prompts)");
+        }
+        if self.reward.is_empty() {
+            bail!("no [[reward]]: add at least one, e.g.\n[[reward]]\nname = \"numeric_match\"\nfield = \"answer\"");
+        }
+        self.adapter.validate()?;
+        self.training.validate()?;
+        if self.adapter.trainable != TrainableKind::Lora {
+            bail!("adapter.trainable must be \"lora\" for RL: the reference shares the frozen base weights");
+        }
+        if self.training.gradient_accumulation_steps != 1 {
+            bail!("training.gradient_accumulation_steps is for SFT; in RL a mini-batch is split into micro-batches of per_device_train_batch_size (set rl.num_mini_batches)");
+        }
+        let r = &self.rl;
+        let g = &self.generation;
+        if g.max_new_tokens == 0 {
+            bail!("generation.max_new_tokens must be at least 1");
+        }
+        if !(g.temperature >= 0.0) {
+            bail!("generation.temperature must be ≥ 0, got {}", g.temperature);
+        }
+        if !(g.top_p > 0.0 && g.top_p <= 1.0) {
+            bail!("generation.top_p must be in (0, 1], got {}", g.top_p);
+        }
+        if r.batch_size == 0
+            || r.num_generations == 0
+            || r.num_ppo_epochs == 0
+            || r.num_mini_batches == 0
+        {
+            bail!("rl.batch_size, num_generations, num_ppo_epochs and num_mini_batches must be at least 1");
+        }
+        if r.batch_size % r.num_generations != 0 {
+            bail!(
+                "rl.batch_size {} is not divisible by rl.num_generations {}",
+                r.batch_size,
+                r.num_generations
+            );
+        }
+        if r.batch_size % r.num_mini_batches != 0 {
+            bail!(
+                "rl.batch_size {} is not divisible by rl.num_mini_batches {}",
+                r.batch_size,
+                r.num_mini_batches
+            );
+        }
+        let mini = r.batch_size / r.num_mini_batches;
+        if mini % self.training.per_device_train_batch_size != 0 {
+            bail!(
+                "the mini-batch of {mini} rollouts (rl.batch_size / rl.num_mini_batches) is not divisible by training.per_device_train_batch_size {}",
+                self.training.per_device_train_batch_size
+            );
+        }
+        if matches!(r.algorithm, Algorithm::Grpo | Algorithm::Rloo) && r.num_generations < 2 {
+            bail!("rl.num_generations must be at least 2 for {:?} (advantages compare completions of one prompt)", r.algorithm);
+        }
+        if r.kl_coef < 0.0 {
+            bail!("rl.kl_coef must be ≥ 0, got {}", r.kl_coef);
+        }
+        if !(r.cliprange > 0.0) || r.cliprange_high.is_some_and(|e| !(e > 0.0)) {
+            bail!("rl.cliprange and cliprange_high must be positive");
+        }
+        if r.clip_ratio_c.is_some_and(|c| c <= 1.0) {
+            bail!("rl.clip_ratio_c must be greater than 1");
+        }
+        if !(0.0..=1.0).contains(&r.gamma) || !(0.0..=1.0).contains(&r.lam) {
+            bail!("rl.gamma and rl.lam must be in [0, 1]");
+        }
+        if r.adaptive_kl && !(r.kl_target > 0.0 && r.kl_horizon > 0.0) {
+            bail!("rl.kl_target and rl.kl_horizon must be positive with adaptive_kl");
+        }
+        Ok(())
+    }
+
+    /// Prompts per step.
+    pub fn prompts_per_step(&self) -> usize {
+        self.rl.batch_size / self.rl.num_generations
+    }
+}

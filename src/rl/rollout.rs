@@ -1,0 +1,156 @@
+//! Rollouts and the forward passes over them.
+//!
+//! Every rollout of a step is laid out the same way: the prompt left-padded to the step's
+//! longest prompt `P`, then the response right-padded to the longest response `R`. All
+//! scoring passes (old log-probs, values, reference, training) use this layout and
+//! micro-batches of one size, so a row's numbers do not depend on which rows share its
+//! micro-batch: the first update's ratio is exactly 1.
+
+use super::value_head::ValueHead;
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use rlft_policies::ops::{entropy, gather_logprobs};
+use rlft_policies::{BatchInput, CausalLm, ForwardCtx, Generation};
+
+pub struct Rollouts {
+    /// Index of each rollout's prompt in the prompt set.
+    pub prompt_index: Vec<usize>,
+    pub prompt_ids: Vec<Vec<u32>>,
+    /// Generated ids, with the stop token when one ended the response.
+    pub response_ids: Vec<Vec<u32>>,
+    pub stopped: Vec<bool>,
+    pub p_len: usize,
+    pub r_len: usize,
+    pad: u32,
+}
+
+impl Rollouts {
+    pub fn new(prompt_index: Vec<usize>, gens: Vec<Generation>, pad: u32) -> Self {
+        let p_len = gens.iter().map(|g| g.prompt_ids.len()).max().unwrap_or(0);
+        let r_len = gens
+            .iter()
+            .map(|g| g.completion_ids.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let (mut prompt_ids, mut response_ids, mut stopped) = (Vec::new(), Vec::new(), Vec::new());
+        for g in gens {
+            prompt_ids.push(g.prompt_ids);
+            response_ids.push(g.completion_ids);
+            stopped.push(g.stopped);
+        }
+        Self {
+            prompt_index,
+            prompt_ids,
+            response_ids,
+            stopped,
+            p_len,
+            r_len,
+            pad,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.response_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.response_ids.is_empty()
+    }
+
+    /// Response tokens of rollout `i` (≥ 1).
+    pub fn resp_len(&self, i: usize) -> usize {
+        self.response_ids[i].len()
+    }
+
+    /// `[rows, P + R]` input in the step's common layout.
+    pub fn input(&self, rows: &[usize], dev: &Device) -> Result<BatchInput> {
+        let (p, r) = (self.p_len, self.r_len);
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut valid = Vec::with_capacity(rows.len());
+        for &i in rows {
+            let (pr, re) = (&self.prompt_ids[i], &self.response_ids[i]);
+            let mut row = vec![self.pad; p - pr.len()];
+            row.extend(pr);
+            row.extend(re);
+            row.resize(p + r, self.pad);
+            let mut v = vec![false; p - pr.len()];
+            v.resize(p + re.len(), true);
+            v.resize(p + r, false);
+            ids.push(row);
+            valid.push(v);
+        }
+        Ok(BatchInput::with_mask(&ids, valid, dev)?)
+    }
+
+    /// `[rows, R]` f32: 1 on response tokens.
+    pub fn mask(&self, rows: &[usize], dev: &Device) -> Result<Tensor> {
+        let r = self.r_len;
+        let mut m = vec![0f32; rows.len() * r];
+        for (k, &i) in rows.iter().enumerate() {
+            m[k * r..k * r + self.resp_len(i)].fill(1.0);
+        }
+        Ok(Tensor::from_vec(m, (rows.len(), r), dev)?)
+    }
+}
+
+/// What one pass over a micro-batch gives at the response positions, each `[b, R]` f32.
+pub struct Scored {
+    pub logp: Tensor,
+    pub values: Option<Tensor>,
+    pub entropy: Option<Tensor>,
+}
+
+/// Log-probs of the response tokens under `ctx` (tempered by `temperature`), and, with a
+/// value head, the values read from the same hidden states (`critic = "shared"`).
+#[allow(clippy::too_many_arguments)]
+pub fn score(
+    model: &dyn CausalLm,
+    ctx: &ForwardCtx,
+    input: &BatchInput,
+    p_len: usize,
+    r_len: usize,
+    temperature: f64,
+    head: Option<&ValueHead>,
+    want_entropy: bool,
+) -> Result<Scored> {
+    let b = input.batch_size();
+    let hidden = model.forward_hidden(input, ctx, None)?;
+    // The state at position P−1+t predicts response token t.
+    let h = hidden.narrow(1, p_len - 1, r_len)?;
+    let mut logits = model.logits(&h, ctx)?;
+    if temperature > 0.0 && temperature != 1.0 {
+        logits = (logits / temperature)?;
+    }
+    let v = logits.dim(2)?;
+    let flat = logits.reshape((b * r_len, v))?;
+    let targets = input.ids.narrow(1, p_len, r_len)?.flatten_all()?;
+    let logp = gather_logprobs(&flat, &targets)?.reshape((b, r_len))?;
+    let entropy = if want_entropy {
+        Some(entropy(&flat)?.reshape((b, r_len))?)
+    } else {
+        None
+    };
+    let values = match head {
+        Some(h_) => Some(h_.forward(&h, ctx.grad)?),
+        None => None,
+    };
+    Ok(Scored {
+        logp,
+        values,
+        entropy,
+    })
+}
+
+/// Values from a separate critic adapter: the same layout, the critic's hidden states.
+pub fn critic_values(
+    model: &dyn CausalLm,
+    ctx: &ForwardCtx,
+    input: &BatchInput,
+    p_len: usize,
+    r_len: usize,
+    head: &ValueHead,
+) -> Result<Tensor> {
+    let hidden = model.forward_hidden(input, ctx, None)?;
+    head.forward(&hidden.narrow(1, p_len - 1, r_len)?, ctx.grad)
+}
