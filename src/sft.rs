@@ -182,7 +182,10 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftOutcome> {
     let dropout_rng = Mutex::new(ChaCha8Rng::seed_from_u64(t.seed.wrapping_add(1)));
     let (mut step, mut position) = (0u64, 0u64);
     if let (Some(dir), Some(s)) = (&resume_dir, &state) {
-        optimizer.load_state(checkpoint::read_optimizer(dir, &device)?, s.global_step)?;
+        optimizer.load_state(
+            checkpoint::read_optimizer(dir, &device)?,
+            s.optimizer_step.unwrap_or(s.global_step),
+        )?;
         step = s.global_step;
         position = s.data_position;
         let pos: u128 = s
@@ -252,6 +255,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftOutcome> {
                 .expect("not poisoned")
                 .get_word_pos()
                 .to_string(),
+            optimizer_step: Some(optimizer.step),
             config: config_json.clone(),
             extra: serde_json::Value::Null,
         };

@@ -258,7 +258,10 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
     };
     let (mut step, mut position) = (0u64, 0u64);
     if let (Some(d), Some(s)) = (&resume_dir, &state) {
-        optimizer.load_state(checkpoint::read_optimizer(d, &device)?, s.global_step)?;
+        optimizer.load_state(
+            checkpoint::read_optimizer(d, &device)?,
+            s.optimizer_step.unwrap_or(s.global_step),
+        )?;
         step = s.global_step;
         position = s.data_position;
         if let Some(b) = s.extra.get("beta").and_then(|b| b.as_f64()) {
@@ -677,6 +680,7 @@ fn save_rl(
         global_step: step,
         data_position: position,
         dropout_rng_word_pos: "0".into(),
+        optimizer_step: Some(optimizer.step),
         config: config.clone(),
         extra: serde_json::json!({ "beta": beta }),
     };
@@ -807,12 +811,17 @@ fn train_on_step(
     let mut updates = 0usize;
     let mut sums = TrainStats::default();
     for epoch in 0..r.num_ppo_epochs {
+        // The first epoch keeps rollout order, so its first micro-batches are exactly the
+        // chunks `logp_old` was computed on (the first ratio is exactly 1); later epochs
+        // shuffle (rollouts are i.i.d.; the order matters only for bitwise reproducibility).
         let mut perm: Vec<usize> = (0..n).collect();
-        perm.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(
-            t.seed,
-            step,
-            100 + epoch as u64,
-        )));
+        if epoch > 0 {
+            perm.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(
+                t.seed,
+                step,
+                100 + epoch as u64,
+            )));
+        }
         let mut epoch_kl = Vec::new();
         for m in perm.chunks(mini) {
             let mb_tokens: usize = m.iter().map(|&i| d.lens[i]).sum();
@@ -900,7 +909,16 @@ fn train_on_step(
                 let ratio = diff.exp()?;
                 rsum += (&ratio * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
                 if stats.first_ratio.is_none() {
-                    stats.first_ratio = Some(ratio.flatten_all()?.to_vec1()?);
+                    // Response tokens only (padding has no old log-prob).
+                    let r: Vec<f32> = ratio.flatten_all()?.to_vec1()?;
+                    let m: Vec<f32> = mask.flatten_all()?.to_vec1()?;
+                    stats.first_ratio = Some(
+                        r.into_iter()
+                            .zip(m)
+                            .filter(|(_, k)| *k > 0.0)
+                            .map(|(x, _)| x)
+                            .collect(),
+                    );
                 }
             }
             let mut grads = acc.finish(params)?;

@@ -23,6 +23,10 @@ pub struct TrainerState {
     pub dropout_rng_word_pos: String,
     /// The run's configuration, to refuse resuming with a different one.
     pub config: serde_json::Value,
+    /// Optimizer updates applied (differs from `global_step` when a step makes several, as
+    /// RL steps do); AdamW's bias correction needs it. Absent: `global_step`.
+    #[serde(default)]
+    pub optimizer_step: Option<u64>,
     /// Stage-specific state (e.g. PPO's adaptive β).
     #[serde(default)]
     pub extra: serde_json::Value,
