@@ -443,3 +443,60 @@ fn the_shipped_rl_configs_run() {
         generate(pre.model.as_ref(), None, &[vec![1, 308]], &cfg).unwrap()
     );
 }
+
+#[test]
+fn a_sequence_classification_reward_model_matches_transformers() {
+    use rlft::rewards::RewardModel;
+    use rlft_reward::Options;
+    let dir = fixture("llama-rm");
+    let opts = Options::new(
+        "model",
+        serde_json::json!({"path": dir.display().to_string(), "batch_size": 3})
+            .as_object()
+            .unwrap()
+            .clone(),
+    );
+    let rm = RewardModel::new(&opts).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let cases = r["scores"].as_array().unwrap();
+    let texts: Vec<String> = cases
+        .iter()
+        .map(|c| c["text"].as_str().unwrap().to_string())
+        .collect();
+    // Scored as left-padded batches of 3 and 1.
+    let got = rm.score_texts(&texts).unwrap();
+    for (g, c) in got.iter().zip(cases) {
+        let want = c["score"].as_f64().unwrap();
+        assert!(
+            (g - want).abs() < 1e-4,
+            "{:?}: {g} vs transformers {want}",
+            c["text"]
+        );
+    }
+    // The reward is usable from a config, and its errors name the option.
+    let bad = Options::new(
+        "model",
+        serde_json::json!({"path": fixture("llama").display().to_string()})
+            .as_object()
+            .unwrap()
+            .clone(),
+    );
+    let err = RewardModel::new(&bad).err().unwrap().to_string();
+    assert!(err.contains("not a sequence-classification model"), "{err}");
+    let tmp = TempDir::new("rm-reward");
+    let reward = format!(
+        "reward=[{{name = \"model\", path = {:?}}}]",
+        dir.display().to_string()
+    );
+    let cfg = config(
+        &tmp.0,
+        "grpo",
+        &["rl.num_generations=4", "training.max_steps=2", &reward],
+    );
+    run(&cfg, &default_registry(), &quiet()).unwrap();
+    assert!(series(&metrics(&tmp.0), "objective/scores")
+        .iter()
+        .all(|s| s.is_finite()));
+}

@@ -121,6 +121,11 @@ impl WeightFiles {
         Ok(t.to_dtype(self.dtype)?)
     }
 
+    /// Loads `name` whatever its shape, converted to the model dtype.
+    pub fn get_any_shape(&self, name: &str) -> Result<Tensor> {
+        Ok(self.get_raw(name)?.to_dtype(self.dtype)?)
+    }
+
     /// The first of `names` present (for checkpoints that differ by a prefix).
     pub fn get_any(&self, names: &[String], shape: &[usize]) -> Result<Tensor> {
         match names.iter().find(|n| self.contains(n)) {

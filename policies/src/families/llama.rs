@@ -50,6 +50,16 @@ pub(super) fn base_spec(
         o_bias: false,
         mlp_bias: false,
         layer_windows: vec![None; layers],
+        headless_ok: r
+            .cfg
+            .get("architectures")
+            .and_then(|a| a.as_array())
+            .is_some_and(|a| {
+                a.iter().any(|x| {
+                    x.as_str()
+                        .is_some_and(|s| s.ends_with("ForSequenceClassification"))
+                })
+            }),
         act: Activation::parse(r, "hidden_act", "silu")?,
     })
 }

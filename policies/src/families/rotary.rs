@@ -33,6 +33,9 @@ pub struct RotarySpec {
     pub qkv_bias: bool,
     pub o_bias: bool,
     pub mlp_bias: bool,
+    /// Load without `lm_head.weight` when the file has none (sequence-classification
+    /// checkpoints); otherwise its absence is an error.
+    pub headless_ok: bool,
     /// Sliding-window size per layer (`None`: full attention).
     pub layer_windows: Vec<Option<usize>>,
     pub act: Activation,
@@ -57,7 +60,8 @@ pub struct RotaryDecoder {
     embed: Embedding,
     blocks: Vec<Block>,
     norm: Tensor,
-    lm_head: Linear,
+    /// `None` for a checkpoint without an LM head (a sequence-classification model).
+    lm_head: Option<Linear>,
     rope: RopeTables,
 }
 
@@ -104,14 +108,16 @@ impl RotaryDecoder {
         }
         let norm = w.get("model.norm.weight", &[h])?;
         let lm_head = if spec.tie_word_embeddings {
-            Linear {
+            Some(Linear {
                 path: "lm_head".into(),
                 weight: embed.weight.clone(),
                 bias: None,
                 conv1d: false,
-            }
+            })
+        } else if w.contains("lm_head.weight") || !spec.headless_ok {
+            Some(linear(w, "lm_head", spec.vocab_size, h, false)?)
         } else {
-            linear(w, "lm_head", spec.vocab_size, h, false)?
+            None
         };
         let rope = RopeTables::new(&spec.rope, spec.max_positions, w.dtype(), w.device())?;
         let info = ModelInfo {
@@ -219,7 +225,13 @@ impl CausalLm for RotaryDecoder {
     }
 
     fn logits(&self, hidden: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden, ctx)?)
+        match &self.lm_head {
+            Some(head) => Ok(head.forward(hidden, ctx)?),
+            None => Err(crate::PolicyError::InvalidArgument(format!(
+                "this {} checkpoint has no LM head (lm_head.weight); it can give hidden states only",
+                self.info.model_type
+            ))),
+        }
     }
 
     fn linears(&self) -> Vec<&Linear> {
@@ -227,7 +239,7 @@ impl CausalLm for RotaryDecoder {
         for b in &self.blocks {
             out.extend([&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down]);
         }
-        out.push(&self.lm_head);
+        out.extend(self.lm_head.as_ref());
         out
     }
 
@@ -255,14 +267,18 @@ impl CausalLm for RotaryDecoder {
         }
         out.push(("model.norm.weight".into(), &mut self.norm));
         if !self.spec.tie_word_embeddings {
-            out.extend(linear_params(&mut self.lm_head));
+            if let Some(head) = self.lm_head.as_mut() {
+                out.extend(linear_params(head));
+            }
         }
         out
     }
 
     fn sync_tied(&mut self) {
         if self.spec.tie_word_embeddings {
-            self.lm_head.weight = self.embed.weight.clone();
+            if let Some(head) = self.lm_head.as_mut() {
+                head.weight = self.embed.weight.clone();
+            }
         }
     }
 
@@ -279,7 +295,7 @@ impl CausalLm for RotaryDecoder {
                 &mut b.down,
             ]);
         }
-        out.push(&mut self.lm_head);
+        out.extend(self.lm_head.as_mut());
         out
     }
 }
