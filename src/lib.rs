@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod demo;
 pub mod rewards;
 pub mod rl;
 pub mod sft;

@@ -11,6 +11,7 @@ pub mod error;
 pub mod families;
 pub mod fsutil;
 pub mod generate;
+pub mod init;
 pub mod kv_cache;
 pub mod linear;
 pub mod logprobs;

@@ -1,6 +1,7 @@
 //! The command line: one subcommand per file.
 
 mod common;
+mod demo;
 mod generate;
 mod logprobs;
 mod merge;
@@ -32,6 +33,8 @@ enum Command {
     Sft(sft::Args),
     /// Merge an adapter into the base weights and write a Hugging Face folder.
     Merge(merge::Args),
+    /// The built-in demo: SFT then PPO on a tiny model of our own, with held-out accuracy.
+    Demo(demo::Args),
     /// RL against reward functions with PPO (or RLOO via rl.algorithm), KL to a frozen reference.
     Ppo(rl::Args),
     /// RL with GRPO (critic-free, group-normalised advantages).
@@ -68,6 +71,7 @@ where
         Command::Generate(a) => generate::run(a),
         Command::Sft(a) => sft::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Demo(a) => demo::run_cmd(a),
         Command::Ppo(a) => rl::run(a, &[], &registry),
         Command::Grpo(a) => rl::run(
             a,

@@ -1,0 +1,274 @@
+//! The built-in demo: a tiny Llama of our own (configs/demo/model/, built by
+//! `rlft demo build-base`), taught a two-number addition task by `rlft sft`, then improved by
+//! `rlft ppo` against the `numeric_match` reward, with held-out accuracy measured at each
+//! stage. docs/demo.md walks through it.
+
+pub mod task;
+pub mod tokenizer;
+
+use crate::config::{self, rl::RlConfig, sft::SftConfig};
+use crate::rl::rollout::{score, Rollouts};
+use crate::rl::trainer::{build_rewards, evaluate, RunOptions as RlOptions};
+use anyhow::{Context, Result};
+use rlft_policies::{generate, Adapter, ForwardCtx, GenerationConfig, Pretrained, SamplingParams};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub struct DemoOptions {
+    /// Configs and the committed base model (configs/demo).
+    pub configs: PathBuf,
+    /// Run folder (runs/demo).
+    pub out: PathBuf,
+    /// A shortened run (seconds): few steps, a sample of the held-out set.
+    pub quick: bool,
+    pub quiet: bool,
+}
+
+/// What the demo measured (also written to `summary.json`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub base_accuracy: f64,
+    pub sft_accuracy: f64,
+    pub ppo_accuracy: f64,
+    pub ppo_kl: f64,
+    pub eval_problems: usize,
+    pub seconds: serde_json::Map<String, serde_json::Value>,
+}
+
+fn path_str(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+/// Exact-match accuracy of greedy answers on the held-out problems.
+fn accuracy(pre: &Pretrained, adapter: Option<&Adapter>, cfg: &RlConfig) -> Result<f64> {
+    let prompts = crate::data::prompts::load_prompts(
+        cfg.data.eval_file.as_ref().expect("eval file set"),
+        &pre.tokenizer,
+        64,
+    )?;
+    let rewards = build_rewards(cfg, &crate::rewards::default_registry())?;
+    evaluate(
+        pre.model.as_ref(),
+        adapter,
+        &pre.tokenizer,
+        &prompts,
+        &rewards,
+        cfg,
+    )
+}
+
+/// Mean over held-out prompts of Σ_t (logp − logp_ref) on responses sampled from the policy:
+/// a Monte-Carlo estimate of the sequence KL to the reference, in nats.
+fn sequence_kl(pre: &Pretrained, policy: &Adapter, cfg: &RlConfig) -> Result<f64> {
+    let tok = &pre.tokenizer;
+    let model = pre.model.as_ref();
+    let prompts = crate::data::prompts::load_prompts(
+        cfg.data.eval_file.as_ref().expect("eval file set"),
+        tok,
+        64,
+    )?;
+    let rows: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+    let mut stop_ids = tok.stop_ids.clone();
+    stop_ids.extend(&cfg.generation.stop_token_ids);
+    let gen = GenerationConfig {
+        max_new_tokens: cfg.generation.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: cfg.generation.temperature,
+            top_k: None,
+            top_p: None,
+        },
+        seed: 1234,
+        stop_ids,
+        pad_id: tok.pad_or_eos(),
+        use_cache: true,
+    };
+    let temperature = if cfg.generation.temperature > 0.0 {
+        cfg.generation.temperature
+    } else {
+        1.0
+    };
+    let gens = generate(model, Some(policy), &rows, &gen)?;
+    let ro = Rollouts::new((0..rows.len()).collect(), gens, tok.pad_or_eos());
+    let (mut total, dev) = (0.0, model.info().device.clone());
+    let all: Vec<usize> = (0..ro.len()).collect();
+    for chunk in all.chunks(64) {
+        let input = ro.input(chunk, &dev)?;
+        let lp: Vec<Vec<f32>> = score(
+            model,
+            &ForwardCtx::inference(Some(policy)),
+            &input,
+            ro.p_len,
+            ro.r_len,
+            temperature,
+            None,
+            false,
+        )?
+        .logp
+        .to_vec2()?;
+        let lr: Vec<Vec<f32>> = score(
+            model,
+            &ForwardCtx::inference(None),
+            &input,
+            ro.p_len,
+            ro.r_len,
+            temperature,
+            None,
+            false,
+        )?
+        .logp
+        .to_vec2()?;
+        for (k, &i) in chunk.iter().enumerate() {
+            let n = ro.resp_len(i);
+            total += (0..n).map(|t| (lp[k][t] - lr[k][t]) as f64).sum::<f64>();
+        }
+    }
+    Ok(total / ro.len().max(1) as f64)
+}
+
+/// SFT, then PPO from the SFT adapter, with held-out accuracy before, between and after.
+pub fn run(opts: &DemoOptions) -> Result<Summary> {
+    crate::telemetry::init();
+    let base_dir = opts.configs.join("model");
+    let data = opts.out.join("data");
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    let mut eval_rows = task::eval_set();
+    if opts.quick {
+        eval_rows.truncate(40);
+    }
+    let (sft_n, rl_n) = if opts.quick { (64, 64) } else { (384, 4000) };
+    task::write_jsonl(&data.join("sft.jsonl"), &task::demonstrations(sft_n, 11))?;
+    task::write_jsonl(&data.join("prompts.jsonl"), &task::rl_prompts(rl_n, 12))?;
+    task::write_jsonl(&data.join("eval.jsonl"), &eval_rows)?;
+    let mut seconds = serde_json::Map::new();
+
+    // Stage 1: SFT.
+    let mut sft_sets = vec![
+        format!("model.path={}", path_str(&base_dir)),
+        format!("data.train_file={}", path_str(&data.join("sft.jsonl"))),
+        format!("training.output_dir={}", path_str(&opts.out.join("sft"))),
+    ];
+    if opts.quick {
+        sft_sets.push("training.max_steps=3".into());
+    }
+    let sft_cfg: SftConfig = config::load(Some(&opts.configs.join("sft.toml")), &sft_sets)?;
+    let t0 = Instant::now();
+    let sft = crate::sft::run(
+        &sft_cfg,
+        &crate::sft::RunOptions {
+            resume: None,
+            quiet: opts.quiet,
+        },
+    )?;
+    seconds.insert("sft".into(), json!(t0.elapsed().as_secs_f64()));
+
+    // Stage 2: PPO, the SFT adapter merged into the reference.
+    let mut ppo_sets = vec![
+        format!("model.path={}", path_str(&base_dir)),
+        format!("rl.sft_adapter={}", path_str(&sft.output)),
+        format!("data.prompt_file={}", path_str(&data.join("prompts.jsonl"))),
+        format!("data.eval_file={}", path_str(&data.join("eval.jsonl"))),
+        format!("training.output_dir={}", path_str(&opts.out.join("ppo"))),
+    ];
+    if opts.quick {
+        ppo_sets.push("training.max_steps=2".into());
+    }
+    let ppo_cfg: RlConfig = config::load(Some(&opts.configs.join("ppo.toml")), &ppo_sets)?;
+    // Held-out accuracy of the base and of the SFT adapter (greedy, exact match).
+    let t0 = Instant::now();
+    let base = Pretrained::load(
+        &base_dir,
+        rlft_policies::candle_core::DType::F32,
+        &rlft_policies::candle_core::Device::Cpu,
+    )?;
+    let base_accuracy = accuracy(&base, None, &ppo_cfg)?;
+    let sft_adapter = Adapter::load(&sft.output, base.model.as_ref())?;
+    let sft_accuracy = accuracy(&base, Some(&sft_adapter), &ppo_cfg)?;
+    let mut eval_secs = t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    let ppo = crate::rl::trainer::run(
+        &ppo_cfg,
+        &crate::rewards::default_registry(),
+        &RlOptions {
+            resume: None,
+            quiet: opts.quiet,
+        },
+    )?;
+    seconds.insert("ppo".into(), json!(t0.elapsed().as_secs_f64()));
+    let t0 = Instant::now();
+    let mut merged = Pretrained::load(
+        &base_dir,
+        rlft_policies::candle_core::DType::F32,
+        &rlft_policies::candle_core::Device::Cpu,
+    )?;
+    sft_adapter.merge_into(merged.model.as_mut())?;
+    let policy = Adapter::load(&ppo.output, merged.model.as_ref())?;
+    let ppo_accuracy = accuracy(&merged, Some(&policy), &ppo_cfg)?;
+    let ppo_kl = sequence_kl(&merged, &policy, &ppo_cfg)?;
+    eval_secs += t0.elapsed().as_secs_f64();
+    seconds.insert("eval".into(), json!(eval_secs));
+    let summary = Summary {
+        base_accuracy,
+        sft_accuracy,
+        ppo_accuracy,
+        ppo_kl,
+        eval_problems: eval_rows.len(),
+        seconds,
+    };
+    let text = serde_json::to_string_pretty(&summary)?;
+    rlft_policies::fsutil::write_atomic(&opts.out.join("summary.json"), text.as_bytes())?;
+    Ok(summary)
+}
+
+/// Builds the base model from scratch: corpus, tokenizer, random initialisation from
+/// `configs/demo/model.json`, full-parameter pretraining with `configs/demo/pretrain.toml`.
+/// Writes the Hugging Face folder to `out`.
+pub fn build_base(configs: &Path, work: &Path, out: &Path, quiet: bool) -> Result<()> {
+    crate::telemetry::init();
+    std::fs::create_dir_all(work)?;
+    let pre_cfg: SftConfig = config::load(Some(&configs.join("pretrain.toml")), &[])?;
+    let corpus = task::corpus(DEMO_CORPUS_LINES, 8, 0.5, 7);
+    let corpus_path = work.join("corpus.jsonl");
+    task::write_jsonl(&corpus_path, &corpus)?;
+    let init_dir = work.join("init");
+    let texts: Vec<String> = corpus
+        .iter()
+        .map(|r| r["text"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let vocab = tokenizer::train(&texts, 320, &init_dir)?;
+    let model_json = configs.join("model.json");
+    let mut model_cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&model_json)
+            .with_context(|| format!("reading {}", model_json.display()))?,
+    )?;
+    model_cfg["vocab_size"] = json!(vocab);
+    rlft_policies::init::write_random_llama(
+        &model_cfg,
+        &model_json,
+        pre_cfg.training.seed,
+        &init_dir,
+    )?;
+    let sets = vec![
+        format!("model.path={}", path_str(&init_dir)),
+        format!("data.train_file={}", path_str(&corpus_path)),
+        format!("training.output_dir={}", path_str(&work.join("pretrain"))),
+    ];
+    let cfg: SftConfig = config::load(Some(&configs.join("pretrain.toml")), &sets)?;
+    let res = crate::sft::run(
+        &cfg,
+        &crate::sft::RunOptions {
+            resume: None,
+            quiet,
+        },
+    )?;
+    std::fs::create_dir_all(out)?;
+    for e in std::fs::read_dir(&res.output)? {
+        let e = e?;
+        std::fs::copy(e.path(), out.join(e.file_name()))?;
+    }
+    tracing::info!("base model written to {}", out.display());
+    Ok(())
+}
+
+/// Lines of 8 equations in the pretraining corpus.
+pub const DEMO_CORPUS_LINES: usize = 20000;
