@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod data;
 pub mod demo;
 pub mod rewards;

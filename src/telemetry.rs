@@ -60,6 +60,16 @@ pub fn open_metrics(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Records that the run failed (`{"status": "failed", "error": …}`) if a metrics file is
+/// open on this thread, then closes it. The dashboard shows the run as failed.
+pub fn mark_failed(error: &str) {
+    let open = SINK.with(|s| s.borrow().is_some());
+    if open {
+        tracing::error!(target: METRICS, status = "failed", error, "run failed");
+        close_metrics();
+    }
+}
+
 pub fn close_metrics() {
     SINK.with(|s| {
         if let Some(mut w) = s.borrow_mut().take() {

@@ -1,6 +1,7 @@
 //! The command line: one subcommand per file.
 
 mod common;
+mod dashboard;
 mod demo;
 mod generate;
 mod logprobs;
@@ -33,6 +34,8 @@ enum Command {
     Sft(sft::Args),
     /// Merge an adapter into the base weights and write a Hugging Face folder.
     Merge(merge::Args),
+    /// Watch and compare runs in the browser (metrics, rollouts), live.
+    Dashboard(dashboard::Args),
     /// The built-in demo: SFT then PPO on a tiny model of our own, with held-out accuracy.
     Demo(demo::Args),
     /// RL against reward functions with PPO (or RLOO via rl.algorithm), KL to a frozen reference.
@@ -72,6 +75,7 @@ where
         Command::Sft(a) => sft::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Demo(a) => demo::run_cmd(a),
+        Command::Dashboard(a) => dashboard::run(a),
         Command::Ppo(a) => rl::run(a, &[], &registry),
         Command::Grpo(a) => rl::run(
             a,
@@ -82,6 +86,8 @@ where
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            crate::telemetry::finish_progress();
+            crate::telemetry::mark_failed(&format!("{e:#}"));
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
