@@ -2,6 +2,7 @@
 //! models. The binary's commands live in [`cli`]; model code is in `rlft-policies`, the
 //! reward trait in `rlft-reward`.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod dashboard;

@@ -1,5 +1,6 @@
 //! The command line: one subcommand per file.
 
+mod bench;
 mod common;
 mod dashboard;
 mod demo;
@@ -36,6 +37,8 @@ enum Command {
     Merge(merge::Args),
     /// Watch and compare runs in the browser (metrics, rollouts), live.
     Dashboard(dashboard::Args),
+    /// Speed workloads W1–W4 on a small Llama (docs/performance.md).
+    Bench(bench::Args),
     /// The built-in demo: SFT then PPO on a tiny model of our own, with held-out accuracy.
     Demo(demo::Args),
     /// RL against reward functions with PPO (or RLOO via rl.algorithm), KL to a frozen reference.
@@ -75,6 +78,7 @@ where
         Command::Sft(a) => sft::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Demo(a) => demo::run_cmd(a),
+        Command::Bench(a) => bench::run(a),
         Command::Dashboard(a) => dashboard::run(a),
         Command::Ppo(a) => rl::run(a, &[], &registry),
         Command::Grpo(a) => rl::run(

@@ -1,0 +1,299 @@
+//! `rlft bench`: the speed workloads measured against the PyTorch/TRL peer
+//! (docs/performance.md). Every workload runs on the "small" Llama built in memory from a
+//! seed (hidden 256, 4 layers, 8 heads, 4 KV heads, intermediate 688, vocab 512) with LoRA
+//! r=4, α=8 on q_proj, v_proj, in f32.
+
+use crate::config::{self, rl::RlConfig};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rlft_policies::logprobs::token_logprobs;
+use rlft_policies::{
+    generate, Adapter, BatchInput, ForwardCtx, GenerationConfig, LoraConfig, Pretrained,
+    SamplingParams, Targets,
+};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const TOKENIZER_JSON: &str = include_str!("../../tests/fixtures/_tokenizer/tokenizer.json");
+const TOKENIZER_CONFIG: &str =
+    include_str!("../../tests/fixtures/_tokenizer/tokenizer_config.json");
+
+/// Writes the small Llama (seeded random weights) with the 512-token fixture tokenizer.
+pub fn small_model(dir: &Path) -> Result<()> {
+    let cfg = json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+        "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 8,
+        "num_key_value_heads": 4, "vocab_size": 512, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": false,
+        "hidden_act": "silu", "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0
+    });
+    rlft_policies::init::write_random_llama(&cfg, &dir.join("config.json"), 0, dir)?;
+    std::fs::write(dir.join("tokenizer.json"), TOKENIZER_JSON)?;
+    std::fs::write(dir.join("tokenizer_config.json"), TOKENIZER_CONFIG)?;
+    Ok(())
+}
+
+fn lora() -> LoraConfig {
+    LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        target_modules: Targets::List(vec!["q_proj".into(), "v_proj".into()]),
+        ..LoraConfig::default()
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Peak resident memory of this process (VmHWM), MB.
+pub fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+fn random_ids(rng: &mut ChaCha8Rng, b: usize, t: usize) -> Vec<Vec<u32>> {
+    (0..b)
+        .map(|_| (0..t).map(|_| rng.random_range(3..512)).collect())
+        .collect()
+}
+
+/// W1: forward + backward + AdamW of the LoRA model on B × T random tokens.
+pub fn w1(dir: &Path, b: usize, t: usize, reps: usize) -> Result<Value> {
+    let pre = Pretrained::load(dir, DType::F32, &Device::Cpu)?;
+    let model = pre.model.as_ref();
+    let adapter = Adapter::new(model, lora(), 0)?;
+    let params = adapter.named_vars();
+    let mut opt = crate::train::optimizer::Optimizer::new(
+        crate::train::optimizer::OptimizerKind::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+        params.clone(),
+    );
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let rows = random_ids(&mut rng, b, t);
+    let input = BatchInput::left_padded(&rows, 0, &Device::Cpu)?;
+    let (mut tf, mut tb, mut to) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..reps + 2 {
+        let t0 = Instant::now();
+        let lp = token_logprobs(model, &input, &ForwardCtx::train(Some(&adapter), None), 1.0)?;
+        let loss = (lp.mean_all()? * -1.0)?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let g: Vec<Tensor> = params
+            .iter()
+            .map(|(_, v)| {
+                grads
+                    .get(v)
+                    .cloned()
+                    .unwrap_or_else(|| v.as_tensor().zeros_like().expect("zeros"))
+            })
+            .collect();
+        let t2 = Instant::now();
+        opt.apply(&g, 1e-4)?;
+        let t3 = Instant::now();
+        if i >= 2 {
+            tf.push((t1 - t0).as_secs_f64());
+            tb.push((t2 - t1).as_secs_f64());
+            to.push((t3 - t2).as_secs_f64());
+        }
+    }
+    let total: Vec<f64> = (0..reps).map(|i| tf[i] + tb[i] + to[i]).collect();
+    let s = median(total);
+    Ok(
+        json!({"workload": "W1", "seconds_per_step": s, "tokens_per_s": (b * t) as f64 / s, "samples_per_s": b as f64 / s,
+              "phases": {"forward": median(tf), "backward": median(tb), "adamw": median(to)}, "batch": b, "seq": t}),
+    )
+}
+
+/// W2: sampling with the KV cache, B prompts of 7 tokens, `new` new tokens; the adapter
+/// unmerged (as in training) and merged into the base.
+pub fn w2(dir: &Path, b: usize, new: usize, reps: usize) -> Result<Value> {
+    let mut pre = Pretrained::load(dir, DType::F32, &Device::Cpu)?;
+    let adapter = Adapter::new(pre.model.as_ref(), lora(), 0)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let prompts = random_ids(&mut rng, b, 7);
+    let cfg = GenerationConfig {
+        max_new_tokens: new,
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_k: None,
+            top_p: None,
+        },
+        seed: 0,
+        stop_ids: vec![],
+        pad_id: 0,
+        use_cache: true,
+    };
+    let time = |model: &dyn rlft_policies::CausalLm, a: Option<&Adapter>| -> Result<f64> {
+        let mut v = Vec::new();
+        for i in 0..reps + 1 {
+            let t0 = Instant::now();
+            let g = generate(model, a, &prompts, &cfg)?;
+            let n: usize = g.iter().map(|x| x.completion_ids.len()).sum();
+            if i >= 1 {
+                v.push(n as f64 / t0.elapsed().as_secs_f64());
+            }
+        }
+        Ok(median(v))
+    };
+    let unmerged = time(pre.model.as_ref(), Some(&adapter))?;
+    adapter.merge_into(pre.model.as_mut())?;
+    let merged = time(pre.model.as_ref(), None)?;
+    Ok(
+        json!({"workload": "W2", "seconds_per_step": (b * new) as f64 / merged, "tokens_per_s": merged, "samples_per_s": b as f64 * merged / (b * new) as f64,
+              "tokens_per_s_unmerged": unmerged, "batch": b, "new_tokens": new}),
+    )
+}
+
+/// W3 (PPO) and W4 (GRPO): whole RL steps through `rlft ppo` / `rlft grpo` on prompts of 7
+/// random tokens, 16 response tokens, the `length` reward; the median of steps after the first.
+pub fn rl_step(dir: &Path, work: &Path, grpo: bool, steps: usize) -> Result<Value> {
+    let prompts = work.join("prompts.jsonl");
+    let pre = Pretrained::load(dir, DType::F32, &Device::Cpu)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let rows: String = random_ids(&mut rng, 64, 6)
+        .iter()
+        .map(|ids| {
+            format!(
+                "{}\n",
+                json!({"prompt": pre.tokenizer.decode(ids, true).unwrap_or_default()})
+            )
+        })
+        .collect();
+    std::fs::write(&prompts, rows)?;
+    let out = work.join(if grpo { "grpo" } else { "ppo" });
+    let _ = std::fs::remove_dir_all(&out);
+    let mut sets = vec![
+        format!("model.path={:?}", dir.display().to_string()),
+        format!("data.prompt_file={:?}", prompts.display().to_string()),
+        format!("training.output_dir={:?}", out.display().to_string()),
+        "adapter.r=4".into(),
+        "adapter.lora_alpha=8".into(),
+        "adapter.target_modules=[\"q_proj\", \"v_proj\"]".into(),
+        "generation.max_new_tokens=16".into(),
+        "generation.stop_token_ids=[]".into(),
+        format!("training.max_steps={}", steps + 1),
+        "training.save_steps=0".into(),
+        "training.learning_rate=1e-5".into(),
+        "rl.log_rollouts_every=0".into(),
+        "reward=[{name = \"length\", target = 8}]".into(),
+    ];
+    if grpo {
+        sets.extend(
+            [
+                "rl.algorithm=\"grpo\"",
+                "rl.batch_size=8",
+                "rl.num_generations=4",
+                "rl.kl_coef=0.04",
+                "rl.num_ppo_epochs=1",
+                "training.per_device_train_batch_size=8",
+            ]
+            .map(String::from),
+        );
+    } else {
+        sets.extend(
+            [
+                "rl.batch_size=8",
+                "rl.num_ppo_epochs=4",
+                "rl.num_mini_batches=1",
+                "training.per_device_train_batch_size=8",
+            ]
+            .map(String::from),
+        );
+    }
+    let cfg: RlConfig = config::load(None, &sets)?;
+    crate::rl::trainer::run(
+        &cfg,
+        &crate::rewards::default_registry(),
+        &crate::rl::trainer::RunOptions {
+            resume: None,
+            quiet: true,
+        },
+    )?;
+    let m: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl"))?
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &Value| v.get("time/step").is_some() && v["step"].as_u64().unwrap_or(0) > 1)
+        .collect();
+    if m.is_empty() {
+        bail!("no step timings in {}", out.display());
+    }
+    let med = |k: &str| median(m.iter().filter_map(|v| v[k].as_f64()).collect());
+    let s = med("time/step");
+    Ok(
+        json!({"workload": if grpo { "W4" } else { "W3" }, "seconds_per_step": s, "tokens_per_s": null, "samples_per_s": 8.0 / s,
+              "phases": {"generate": med("time/generate"), "policy": med("time/policy"), "reference": med("time/reference"),
+                         "score": med("time/score"), "train": med("time/train")}}),
+    )
+}
+
+/// Runs one workload in this process and adds its peak memory.
+pub fn run_one(name: &str, work: &Path, sweep: Option<(usize, usize)>) -> Result<Value> {
+    let dir = work.join("llama-small");
+    if !dir.join("model.safetensors").is_file() {
+        small_model(&dir)?;
+    }
+    let mut v = match (name, sweep) {
+        ("W1", Some((b, t))) => w1(&dir, b, t, 3)?,
+        ("W2", Some((b, t))) => w2(&dir, b, t, 2)?,
+        ("W1", None) => w1(&dir, 8, 64, 5)?,
+        ("W2", None) => w2(&dir, 8, 64, 5)?,
+        ("W3", _) => rl_step(&dir, work, false, 5)?,
+        ("W4", _) => rl_step(&dir, work, true, 8)?,
+        _ => bail!("unknown workload `{name}`; expected W1, W2, W3 or W4"),
+    };
+    v["peak_rss_mb"] = json!(peak_rss_mb());
+    Ok(v)
+}
+
+/// Runs each workload in a child process (so peak memory is its own) and collects the lines.
+pub fn run_all(
+    exe: &Path,
+    work: &Path,
+    workloads: &[(String, Option<(usize, usize)>)],
+) -> Result<Vec<Value>> {
+    std::fs::create_dir_all(work)?;
+    let mut out = Vec::new();
+    for (w, sweep) in workloads {
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["bench", "--workload", w, "--json", "--work"])
+            .arg(work);
+        if let Some((b, t)) = sweep {
+            cmd.args(["--batch", &b.to_string(), "--len", &t.to_string()]);
+        }
+        let o = cmd
+            .output()
+            .with_context(|| format!("running workload {w}"))?;
+        if !o.status.success() {
+            bail!(
+                "workload {w} failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        let line = String::from_utf8_lossy(&o.stdout);
+        out.push(serde_json::from_str(
+            line.trim().lines().last().unwrap_or("{}"),
+        )?);
+    }
+    Ok(out)
+}
+
+pub fn default_work() -> PathBuf {
+    std::env::temp_dir().join("rlft-bench")
+}
