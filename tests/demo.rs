@@ -73,6 +73,7 @@ fn a_quick_demo_runs_the_whole_pipeline() {
         "after SFT",
         "after PPO",
         "KL to the reference",
+        "-- dashboard ",
     ] {
         assert!(table.contains(row), "{table}");
     }

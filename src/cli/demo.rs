@@ -76,5 +76,9 @@ pub fn run_cmd(args: Args) -> Result<()> {
         args.out.display(),
         args.out.display()
     );
+    println!(
+        "  watch them: cargo run --release -- dashboard {}",
+        args.out.display()
+    );
     Ok(())
 }
