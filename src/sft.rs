@@ -5,11 +5,10 @@ use crate::config::sft::SftConfig;
 use crate::data::read_jsonl;
 use crate::data::sft::{tokenize, Tokenized};
 use crate::telemetry::{self, METRICS};
-use crate::train::checkpoint::{self, Checkpointer, TrainerState};
+use crate::train::checkpoint::{self, TrainerState};
 use crate::train::grads::{clip, GradAccumulator};
 use crate::train::optimizer::Optimizer;
 use crate::train::order::DataOrder;
-use crate::train::schedule::Schedule;
 use crate::train::trainable::Trainable;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -203,29 +202,9 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftOutcome> {
         cfg.data.shuffle,
     );
     let accum = t.gradient_accumulation_steps as u64;
-    let total_steps = if t.max_steps > 0 {
-        t.max_steps
-    } else {
-        ((t.num_train_epochs * order.per_epoch() as f64) / accum as f64)
-            .ceil()
-            .max(1.0) as u64
-    };
-    let schedule = Schedule {
-        kind: t.lr_scheduler,
-        base_lr: t.learning_rate,
-        warmup_steps: t.warmup_for(total_steps),
-        total_steps,
-    };
-    let ckpt = Checkpointer {
-        output_dir: t.output_dir.clone(),
-        save_total_limit: t.save_total_limit,
-    };
-    std::fs::write(
-        t.output_dir.join("config.json"),
-        serde_json::to_string_pretty(&config_json)?,
-    )?;
-    telemetry::open_metrics(&t.output_dir.join("metrics.jsonl"))
-        .with_context(|| format!("opening {}", t.output_dir.join("metrics.jsonl").display()))?;
+    let schedule = crate::train::plan(t, order.per_epoch(), accum);
+    let total_steps = schedule.total_steps;
+    let ckpt = crate::train::open_run(t, &config_json)?;
     tracing::info!(
         "sft: {} train examples, {} trainable parameters, {total_steps} steps of {} × {} examples",
         train.len(),

@@ -15,7 +15,6 @@ use crate::train::checkpoint::{self, Checkpointer, TrainerState};
 use crate::train::grads::{clip, GradAccumulator};
 use crate::train::optimizer::Optimizer;
 use crate::train::order::DataOrder;
-use crate::train::schedule::Schedule;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
 use rand::seq::SliceRandom;
@@ -273,28 +272,9 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
         tracing::info!("resuming from {} at step {step}", d.display());
     }
     let mut order = DataOrder::new(prompts.len(), per_step, t.seed, cfg.data.shuffle).drop_last();
-    let total_steps = if t.max_steps > 0 {
-        t.max_steps
-    } else {
-        (t.num_train_epochs * order.per_epoch() as f64)
-            .ceil()
-            .max(1.0) as u64
-    };
-    let schedule = Schedule {
-        kind: t.lr_scheduler,
-        base_lr: t.learning_rate,
-        warmup_steps: t.warmup_for(total_steps),
-        total_steps,
-    };
-    let ckpt = Checkpointer {
-        output_dir: t.output_dir.clone(),
-        save_total_limit: t.save_total_limit,
-    };
-    std::fs::write(
-        t.output_dir.join("config.json"),
-        serde_json::to_string_pretty(&config_json)?,
-    )?;
-    telemetry::open_metrics(&t.output_dir.join("metrics.jsonl"))?;
+    let schedule = crate::train::plan(t, order.per_epoch(), 1);
+    let total_steps = schedule.total_steps;
+    let ckpt = crate::train::open_run(t, &config_json)?;
     let mut rollout_log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

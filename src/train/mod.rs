@@ -21,3 +21,46 @@ pub fn check_writable(dir: &Path) -> Result<()> {
     let _ = std::fs::remove_file(probe);
     Ok(())
 }
+
+use crate::config::common::TrainingSection;
+
+/// The learning-rate schedule of a run, whose total is `max_steps`, else
+/// ⌈num_train_epochs × batches per epoch / batches per update⌉.
+pub fn plan(
+    t: &TrainingSection,
+    batches_per_epoch: u64,
+    batches_per_update: u64,
+) -> schedule::Schedule {
+    let total_steps = if t.max_steps > 0 {
+        t.max_steps
+    } else {
+        ((t.num_train_epochs * batches_per_epoch as f64) / batches_per_update.max(1) as f64)
+            .ceil()
+            .max(1.0) as u64
+    };
+    schedule::Schedule {
+        kind: t.lr_scheduler,
+        base_lr: t.learning_rate,
+        warmup_steps: t.warmup_for(total_steps),
+        total_steps,
+    }
+}
+
+/// Starts a run folder: writes the resolved `config.json`, opens `metrics.jsonl` for the
+/// metric events, and returns the checkpointer.
+pub fn open_run(
+    t: &TrainingSection,
+    config: &serde_json::Value,
+) -> Result<checkpoint::Checkpointer> {
+    std::fs::write(
+        t.output_dir.join("config.json"),
+        serde_json::to_string_pretty(config)?,
+    )?;
+    let metrics = t.output_dir.join("metrics.jsonl");
+    crate::telemetry::open_metrics(&metrics)
+        .with_context(|| format!("opening {}", metrics.display()))?;
+    Ok(checkpoint::Checkpointer {
+        output_dir: t.output_dir.clone(),
+        save_total_limit: t.save_total_limit,
+    })
+}
