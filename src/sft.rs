@@ -36,6 +36,8 @@ pub struct SftOutcome {
     pub eval_loss: Option<f64>,
     pub tokens_per_s: f64,
     pub steps_per_s: f64,
+    /// Stopped by SIGINT/SIGTERM; `output` is then the checkpoint written.
+    pub interrupted: bool,
 }
 
 /// Reads and tokenizes a JSONL file; warns once with the number of truncated examples.
@@ -246,6 +248,8 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftOutcome> {
         )
     };
 
+    crate::train::interrupt::install();
+    let mut interrupted = false;
     while step < total_steps {
         // One optimizer update over `accum` micro-batches; the loss is the token mean over
         // all of them, so each micro-batch contributes Σ nll / N_total.
@@ -336,9 +340,28 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftOutcome> {
         }
         if (t.save_steps > 0 && step % t.save_steps == 0) || step == total_steps {
             save(step, position, &optimizer)?;
+        } else if crate::train::interrupt::requested() {
+            save(step, position, &optimizer)?;
+        }
+        if crate::train::interrupt::requested() && step < total_steps {
+            interrupted = true;
+            break;
         }
     }
     telemetry::finish_progress();
+    if interrupted {
+        tracing::info!(target: METRICS, step, status = "interrupted", "sft interrupted at step {step}");
+        telemetry::close_metrics();
+        return Ok(SftOutcome {
+            output: t.output_dir.join(format!("checkpoint-{step}")),
+            steps: step,
+            final_train_loss: last_loss,
+            eval_loss: last_eval,
+            tokens_per_s: run_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            steps_per_s: (step - start_step) as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            interrupted: true,
+        });
+    }
     let out = trainable.save_final(pre.model.as_mut(), &cfg.model.path, &t.output_dir)?;
     let secs = started.elapsed().as_secs_f64();
     let done = step - start_step;
@@ -351,5 +374,6 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftOutcome> {
         eval_loss: last_eval,
         tokens_per_s: run_tokens as f64 / secs.max(1e-9),
         steps_per_s: done as f64 / secs.max(1e-9),
+        interrupted: false,
     })
 }

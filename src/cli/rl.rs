@@ -34,6 +34,15 @@ pub fn run(args: Args, defaults: &[&str], registry: &Registry) -> Result<()> {
             quiet: args.quiet,
         },
     )?;
+    if out.interrupted {
+        println!(
+            "{:?}: interrupted after step {}; checkpoint {} written. Resume with the same command and --resume",
+            cfg.rl.algorithm,
+            out.steps,
+            out.output.display()
+        );
+        return Ok(());
+    }
     println!(
         "{:?}: {} steps, score {:.4} → {:.4}, KL {:.4} nats, {:.2} s/step{} → {}",
         cfg.rl.algorithm,

@@ -30,6 +30,14 @@ pub fn run(args: Args) -> Result<()> {
             quiet: args.quiet,
         },
     )?;
+    if out.interrupted {
+        println!(
+            "sft: interrupted after step {}; checkpoint {} written. Resume with the same command and --resume",
+            out.steps,
+            out.output.display()
+        );
+        return Ok(());
+    }
     println!(
         "sft: {} steps, final train loss {:.4}{}, {:.1} tokens/s, {:.2} steps/s → {}",
         out.steps,

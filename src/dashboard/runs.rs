@@ -71,7 +71,8 @@ pub fn read_lines(path: &Path, offset: u64) -> (Vec<Value>, u64) {
     (rows, end as u64)
 }
 
-/// `running` (written in the last 30 s), `finished`, `failed` or `stopped`, and the last step.
+/// `finished`, `failed` or `interrupted` (the run's last status line), else `running`
+/// (written in the last 30 s) or `stopped`; and the last step.
 pub fn status(run: &Run) -> (String, u64) {
     let metrics = run.dir.join("metrics.jsonl");
     let (rows, _) = read_lines(&metrics, 0);
@@ -90,7 +91,7 @@ pub fn status(run: &Run) -> (String, u64) {
         .and_then(|t| SystemTime::now().duration_since(t).ok())
         .is_some_and(|d| d < Duration::from_secs(30));
     let s = match ended {
-        Some(s) if s == "finished" || s == "failed" => s,
+        Some(s) if s == "finished" || s == "failed" || s == "interrupted" => s,
         _ if fresh => "running".into(),
         _ => "stopped".into(),
     };

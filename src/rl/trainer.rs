@@ -47,6 +47,8 @@ pub struct RlOutcome {
     /// Greedy mean score on the eval prompts before and after training (with an eval file).
     pub eval_before: Option<f64>,
     pub eval_after: Option<f64>,
+    /// Stopped by SIGINT/SIGTERM; `output` is then the checkpoint written.
+    pub interrupted: bool,
 }
 
 /// Builds the weighted reward sum from the `[[reward]]` tables.
@@ -332,6 +334,8 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
     let mut eval_after = None;
     let mut bad_steps = 0u64;
 
+    crate::train::interrupt::install();
+    let mut interrupted = false;
     while step < total_steps {
         let step_start = Instant::now();
         // 1. Prompts, each repeated num_generations times (consecutive groups).
@@ -602,7 +606,8 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
             tracing::info!(target: METRICS, step, "eval/score" = s, "step {step} eval score {s:.4}");
             eval_after = Some(s);
         }
-        if (t.save_steps > 0 && step % t.save_steps == 0) || step == total_steps {
+        let stop = crate::train::interrupt::requested() && step < total_steps;
+        if (t.save_steps > 0 && step % t.save_steps == 0) || step == total_steps || stop {
             save_rl(
                 &ckpt,
                 step,
@@ -615,8 +620,27 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
                 &config_json,
             )?;
         }
+        if stop {
+            interrupted = true;
+            break;
+        }
     }
     telemetry::finish_progress();
+    if interrupted {
+        tracing::info!(target: METRICS, step, status = "interrupted", "interrupted at step {step}");
+        telemetry::close_metrics();
+        return Ok(RlOutcome {
+            output: t.output_dir.join(format!("checkpoint-{step}")),
+            steps: step,
+            first_score,
+            last_score,
+            last_kl,
+            seconds_per_step: started.elapsed().as_secs_f64() / (step - start_step).max(1) as f64,
+            eval_before,
+            eval_after,
+            interrupted: true,
+        });
+    }
     if let Some(h) = base_hash {
         let same = hash_base(model)? == h;
         tracing::info!(target: METRICS, step, "check/base_weights_unchanged" = same, "base weights bitwise unchanged: {same}");
@@ -641,6 +665,7 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
         seconds_per_step: secs / (step - start_step).max(1) as f64,
         eval_before,
         eval_after,
+        interrupted: false,
     })
 }
 

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod grads;
+pub mod interrupt;
 pub mod optimizer;
 pub mod order;
 pub mod schedule;

@@ -1,0 +1,168 @@
+//! Kills and interrupts: SIGTERM finishes the step, checkpoints and exits 0; SIGKILL at any
+//! moment leaves only complete checkpoints; either way `--resume` ends bit-identical to an
+//! uninterrupted run (CPU).
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn data(dir: &Path) -> PathBuf {
+    let p = dir.join("train.jsonl");
+    let rows: String = (0..40u32)
+        .map(|i| format!("{}\n", serde_json::json!({"prompt": format!("{}+{}=", i % 13, i % 7), "completion": format!("{}", i % 13 + i % 7)})))
+        .collect();
+    std::fs::write(&p, rows).unwrap();
+    p
+}
+
+fn sft(out: &Path, train: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rlft"));
+    c.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["sft", "--config", "configs/sft.toml", "--quiet"])
+        .arg(format!(
+            "--set=data.train_file={:?}",
+            train.display().to_string()
+        ))
+        .arg(format!(
+            "--set=training.output_dir={:?}",
+            out.display().to_string()
+        ))
+        .args([
+            "--set=training.max_steps=300",
+            "--set=training.save_steps=7",
+            "--set=training.save_total_limit=1000",
+            "--set=training.logging_steps=1",
+            "--set=adapter.lora_dropout=0.1",
+        ])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !ok() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn logged_steps(out: &Path) -> usize {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .map(|s| s.matches("train/loss").count())
+        .unwrap_or(0)
+}
+
+fn signal(child: &Child, sig: &str) {
+    let st = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+fn adapter(out: &Path) -> Vec<u8> {
+    std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap()
+}
+
+fn checkpoints_complete(out: &Path) -> Vec<u64> {
+    let mut steps = Vec::new();
+    for e in std::fs::read_dir(out).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        if let Some(n) = name.strip_prefix("checkpoint-") {
+            for f in [
+                "trainer_state.json",
+                "optimizer.safetensors",
+                "adapter_model.safetensors",
+                "adapter_config.json",
+            ] {
+                assert!(out.join(&name).join(f).is_file(), "{name} lacks {f}");
+            }
+            steps.push(n.parse().unwrap());
+        }
+    }
+    steps.sort();
+    steps
+}
+
+#[test]
+fn sigterm_checkpoints_and_resume_is_bit_identical() {
+    let tmp = TempDir::new("sigterm");
+    let train = data(&tmp.0);
+    let full = tmp.0.join("full");
+    let o = sft(&full, &train, &[]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let out = tmp.0.join("interrupted");
+    let child = sft(&out, &train, &[]).spawn().unwrap();
+    wait_for("a few logged steps", Duration::from_secs(60), || {
+        logged_steps(&out) >= 10
+    });
+    signal(&child, "-TERM");
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let msg = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        msg.contains("interrupted after step") && msg.contains("--resume"),
+        "{msg}"
+    );
+    let steps = checkpoints_complete(&out);
+    let last = *steps.last().unwrap();
+    assert!(
+        last < 300 && last >= 10,
+        "checkpoint at the interrupted step: {steps:?}"
+    );
+    assert!(
+        !out.join("adapter").exists(),
+        "no final adapter from an interrupted run"
+    );
+
+    let o = sft(&out, &train, &["--resume"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        adapter(&out) == adapter(&full),
+        "resumed run differs from the uninterrupted one"
+    );
+}
+
+#[test]
+fn sigkill_leaves_only_complete_checkpoints_and_resume_is_bit_identical() {
+    let tmp = TempDir::new("sigkill");
+    let train = data(&tmp.0);
+    let full = tmp.0.join("full");
+    let o = sft(&full, &train, &[]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (i, after) in [3usize, 17, 40].into_iter().enumerate() {
+        let out = tmp.0.join(format!("killed-{i}"));
+        let child = sft(&out, &train, &[]).spawn().unwrap();
+        wait_for("logged steps", Duration::from_secs(60), || {
+            logged_steps(&out) >= after
+        });
+        let mut child = child;
+        signal(&child, "-KILL");
+        let _ = child.wait();
+        // Only complete checkpoints carry the checkpoint-N name.
+        let steps = checkpoints_complete(&out);
+        let o = sft(
+            &out,
+            &train,
+            if steps.is_empty() { &[] } else { &["--resume"] },
+        )
+        .output()
+        .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            adapter(&out) == adapter(&full),
+            "kill after {after} steps: resumed run differs"
+        );
+    }
+}
