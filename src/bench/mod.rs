@@ -71,8 +71,8 @@ fn random_ids(rng: &mut ChaCha8Rng, b: usize, t: usize) -> Vec<Vec<u32>> {
 }
 
 /// W1: forward + backward + AdamW of the LoRA model on B × T random tokens.
-pub fn w1(dir: &Path, b: usize, t: usize, reps: usize) -> Result<Value> {
-    let pre = Pretrained::load(dir, DType::F32, &Device::Cpu)?;
+pub fn w1(dir: &Path, b: usize, t: usize, reps: usize, dev: &Device) -> Result<Value> {
+    let pre = Pretrained::load(dir, DType::F32, dev)?;
     let model = pre.model.as_ref();
     let adapter = Adapter::new(model, lora(), 0)?;
     let params = adapter.named_vars();
@@ -87,7 +87,7 @@ pub fn w1(dir: &Path, b: usize, t: usize, reps: usize) -> Result<Value> {
     );
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let rows = random_ids(&mut rng, b, t);
-    let input = BatchInput::left_padded(&rows, 0, &Device::Cpu)?;
+    let input = BatchInput::left_padded(&rows, 0, dev)?;
     let (mut tf, mut tb, mut to) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..reps + 2 {
         let t0 = Instant::now();
@@ -123,8 +123,8 @@ pub fn w1(dir: &Path, b: usize, t: usize, reps: usize) -> Result<Value> {
 
 /// W2: sampling with the KV cache, B prompts of 7 tokens, `new` new tokens; the adapter
 /// unmerged (as in training) and merged into the base.
-pub fn w2(dir: &Path, b: usize, new: usize, reps: usize) -> Result<Value> {
-    let mut pre = Pretrained::load(dir, DType::F32, &Device::Cpu)?;
+pub fn w2(dir: &Path, b: usize, new: usize, reps: usize, dev: &Device) -> Result<Value> {
+    let mut pre = Pretrained::load(dir, DType::F32, dev)?;
     let adapter = Adapter::new(pre.model.as_ref(), lora(), 0)?;
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let prompts = random_ids(&mut rng, b, 7);
@@ -163,7 +163,7 @@ pub fn w2(dir: &Path, b: usize, new: usize, reps: usize) -> Result<Value> {
 
 /// W3 (PPO) and W4 (GRPO): whole RL steps through `rlft ppo` / `rlft grpo` on prompts of 7
 /// random tokens, 16 response tokens, the `length` reward; the median of steps after the first.
-pub fn rl_step(dir: &Path, work: &Path, grpo: bool, steps: usize) -> Result<Value> {
+pub fn rl_step(dir: &Path, work: &Path, grpo: bool, steps: usize, device: &str) -> Result<Value> {
     let prompts = work.join("prompts.jsonl");
     let pre = Pretrained::load(dir, DType::F32, &Device::Cpu)?;
     let mut rng = ChaCha8Rng::seed_from_u64(2);
@@ -192,6 +192,7 @@ pub fn rl_step(dir: &Path, work: &Path, grpo: bool, steps: usize) -> Result<Valu
         "training.save_steps=0".into(),
         "training.learning_rate=1e-5".into(),
         "rl.log_rollouts_every=0".into(),
+        format!("model.device={device:?}"),
         "reward=[{name = \"length\", target = 8}]".into(),
     ];
     if grpo {
@@ -244,21 +245,28 @@ pub fn rl_step(dir: &Path, work: &Path, grpo: bool, steps: usize) -> Result<Valu
 }
 
 /// Runs one workload in this process and adds its peak memory.
-pub fn run_one(name: &str, work: &Path, sweep: Option<(usize, usize)>) -> Result<Value> {
+pub fn run_one(
+    name: &str,
+    work: &Path,
+    sweep: Option<(usize, usize)>,
+    device: &str,
+) -> Result<Value> {
+    let dev = rlft_policies::device::parse_device(device)?;
     let dir = work.join("llama-small");
     if !dir.join("model.safetensors").is_file() {
         small_model(&dir)?;
     }
     let mut v = match (name, sweep) {
-        ("W1", Some((b, t))) => w1(&dir, b, t, 3)?,
-        ("W2", Some((b, t))) => w2(&dir, b, t, 2)?,
-        ("W1", None) => w1(&dir, 8, 64, 5)?,
-        ("W2", None) => w2(&dir, 8, 64, 5)?,
-        ("W3", _) => rl_step(&dir, work, false, 5)?,
-        ("W4", _) => rl_step(&dir, work, true, 8)?,
+        ("W1", Some((b, t))) => w1(&dir, b, t, 3, &dev)?,
+        ("W2", Some((b, t))) => w2(&dir, b, t, 2, &dev)?,
+        ("W1", None) => w1(&dir, 8, 64, 5, &dev)?,
+        ("W2", None) => w2(&dir, 8, 64, 5, &dev)?,
+        ("W3", _) => rl_step(&dir, work, false, 5, device)?,
+        ("W4", _) => rl_step(&dir, work, true, 8, device)?,
         _ => bail!("unknown workload `{name}`; expected W1, W2, W3 or W4"),
     };
     v["peak_rss_mb"] = json!(peak_rss_mb());
+    v["device"] = json!(device);
     Ok(v)
 }
 

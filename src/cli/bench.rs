@@ -20,6 +20,9 @@ pub struct Args {
     pub batch: Option<usize>,
     #[arg(long)]
     pub len: Option<usize>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Scratch folder (the small model, RL runs).
     #[arg(long)]
     pub work: Option<PathBuf>,
@@ -39,7 +42,7 @@ pub fn run(args: Args) -> Result<()> {
     let work = args.work.clone().unwrap_or_else(default_work);
     if let Some(w) = &args.workload {
         let sweep = args.batch.zip(args.len);
-        let v = run_one(w, &work, sweep)?;
+        let v = run_one(w, &work, sweep, &args.device)?;
         println!("{v}");
         return Ok(());
     }
@@ -56,7 +59,7 @@ pub fn run(args: Args) -> Result<()> {
             list.push(("W2".into(), Some((b, 64))));
         }
     }
-    let rows = run_all(&std::env::current_exe()?, &work, &list)?;
+    let rows = run_all(&std::env::current_exe()?, &work, &list, &args.device)?;
     if args.json {
         for r in rows {
             println!("{r}");
