@@ -275,13 +275,22 @@ pub fn run_all(
     exe: &Path,
     work: &Path,
     workloads: &[(String, Option<(usize, usize)>)],
+    device: &str,
 ) -> Result<Vec<Value>> {
     std::fs::create_dir_all(work)?;
     let mut out = Vec::new();
     for (w, sweep) in workloads {
         let mut cmd = std::process::Command::new(exe);
-        cmd.args(["bench", "--workload", w, "--json", "--work"])
-            .arg(work);
+        cmd.args([
+            "bench",
+            "--workload",
+            w,
+            "--json",
+            "--device",
+            device,
+            "--work",
+        ])
+        .arg(work);
         if let Some((b, t)) = sweep {
             cmd.args(["--batch", &b.to_string(), "--len", &t.to_string()]);
         }
