@@ -22,7 +22,14 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> 
     let p = softmax_last_dim(&scores)?
         .to_dtype(v.dtype())?
         .reshape((b, kv, rep * t, s))?;
-    let o = p.matmul(&v.contiguous()?)?;
+    // A cache's keys/values are a narrow of a preallocated buffer: rows already contiguous,
+    // which matmul takes as is; a freshly transposed projection needs a copy.
+    let rows_contiguous = v.stride()[3] == 1 && v.stride()[2] == d;
+    let o = if rows_contiguous {
+        p.matmul(v)?
+    } else {
+        p.matmul(&v.contiguous()?)?
+    };
     o.reshape((b, h, t, d))?
         .transpose(1, 2)?
         .reshape((b, t, h * d))
