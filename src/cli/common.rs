@@ -37,3 +37,20 @@ impl ModelArgs {
         Ok((pre, adapter))
     }
 }
+
+/// The arguments every training stage takes.
+#[derive(clap::Args, Debug)]
+pub struct StageArgs {
+    /// TOML configuration (configs/*.toml; every key in docs/config.md).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override a key: `--set training.learning_rate=1e-4` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Continue from the newest checkpoint in output_dir, or from the given one.
+    #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1, default_missing_value = "latest")]
+    pub resume: Option<String>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}

@@ -4,23 +4,8 @@ use crate::config::{self, rl::RlConfig};
 use crate::rl::trainer::{run as run_rl, RunOptions};
 use anyhow::Result;
 use rlft_reward::Registry;
-use std::path::PathBuf;
 
-#[derive(clap::Args, Debug)]
-pub struct Args {
-    /// TOML configuration (see configs/ppo.toml, configs/grpo.toml and docs/config.md).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Override a key: `--set rl.kl_coef=0.1` (repeatable).
-    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-    pub overrides: Vec<String>,
-    /// Continue from the newest checkpoint in output_dir, or from the given one.
-    #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1, default_missing_value = "latest")]
-    pub resume: Option<String>,
-    /// No progress bar.
-    #[arg(long)]
-    pub quiet: bool,
-}
+pub use super::common::StageArgs as Args;
 
 /// `defaults` are applied where the config file is silent (`rlft grpo` → GRPO).
 pub fn run(args: Args, defaults: &[&str], registry: &Registry) -> Result<()> {

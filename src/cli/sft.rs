@@ -3,23 +3,8 @@
 use crate::config::{self, sft::SftConfig};
 use crate::sft::{run as run_sft, RunOptions};
 use anyhow::Result;
-use std::path::PathBuf;
 
-#[derive(clap::Args, Debug)]
-pub struct Args {
-    /// TOML configuration (see configs/sft.toml and docs/config.md).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Override a key: `--set training.learning_rate=1e-4` (repeatable).
-    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-    pub overrides: Vec<String>,
-    /// Continue from the newest checkpoint in output_dir, or from the given one.
-    #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1, default_missing_value = "latest")]
-    pub resume: Option<String>,
-    /// No progress bar.
-    #[arg(long)]
-    pub quiet: bool,
-}
+pub use super::common::StageArgs as Args;
 
 pub fn run(args: Args) -> Result<()> {
     let cfg: SftConfig = config::load(args.config.as_deref(), &args.overrides)?;
