@@ -94,14 +94,16 @@ impl Tokenizer {
 
     /// Token ids of `text`; with `add_special_tokens` the post-processor adds BOS etc.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc =
-            self.inner
-                .encode(text, add_special_tokens)
-                .map_err(|e| PolicyError::Tokenizer {
-                    path: self.path.clone(),
-                    msg: format!("encoding failed: {e}"),
-                })?;
-        Ok(enc.get_ids().to_vec())
+        Ok(self.encoding(text, add_special_tokens)?.get_ids().to_vec())
+    }
+
+    fn encoding(&self, text: &str, add_special_tokens: bool) -> Result<tokenizers::Encoding> {
+        self.inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| PolicyError::Tokenizer {
+                path: self.path.clone(),
+                msg: format!("encoding failed: {e}"),
+            })
     }
 
     /// Token ids of `text` and each token's byte span in `text` (special tokens added by
@@ -111,13 +113,7 @@ impl Tokenizer {
         text: &str,
         add_special_tokens: bool,
     ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
-        let enc =
-            self.inner
-                .encode(text, add_special_tokens)
-                .map_err(|e| PolicyError::Tokenizer {
-                    path: self.path.clone(),
-                    msg: format!("encoding failed: {e}"),
-                })?;
+        let enc = self.encoding(text, add_special_tokens)?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 

@@ -7,7 +7,7 @@ pub mod task;
 pub mod tokenizer;
 
 use crate::config::{self, rl::RlConfig, sft::SftConfig};
-use crate::rl::rollout::{score, Rollouts};
+use crate::rl::rollout::{response_logprobs, Rollouts};
 use crate::rl::trainer::{build_rewards, evaluate, RunOptions as RlOptions};
 use anyhow::{Context, Result};
 use rlft_policies::{generate, Adapter, ForwardCtx, GenerationConfig, Pretrained, SamplingParams};
@@ -90,39 +90,29 @@ fn sequence_kl(pre: &Pretrained, policy: &Adapter, cfg: &RlConfig) -> Result<f64
     };
     let gens = generate(model, Some(policy), &rows, &gen)?;
     let ro = Rollouts::new((0..rows.len()).collect(), gens, tok.pad_or_eos());
-    let (mut total, dev) = (0.0, model.info().device.clone());
     let all: Vec<usize> = (0..ro.len()).collect();
-    for chunk in all.chunks(64) {
-        let input = ro.input(chunk, &dev)?;
-        let lp: Vec<Vec<f32>> = score(
-            model,
-            &ForwardCtx::inference(Some(policy)),
-            &input,
-            ro.p_len,
-            ro.r_len,
-            temperature,
-            None,
-            false,
-        )?
-        .logp
-        .to_vec2()?;
-        let lr: Vec<Vec<f32>> = score(
-            model,
-            &ForwardCtx::inference(None),
-            &input,
-            ro.p_len,
-            ro.r_len,
-            temperature,
-            None,
-            false,
-        )?
-        .logp
-        .to_vec2()?;
-        for (k, &i) in chunk.iter().enumerate() {
-            let n = ro.resp_len(i);
-            total += (0..n).map(|t| (lp[k][t] - lr[k][t]) as f64).sum::<f64>();
-        }
-    }
+    let lp = response_logprobs(
+        model,
+        &ForwardCtx::inference(Some(policy)),
+        &ro,
+        &all,
+        64,
+        temperature,
+    )?;
+    let lr = response_logprobs(
+        model,
+        &ForwardCtx::inference(None),
+        &ro,
+        &all,
+        64,
+        temperature,
+    )?;
+    // Per-token differences are taken in f32, as before, then summed in f64.
+    let total: f64 = lp
+        .iter()
+        .zip(&lr)
+        .flat_map(|(p, r)| p.iter().zip(r).map(|(&a, &b)| (a as f32 - b as f32) as f64))
+        .sum();
     Ok(total / ro.len().max(1) as f64)
 }
 

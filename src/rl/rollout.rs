@@ -154,3 +154,39 @@ pub fn critic_values(
     let hidden = model.forward_hidden(input, ctx, None)?;
     head.forward(&hidden.narrow(1, p_len - 1, r_len)?, ctx.grad)
 }
+
+/// Log-probs of every response token of `rows` under `ctx`, scored in chunks of `chunk`
+/// rollouts; one row per rollout, as long as its response.
+pub fn response_logprobs(
+    model: &dyn CausalLm,
+    ctx: &ForwardCtx,
+    ro: &Rollouts,
+    rows: &[usize],
+    chunk: usize,
+    temperature: f64,
+) -> Result<Vec<Vec<f64>>> {
+    let dev = model.info().device.clone();
+    let mut out = Vec::with_capacity(rows.len());
+    for c in rows.chunks(chunk.max(1)) {
+        let input = ro.input(c, &dev)?;
+        let lp: Vec<Vec<f32>> = score(
+            model,
+            ctx,
+            &input,
+            ro.p_len,
+            ro.r_len,
+            temperature,
+            None,
+            false,
+        )?
+        .logp
+        .to_vec2()?;
+        out.extend(c.iter().zip(lp).map(|(&i, r)| {
+            r[..ro.resp_len(i)]
+                .iter()
+                .map(|&x| x as f64)
+                .collect::<Vec<f64>>()
+        }));
+    }
+    Ok(out)
+}

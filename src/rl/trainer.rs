@@ -6,7 +6,7 @@
 use super::advantages::{gae, group_advantages, rloo_advantages, whiten};
 use super::kl::{KlController, KlEstimator};
 use super::losses::{agg_weights, policy_loss, value_loss, weighted_sum, ClipParams};
-use super::rollout::{critic_values, score, Rollouts};
+use super::rollout::{critic_values, response_logprobs, score, Rollouts};
 use super::value_head::ValueHead;
 use crate::config::rl::{Algorithm, Critic, RlConfig};
 use crate::data::prompts::{load_prompts, Prompt};
@@ -399,23 +399,14 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
         let t_policy = t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
         let logp_ref = if need_ref {
-            let mut out = Vec::with_capacity(n);
-            for chunk in all.chunks(mb) {
-                let input = ro.input(chunk, &device)?;
-                let lens_c: Vec<usize> = chunk.iter().map(|&i| lens[i]).collect();
-                let s = score(
-                    model,
-                    &ForwardCtx::inference(None),
-                    &input,
-                    ro.p_len,
-                    ro.r_len,
-                    temperature,
-                    None,
-                    false,
-                )?;
-                out.extend(to_rows(&s.logp, &lens_c)?);
-            }
-            Some(out)
+            Some(response_logprobs(
+                model,
+                &ForwardCtx::inference(None),
+                &ro,
+                &all,
+                mb,
+                temperature,
+            )?)
         } else {
             None
         };
