@@ -4,10 +4,14 @@ use crate::ctx::ForwardCtx;
 use crate::error::{PolicyError, Result};
 use crate::families::{BatchInput, CausalLm};
 use crate::lora::Adapter;
-use crate::sampling::{sample, SamplingParams};
+use crate::sampling::{draw, sample_with, SamplingParams};
 use candle_core::{DType, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+/// Sample rows in parallel when batch × vocabulary reaches this many logits.
+const PARALLEL_SAMPLING_MIN: usize = 1 << 18;
 
 #[derive(Debug, Clone)]
 pub struct GenerationConfig {
@@ -79,13 +83,25 @@ pub fn generate(
             .squeeze(1)?
             .to_dtype(DType::F32)?
             .to_vec2()?;
+        // One uniform draw per live row, in row order (the seeded stream), then the rows'
+        // tokens — in parallel when the vocabulary makes sampling worth it.
+        let draws: Vec<Option<f64>> = done
+            .iter()
+            .map(|&d| (!d).then(|| draw(&cfg.sampling, &mut rng)))
+            .collect();
+        let pick =
+            |(row, r): (&Vec<f32>, &Option<f64>)| r.map(|r| sample_with(row, &cfg.sampling, r));
+        let picked: Vec<Option<u32>> = if b * logits[0].len() >= PARALLEL_SAMPLING_MIN {
+            logits.par_iter().zip(&draws).map(pick).collect()
+        } else {
+            logits.iter().zip(&draws).map(pick).collect()
+        };
         let mut next = Vec::with_capacity(b);
-        for (i, row) in logits.iter().enumerate() {
-            if done[i] {
+        for (i, tok) in picked.into_iter().enumerate() {
+            let Some(tok) = tok else {
                 next.push(cfg.pad_id);
                 continue;
-            }
-            let tok = sample(row, &cfg.sampling, &mut rng);
+            };
             out[i].completion_ids.push(tok);
             if cfg.stop_ids.contains(&tok) {
                 done[i] = true;

@@ -1,7 +1,8 @@
 //! `rlft bench`: the speed workloads measured against the PyTorch/TRL peer
 //! (docs/performance.md). Every workload runs on the "small" Llama built in memory from a
 //! seed (hidden 256, 4 layers, 8 heads, 4 KV heads, intermediate 688, vocab 512) with LoRA
-//! r=4, α=8 on q_proj, v_proj, in f32.
+//! r=4, α=8 on q_proj, v_proj, in f32. `--shape gpu` runs W1 and W2 on the GPU-sized Llama
+//! (hidden 1024, 8 layers, 16 heads, intermediate 2816, vocab 32000) instead.
 
 use crate::config::{self, rl::RlConfig};
 use anyhow::{bail, Context, Result};
@@ -21,12 +22,77 @@ const TOKENIZER_JSON: &str = include_str!("../../tests/fixtures/_tokenizer/token
 const TOKENIZER_CONFIG: &str =
     include_str!("../../tests/fixtures/_tokenizer/tokenizer_config.json");
 
+/// The bench model's dimensions.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Shape {
+    pub name: &'static str,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    /// Default (B, T) of W1 and (B, new tokens) of W2 at this shape.
+    pub w1: (usize, usize),
+    pub w2: (usize, usize),
+}
+
+pub const SMALL: Shape = Shape {
+    name: "small",
+    hidden: 256,
+    layers: 4,
+    heads: 8,
+    kv_heads: 4,
+    intermediate: 688,
+    vocab: 512,
+    w1: (8, 64),
+    w2: (8, 64),
+};
+
+/// The GPU-sized shape of issue 7 (KV heads = heads / 2, as in the small one).
+pub const GPU: Shape = Shape {
+    name: "gpu",
+    hidden: 1024,
+    layers: 8,
+    heads: 16,
+    kv_heads: 8,
+    intermediate: 2816,
+    vocab: 32000,
+    w1: (8, 256),
+    w2: (64, 128),
+};
+
+impl Shape {
+    pub fn parse(s: &str) -> Result<Shape> {
+        match s {
+            "small" => Ok(SMALL),
+            "gpu" => Ok(GPU),
+            _ => bail!("unknown shape `{s}`; expected small or gpu"),
+        }
+    }
+
+    /// Parameters of every linear layer incl. lm_head (not the embedding).
+    pub fn linear_params(&self) -> usize {
+        let head_dim = self.hidden / self.heads;
+        let kv = self.kv_heads * head_dim;
+        let attn = 2 * self.hidden * self.hidden + 2 * self.hidden * kv;
+        let mlp = 3 * self.hidden * self.intermediate;
+        self.layers * (attn + mlp) + self.hidden * self.vocab
+    }
+}
+
 /// Writes the small Llama (seeded random weights) with the 512-token fixture tokenizer.
 pub fn small_model(dir: &Path) -> Result<()> {
+    bench_model(dir, &SMALL)
+}
+
+/// Writes a bench Llama of `shape` (seeded random weights) with the fixture tokenizer (the
+/// workloads feed token ids directly, so the tokenizer's smaller vocabulary does not matter).
+pub fn bench_model(dir: &Path, shape: &Shape) -> Result<()> {
     let cfg = json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
-        "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 8,
-        "num_key_value_heads": 4, "vocab_size": 512, "max_position_embeddings": 2048,
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate, "num_hidden_layers": shape.layers, "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads, "vocab_size": shape.vocab, "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": false,
         "hidden_act": "silu", "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0
     });
@@ -64,15 +130,23 @@ pub fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-fn random_ids(rng: &mut ChaCha8Rng, b: usize, t: usize) -> Vec<Vec<u32>> {
+fn random_ids(rng: &mut ChaCha8Rng, b: usize, t: usize, vocab: usize) -> Vec<Vec<u32>> {
     (0..b)
-        .map(|_| (0..t).map(|_| rng.random_range(3..512)).collect())
+        .map(|_| (0..t).map(|_| rng.random_range(3..vocab as u32)).collect())
         .collect()
 }
 
 /// W1: forward + backward + AdamW of the LoRA model on B × T random tokens.
-pub fn w1(dir: &Path, b: usize, t: usize, reps: usize, dev: &Device) -> Result<Value> {
-    let pre = Pretrained::load(dir, DType::F32, dev)?;
+pub fn w1(
+    dir: &Path,
+    b: usize,
+    t: usize,
+    reps: usize,
+    dev: &Device,
+    dtype: DType,
+) -> Result<Value> {
+    let pre = Pretrained::load(dir, dtype, dev)?;
+    let vocab = pre.model.info().vocab_size;
     let model = pre.model.as_ref();
     let adapter = Adapter::new(model, lora(), 0)?;
     let params = adapter.named_vars();
@@ -86,15 +160,17 @@ pub fn w1(dir: &Path, b: usize, t: usize, reps: usize, dev: &Device) -> Result<V
         params.clone(),
     );
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let rows = random_ids(&mut rng, b, t);
+    let rows = random_ids(&mut rng, b, t, vocab);
     let input = BatchInput::left_padded(&rows, 0, dev)?;
     let (mut tf, mut tb, mut to) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..reps + 2 {
         let t0 = Instant::now();
         let lp = token_logprobs(model, &input, &ForwardCtx::train(Some(&adapter), None), 1.0)?;
         let loss = (lp.mean_all()? * -1.0)?;
+        dev.synchronize()?;
         let t1 = Instant::now();
         let grads = loss.backward()?;
+        dev.synchronize()?;
         let g: Vec<Tensor> = params
             .iter()
             .map(|(_, v)| {
@@ -106,6 +182,7 @@ pub fn w1(dir: &Path, b: usize, t: usize, reps: usize, dev: &Device) -> Result<V
             .collect();
         let t2 = Instant::now();
         opt.apply(&g, 1e-4)?;
+        dev.synchronize()?;
         let t3 = Instant::now();
         if i >= 2 {
             tf.push((t1 - t0).as_secs_f64());
@@ -123,11 +200,19 @@ pub fn w1(dir: &Path, b: usize, t: usize, reps: usize, dev: &Device) -> Result<V
 
 /// W2: sampling with the KV cache, B prompts of 7 tokens, `new` new tokens; the adapter
 /// unmerged (as in training) and merged into the base.
-pub fn w2(dir: &Path, b: usize, new: usize, reps: usize, dev: &Device) -> Result<Value> {
-    let mut pre = Pretrained::load(dir, DType::F32, dev)?;
+pub fn w2(
+    dir: &Path,
+    b: usize,
+    new: usize,
+    reps: usize,
+    dev: &Device,
+    dtype: DType,
+) -> Result<Value> {
+    let mut pre = Pretrained::load(dir, dtype, dev)?;
+    let vocab = pre.model.info().vocab_size;
     let adapter = Adapter::new(pre.model.as_ref(), lora(), 0)?;
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let prompts = random_ids(&mut rng, b, 7);
+    let prompts = random_ids(&mut rng, b, 7, vocab);
     let cfg = GenerationConfig {
         max_new_tokens: new,
         sampling: SamplingParams {
@@ -167,7 +252,7 @@ pub fn rl_step(dir: &Path, work: &Path, grpo: bool, steps: usize, device: &str) 
     let prompts = work.join("prompts.jsonl");
     let pre = Pretrained::load(dir, DType::F32, &Device::Cpu)?;
     let mut rng = ChaCha8Rng::seed_from_u64(2);
-    let rows: String = random_ids(&mut rng, 64, 6)
+    let rows: String = random_ids(&mut rng, 64, 6, 512)
         .iter()
         .map(|ids| {
             format!(
@@ -244,54 +329,67 @@ pub fn rl_step(dir: &Path, work: &Path, grpo: bool, steps: usize, device: &str) 
     )
 }
 
+/// What one `rlft bench` process runs.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub workload: String,
+    /// (B, T) for W1, (B, new tokens) for W2; the shape's defaults when absent.
+    pub size: Option<(usize, usize)>,
+    pub shape: Shape,
+    pub dtype: String,
+    pub device: String,
+}
+
 /// Runs one workload in this process and adds its peak memory.
-pub fn run_one(
-    name: &str,
-    work: &Path,
-    sweep: Option<(usize, usize)>,
-    device: &str,
-) -> Result<Value> {
-    let dev = rlft_policies::device::parse_device(device)?;
-    let dir = work.join("llama-small");
+pub fn run_one(job: &Job, work: &Path) -> Result<Value> {
+    let dev = rlft_policies::device::parse_device(&job.device)?;
+    let dtype = rlft_policies::device::parse_dtype(&job.dtype)?;
+    let shape = &job.shape;
+    let dir = work.join(format!("llama-{}", shape.name));
     if !dir.join("model.safetensors").is_file() {
-        small_model(&dir)?;
+        bench_model(&dir, shape)?;
     }
-    let mut v = match (name, sweep) {
-        ("W1", Some((b, t))) => w1(&dir, b, t, 3, &dev)?,
-        ("W2", Some((b, t))) => w2(&dir, b, t, 2, &dev)?,
-        ("W1", None) => w1(&dir, 8, 64, 5, &dev)?,
-        ("W2", None) => w2(&dir, 8, 64, 5, &dev)?,
-        ("W3", _) => rl_step(&dir, work, false, 5, device)?,
-        ("W4", _) => rl_step(&dir, work, true, 8, device)?,
-        _ => bail!("unknown workload `{name}`; expected W1, W2, W3 or W4"),
+    let reps = if job.size.is_some() { 3 } else { 5 };
+    let mut v = match job.workload.as_str() {
+        "W1" => {
+            let (b, t) = job.size.unwrap_or(shape.w1);
+            let mut v = w1(&dir, b, t, reps, &dev, dtype)?;
+            // Frozen base: the forward's 2·P·tokens and the backward's input gradients
+            // (another 2·P·tokens); attention scores and the LoRA matmuls are left out.
+            let flops = 4.0 * shape.linear_params() as f64 * (b * t) as f64;
+            v["flops_per_step"] = json!(flops);
+            v["tflops"] = json!(flops / v["seconds_per_step"].as_f64().unwrap_or(f64::NAN) / 1e12);
+            v
+        }
+        "W2" => {
+            let (b, n) = job.size.unwrap_or(shape.w2);
+            w2(&dir, b, n, reps, &dev, dtype)?
+        }
+        "W3" | "W4" if shape.name != SMALL.name || dtype != DType::F32 => {
+            bail!("W3 and W4 run at the small shape in f32 only")
+        }
+        "W3" => rl_step(&dir, work, false, 5, &job.device)?,
+        "W4" => rl_step(&dir, work, true, 8, &job.device)?,
+        w => bail!("unknown workload `{w}`; expected W1, W2, W3 or W4"),
     };
     v["peak_rss_mb"] = json!(peak_rss_mb());
-    v["device"] = json!(device);
+    v["device"] = json!(job.device);
+    v["shape"] = json!(shape.name);
+    v["dtype"] = json!(job.dtype);
     Ok(v)
 }
 
 /// Runs each workload in a child process (so peak memory is its own) and collects the lines.
-pub fn run_all(
-    exe: &Path,
-    work: &Path,
-    workloads: &[(String, Option<(usize, usize)>)],
-    device: &str,
-) -> Result<Vec<Value>> {
+pub fn run_all(exe: &Path, work: &Path, jobs: &[Job]) -> Result<Vec<Value>> {
     std::fs::create_dir_all(work)?;
     let mut out = Vec::new();
-    for (w, sweep) in workloads {
+    for job in jobs {
+        let w = &job.workload;
         let mut cmd = std::process::Command::new(exe);
-        cmd.args([
-            "bench",
-            "--workload",
-            w,
-            "--json",
-            "--device",
-            device,
-            "--work",
-        ])
-        .arg(work);
-        if let Some((b, t)) = sweep {
+        cmd.args(["bench", "--workload", w, "--json", "--device", &job.device])
+            .args(["--shape", job.shape.name, "--dtype", &job.dtype, "--work"])
+            .arg(work);
+        if let Some((b, t)) = job.size {
             cmd.args(["--batch", &b.to_string(), "--len", &t.to_string()]);
         }
         let o = cmd

@@ -1,6 +1,6 @@
 //! `rlft bench`: speed workloads W1–W4 (docs/performance.md).
 
-use crate::bench::{default_work, run_all, run_one};
+use crate::bench::{default_work, run_all, run_one, Job, Shape};
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -23,6 +23,13 @@ pub struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Model shape: small (hidden 256, 4 layers; all workloads) or gpu (hidden 1024,
+    /// 8 layers, vocab 32000; W1 at B=8 T=256 and W2 at B=64 × 128 new tokens).
+    #[arg(long, default_value = "small")]
+    pub shape: String,
+    /// Weight dtype: f32, bf16 or f16 (W1 and W2; LoRA weights stay f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// Scratch folder (the small model, RL runs).
     #[arg(long)]
     pub work: Option<PathBuf>,
@@ -40,26 +47,37 @@ fn fmt(v: &serde_json::Value) -> String {
 
 pub fn run(args: Args) -> Result<()> {
     let work = args.work.clone().unwrap_or_else(default_work);
+    let shape = Shape::parse(&args.shape)?;
+    rlft_policies::device::parse_dtype(&args.dtype)?;
+    let job = |w: &str, size: Option<(usize, usize)>| Job {
+        workload: w.into(),
+        size,
+        shape,
+        dtype: args.dtype.clone(),
+        device: args.device.clone(),
+    };
     if let Some(w) = &args.workload {
-        let sweep = args.batch.zip(args.len);
-        let v = run_one(w, &work, sweep, &args.device)?;
+        let v = run_one(&job(w, args.batch.zip(args.len)), &work)?;
         println!("{v}");
         return Ok(());
     }
-    let mut list: Vec<(String, Option<(usize, usize)>)> = ["W1", "W2", "W3", "W4"]
-        .iter()
-        .map(|w| (w.to_string(), None))
-        .collect();
+    let small_f32 = shape == crate::bench::SMALL && args.dtype == "f32";
+    let workloads: &[&str] = if small_f32 {
+        &["W1", "W2", "W3", "W4"]
+    } else {
+        &["W1", "W2"]
+    };
+    let mut list: Vec<Job> = workloads.iter().map(|w| job(w, None)).collect();
     if args.sweep {
         for t in [64, 128, 256, 512, 1024] {
-            list.push(("W1".into(), Some((8, t))));
+            list.push(job("W1", Some((8, t))));
         }
         for b in [1, 8, 32, 64] {
-            list.push(("W1".into(), Some((b, 64))));
-            list.push(("W2".into(), Some((b, 64))));
+            list.push(job("W1", Some((b, 64))));
+            list.push(job("W2", Some((b, 64))));
         }
     }
-    let rows = run_all(&std::env::current_exe()?, &work, &list, &args.device)?;
+    let rows = run_all(&std::env::current_exe()?, &work, &list)?;
     if args.json {
         for r in rows {
             println!("{r}");
