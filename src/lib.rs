@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod dashboard;
 pub mod data;
+pub mod malloc;
 pub mod demo;
 pub mod rewards;
 pub mod rl;

@@ -411,191 +411,220 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
             None
         };
         let t_reference = t0.elapsed().as_secs_f64();
-        // 4. Rewards.
+        // 4. Rewards. A non-finite score skips the step's update (a bad step, like a
+        // non-finite loss); any other reward failure ends the run.
         let t0 = Instant::now();
         let smp = samples(&prompts, &idx, &ro, tok)?;
-        let scored = rewards
-            .score(&smp)
-            .with_context(|| format!("scoring the rollouts of step {}", step + 1))?;
-        let mut scores = scored.total.clone();
-        for (i, s) in scores.iter_mut().enumerate() {
-            if !ro.stopped[i] {
-                *s -= r.missing_eos_penalty.unwrap_or(0.0);
-            }
-            if let Some(c) = r.reward_clip {
-                *s = s.clamp(-c, c);
-            }
-        }
-        let t_score = t0.elapsed().as_secs_f64();
-        // 5. KL per token and advantages.
-        let beta = kl_ctl.beta;
-        let kl: Vec<Vec<f64>> = (0..n)
-            .map(|i| match &logp_ref {
-                Some(lr) => logp_old[i]
-                    .iter()
-                    .zip(&lr[i])
-                    .map(|(&a, &b)| est.per_token(a, b))
-                    .collect(),
-                None => vec![0.0; lens[i]],
-            })
-            .collect();
-        let seq_kl: Vec<f64> = kl.iter().map(|k| k.iter().sum()).collect();
-        let mask_rows: Vec<Vec<bool>> = lens.iter().map(|&l| vec![true; l]).collect();
-        let (advantages, returns) = match r.algorithm {
-            Algorithm::Ppo => {
-                let mut rew: Vec<Vec<f64>> = kl
-                    .iter()
-                    .map(|k| k.iter().map(|x| -beta * x).collect())
-                    .collect();
-                for (i, rw) in rew.iter_mut().enumerate() {
-                    *rw.last_mut().expect("≥ 1 response token") += scores[i];
+        'update: {
+            let scored = match rewards.score(&smp) {
+                Ok(s) => s,
+                Err(e @ rlft_reward::RewardError::NotFinite { .. }) => {
+                    bad_steps += 1;
+                    tracing::warn!("step {}: {e}; update skipped", step + 1);
+                    if bad_steps >= t.max_bad_steps.max(1) {
+                        let dir = save_rl(
+                            &ckpt,
+                            step,
+                            position,
+                            &optimizer,
+                            &policy,
+                            critic.as_ref(),
+                            head.as_ref(),
+                            kl_ctl.beta,
+                            &config_json,
+                        )?;
+                        telemetry::finish_progress();
+                        bail!("{bad_steps} consecutive bad steps (last: {e}) at step {}; the last good state is in {}", step + 1, dir.display());
+                    }
+                    step += 1;
+                    pb.inc(1);
+                    break 'update;
                 }
-                if r.whiten_rewards {
-                    whiten(&mut rew, &mask_rows, false);
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("scoring the rollouts of step {}", step + 1))
                 }
-                let (mut adv, mut ret) = (Vec::with_capacity(n), Vec::with_capacity(n));
-                for i in 0..n {
-                    let (a, rt) = gae(&rew[i], &values[i], r.gamma, r.lam);
-                    adv.push(a);
-                    ret.push(rt);
+            };
+            let mut scores = scored.total.clone();
+            for (i, s) in scores.iter_mut().enumerate() {
+                if !ro.stopped[i] {
+                    *s -= r.missing_eos_penalty.unwrap_or(0.0);
                 }
-                if r.whiten_advantages {
-                    whiten(&mut adv, &mask_rows, true);
+                if let Some(c) = r.reward_clip {
+                    *s = s.clamp(-c, c);
                 }
-                (adv, Some(ret))
             }
-            Algorithm::Grpo => {
-                let a = group_advantages(&scores, r.num_generations, r.scale_rewards);
-                (
-                    lens.iter().zip(&a).map(|(&l, &x)| vec![x; l]).collect(),
-                    None,
-                )
-            }
-            Algorithm::Rloo => {
-                let seq_r: Vec<f64> = scores
-                    .iter()
-                    .zip(&seq_kl)
-                    .map(|(s, k)| s - beta * k)
-                    .collect();
-                let a = rloo_advantages(&seq_r, r.num_generations);
-                let mut adv: Vec<Vec<f64>> =
-                    lens.iter().zip(&a).map(|(&l, &x)| vec![x; l]).collect();
-                if r.whiten_advantages {
-                    whiten(&mut adv, &mask_rows, true);
+            let t_score = t0.elapsed().as_secs_f64();
+            // 5. KL per token and advantages.
+            let beta = kl_ctl.beta;
+            let kl: Vec<Vec<f64>> = (0..n)
+                .map(|i| match &logp_ref {
+                    Some(lr) => logp_old[i]
+                        .iter()
+                        .zip(&lr[i])
+                        .map(|(&a, &b)| est.per_token(a, b))
+                        .collect(),
+                    None => vec![0.0; lens[i]],
+                })
+                .collect();
+            let seq_kl: Vec<f64> = kl.iter().map(|k| k.iter().sum()).collect();
+            let mask_rows: Vec<Vec<bool>> = lens.iter().map(|&l| vec![true; l]).collect();
+            let (advantages, returns) = match r.algorithm {
+                Algorithm::Ppo => {
+                    let mut rew: Vec<Vec<f64>> = kl
+                        .iter()
+                        .map(|k| k.iter().map(|x| -beta * x).collect())
+                        .collect();
+                    for (i, rw) in rew.iter_mut().enumerate() {
+                        *rw.last_mut().expect("≥ 1 response token") += scores[i];
+                    }
+                    if r.whiten_rewards {
+                        whiten(&mut rew, &mask_rows, false);
+                    }
+                    let (mut adv, mut ret) = (Vec::with_capacity(n), Vec::with_capacity(n));
+                    for i in 0..n {
+                        let (a, rt) = gae(&rew[i], &values[i], r.gamma, r.lam);
+                        adv.push(a);
+                        ret.push(rt);
+                    }
+                    if r.whiten_advantages {
+                        whiten(&mut adv, &mask_rows, true);
+                    }
+                    (adv, Some(ret))
                 }
-                (adv, None)
-            }
-        };
-        let data = StepData {
-            lens: lens.clone(),
-            logp_old,
-            logp_ref,
-            values: uses_critic.then_some(values),
-            advantages,
-            returns,
-            kl,
-            scores,
-        };
-        // 6. Updates.
-        let t0 = Instant::now();
-        let lr = schedule.lr(step);
-        let stats = train_on_step(
-            cfg,
-            model,
-            &policy,
-            critic.as_ref(),
-            head.as_ref(),
-            &mut optimizer,
-            &params,
-            &ro,
-            &data,
-            lr,
-            beta,
-            temperature,
-            &clip_params,
-            step,
-            &mut bad_steps,
-        )?;
-        let t_train = t0.elapsed().as_secs_f64();
-        if bad_steps >= t.max_bad_steps.max(1) {
-            let dir = save_rl(
-                &ckpt,
-                step,
-                position,
-                &optimizer,
+                Algorithm::Grpo => {
+                    let a = group_advantages(&scores, r.num_generations, r.scale_rewards);
+                    (
+                        lens.iter().zip(&a).map(|(&l, &x)| vec![x; l]).collect(),
+                        None,
+                    )
+                }
+                Algorithm::Rloo => {
+                    let seq_r: Vec<f64> = scores
+                        .iter()
+                        .zip(&seq_kl)
+                        .map(|(s, k)| s - beta * k)
+                        .collect();
+                    let a = rloo_advantages(&seq_r, r.num_generations);
+                    let mut adv: Vec<Vec<f64>> =
+                        lens.iter().zip(&a).map(|(&l, &x)| vec![x; l]).collect();
+                    if r.whiten_advantages {
+                        whiten(&mut adv, &mask_rows, true);
+                    }
+                    (adv, None)
+                }
+            };
+            let data = StepData {
+                lens: lens.clone(),
+                logp_old,
+                logp_ref,
+                values: uses_critic.then_some(values),
+                advantages,
+                returns,
+                kl,
+                scores,
+            };
+            // 6. Updates.
+            let t0 = Instant::now();
+            let lr = schedule.lr(step);
+            let stats = train_on_step(
+                cfg,
+                model,
                 &policy,
                 critic.as_ref(),
                 head.as_ref(),
-                kl_ctl.beta,
-                &config_json,
-            )?;
-            telemetry::finish_progress();
-            bail!("{bad_steps} consecutive updates with a non-finite loss or gradient at step {}; the last good state is in {}", step + 1, dir.display());
-        }
-        // 7. β controller, metrics, rollouts log.
-        let mean_kl = mean(&seq_kl);
-        kl_ctl.update(mean_kl, n);
-        step += 1;
-        pb.inc(1);
-        let score_mean = mean(&data.scores);
-        if first_score.is_nan() {
-            first_score = score_mean;
-        }
-        last_score = score_mean;
-        last_kl = mean_kl;
-        let resp_tokens: usize = lens.iter().sum();
-        let stop_rate = ro.stopped.iter().filter(|&&s| s).count() as f64 / n as f64;
-        let step_secs = step_start.elapsed().as_secs_f64();
-        let ev = explained_variance(&data);
-        pb.set_message(format!("score {score_mean:.3} kl {mean_kl:.3}"));
-        if step % t.logging_steps == 0 || step == total_steps {
-            tracing::info!(
-                target: METRICS,
-                step,
-                "objective/scores" = score_mean,
-                "objective/kl" = mean_kl,
-                "objective/non_score_reward" = -beta * mean_kl,
-                "objective/rlhf_reward" = score_mean - beta * mean_kl,
-                "objective/entropy" = stats.entropy,
-                "policy/approxkl" = stats.approxkl,
-                "policy/clipfrac" = stats.clipfrac,
-                "policy/ratio_mean" = stats.ratio_mean,
-                "val/vf_loss" = stats.vf_loss,
-                "val/clipfrac" = stats.vf_clipfrac,
-                "val/explained_variance" = ev,
-                "loss/policy" = stats.pg_loss,
-                "loss/value" = stats.vf_loss * r.vf_coef,
-                "loss/kl" = stats.kl_loss,
-                beta,
-                "response/length_mean" = resp_tokens as f64 / n as f64,
-                "response/stop_rate" = stop_rate,
+                &mut optimizer,
+                &params,
+                &ro,
+                &data,
                 lr,
-                grad_norm = stats.grad_norm,
-                "time/generate" = t_generate,
-                "time/policy" = t_policy,
-                "time/reference" = t_reference,
-                "time/score" = t_score,
-                "time/train" = t_train,
-                "time/step" = step_secs,
-                tokens_per_s = (resp_tokens + ro.p_len * n) as f64 / step_secs.max(1e-9),
-                elapsed = started.elapsed().as_secs_f64(),
-                "step {step}/{total_steps} score {score_mean:.4} kl {mean_kl:.4} β {beta:.4} ({step_secs:.2} s)"
-            );
-            for (name, s) in &scored.parts {
-                tracing::info!(target: METRICS, step, reward = name.as_str(), value = mean(s), "reward {name}: {:.4}", mean(s));
+                beta,
+                temperature,
+                &clip_params,
+                step,
+                &mut bad_steps,
+            )?;
+            let t_train = t0.elapsed().as_secs_f64();
+            if bad_steps >= t.max_bad_steps.max(1) {
+                let dir = save_rl(
+                    &ckpt,
+                    step,
+                    position,
+                    &optimizer,
+                    &policy,
+                    critic.as_ref(),
+                    head.as_ref(),
+                    kl_ctl.beta,
+                    &config_json,
+                )?;
+                telemetry::finish_progress();
+                bail!("{bad_steps} consecutive updates with a non-finite loss or gradient at step {}; the last good state is in {}", step + 1, dir.display());
             }
-        }
-        if r.log_rollouts_every > 0 && step % r.log_rollouts_every == 0 {
-            write_rollouts(&mut rollout_log, step, &smp, &data, r.rollouts_per_log)?;
-        }
-        let eval_now = r.eval_steps > 0 && step % r.eval_steps == 0;
-        if let Some(ep) = eval_prompts
-            .as_ref()
-            .filter(|_| eval_now || step == total_steps)
-        {
-            let s = evaluate(model, Some(&policy), tok, ep, &rewards, cfg)?;
-            tracing::info!(target: METRICS, step, "eval/score" = s, "step {step} eval score {s:.4}");
-            eval_after = Some(s);
+            // 7. β controller, metrics, rollouts log.
+            let mean_kl = mean(&seq_kl);
+            kl_ctl.update(mean_kl, n);
+            step += 1;
+            pb.inc(1);
+            let score_mean = mean(&data.scores);
+            if first_score.is_nan() {
+                first_score = score_mean;
+            }
+            last_score = score_mean;
+            last_kl = mean_kl;
+            let resp_tokens: usize = lens.iter().sum();
+            let stop_rate = ro.stopped.iter().filter(|&&s| s).count() as f64 / n as f64;
+            let step_secs = step_start.elapsed().as_secs_f64();
+            let ev = explained_variance(&data);
+            pb.set_message(format!("score {score_mean:.3} kl {mean_kl:.3}"));
+            if step % t.logging_steps == 0 || step == total_steps {
+                tracing::info!(
+                    target: METRICS,
+                    step,
+                    "objective/scores" = score_mean,
+                    "objective/kl" = mean_kl,
+                    "objective/non_score_reward" = -beta * mean_kl,
+                    "objective/rlhf_reward" = score_mean - beta * mean_kl,
+                    "objective/entropy" = stats.entropy,
+                    "policy/approxkl" = stats.approxkl,
+                    "policy/clipfrac" = stats.clipfrac,
+                    "policy/ratio_mean" = stats.ratio_mean,
+                    "val/vf_loss" = stats.vf_loss,
+                    "val/clipfrac" = stats.vf_clipfrac,
+                    "val/explained_variance" = ev,
+                    "loss/policy" = stats.pg_loss,
+                    "loss/value" = stats.vf_loss * r.vf_coef,
+                    "loss/kl" = stats.kl_loss,
+                    beta,
+                    "response/length_mean" = resp_tokens as f64 / n as f64,
+                    "response/stop_rate" = stop_rate,
+                    lr,
+                    grad_norm = stats.grad_norm,
+                    "time/generate" = t_generate,
+                    "time/policy" = t_policy,
+                    "time/reference" = t_reference,
+                    "time/score" = t_score,
+                    "time/train" = t_train,
+                    "time/step" = step_secs,
+                    tokens_per_s = (resp_tokens + ro.p_len * n) as f64 / step_secs.max(1e-9),
+                    elapsed = started.elapsed().as_secs_f64(),
+                    "step {step}/{total_steps} score {score_mean:.4} kl {mean_kl:.4} β {beta:.4} ({step_secs:.2} s)"
+                );
+                for (name, s) in &scored.parts {
+                    tracing::info!(target: METRICS, step, reward = name.as_str(), value = mean(s), "reward {name}: {:.4}", mean(s));
+                }
+            }
+            if r.log_rollouts_every > 0 && step % r.log_rollouts_every == 0 {
+                write_rollouts(&mut rollout_log, step, &smp, &data, r.rollouts_per_log)?;
+            }
+            let eval_now = r.eval_steps > 0 && step % r.eval_steps == 0;
+            if let Some(ep) = eval_prompts
+                .as_ref()
+                .filter(|_| eval_now || step == total_steps)
+            {
+                let s = evaluate(model, Some(&policy), tok, ep, &rewards, cfg)?;
+                tracing::info!(target: METRICS, step, "eval/score" = s, "step {step} eval score {s:.4}");
+                eval_after = Some(s);
+            }
         }
         let stop = crate::train::interrupt::requested() && step < total_steps;
         if (t.save_steps > 0 && step % t.save_steps == 0) || step == total_steps || stop {

@@ -6,7 +6,7 @@ use candle_core::{Result, Tensor};
 
 /// `x`: [n, in], `w`: [out, in] (not a variable) → [n, out].
 pub fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let out = x.detach().matmul(&w.t()?)?;
+    let out = super::gemm::matmul(&x.detach(), w, true)?;
     bridge1(x, out, FrozenBwd { w: w.clone() })
 }
 
@@ -19,6 +19,6 @@ impl Backward1 for FrozenBwd {
         "frozen-linear-bridge"
     }
     fn backward(&self, dy: &Tensor) -> Result<Tensor> {
-        dy.matmul(&self.w)
+        super::gemm::matmul(dy, &self.w, false)
     }
 }

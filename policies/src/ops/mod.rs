@@ -3,6 +3,7 @@
 //! adapter exactly and frozen weights cost no gradient work.
 
 pub mod bridge;
+pub mod gemm;
 pub mod logprob;
 pub mod matmul;
 pub mod norm;

@@ -151,6 +151,7 @@ impl Reward for Command {
             }
         };
         let v: Value = serde_json::from_str(&answer)
+            .or_else(|e| serde_json::from_str(&quote_python_floats(&answer)).map_err(|_| e))
             .map_err(|e| self.fail(format!("answered with invalid JSON ({e}): {answer:.200}")))?;
         let scores = v.get("scores").unwrap_or(&v);
         let scores = scores.as_array().ok_or_else(|| {
@@ -163,10 +164,44 @@ impl Reward for Command {
             .enumerate()
             .map(|(i, x)| {
                 x.as_f64()
+                    .or_else(|| match x.as_str() {
+                        Some("NaN") => Some(f64::NAN),
+                        Some("Infinity") => Some(f64::INFINITY),
+                        Some("-Infinity") => Some(f64::NEG_INFINITY),
+                        _ => None,
+                    })
                     .ok_or_else(|| self.fail(format!("score {i} is not a number: {x}")))
             })
             .collect()
     }
+}
+
+/// Python's `json.dumps` writes NaN and ±Infinity as bare words, which JSON does not allow;
+/// quote them so they parse and then fail the finiteness check like any other bad score.
+fn quote_python_floats(answer: &str) -> String {
+    let mut out = String::with_capacity(answer.len() + 8);
+    let mut rest = answer;
+    while let Some(i) = rest.find(['N', 'I', '-']) {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        let word = ["NaN", "Infinity", "-Infinity"]
+            .into_iter()
+            .find(|w| rest.starts_with(w));
+        match word {
+            Some(w) => {
+                out.push('"');
+                out.push_str(w);
+                out.push('"');
+                rest = &rest[w.len()..];
+            }
+            None => {
+                out.push_str(&rest[..1]);
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 impl Drop for Command {
@@ -174,5 +209,21 @@ impl Drop for Command {
         let p = self.proc.get_mut().unwrap_or_else(|e| e.into_inner());
         let _ = p.child.kill();
         let _ = p.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quote_python_floats;
+
+    #[test]
+    fn python_non_finite_words_are_quoted_and_numbers_left_alone() {
+        let q = quote_python_floats(r#"{"scores": [NaN, -1.5, Infinity, -Infinity, 1e-3]}"#);
+        assert_eq!(
+            q,
+            r#"{"scores": ["NaN", -1.5, "Infinity", "-Infinity", 1e-3]}"#
+        );
+        let v: serde_json::Value = serde_json::from_str(&q).unwrap();
+        assert_eq!(v["scores"][1].as_f64(), Some(-1.5));
     }
 }
