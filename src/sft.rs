@@ -179,6 +179,17 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftOutcome> {
     let trainable = Trainable::build(pre.model.as_mut(), &mode, t.seed, resume_dir.as_deref())?;
     let params = trainable.named_vars();
     let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+    // Resource checks before the first step: disk for checkpoints, memory for the
+    // largest micro-batch.
+    crate::train::check_disk_space(&t.output_dir, n_params)?;
+    let longest = train.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+    let micro = t.per_device_train_batch_size.min(train.len()).max(1);
+    crate::train::memory::check(
+        &device,
+        crate::train::memory::training_bytes(pre.model.as_ref(), micro, longest, n_params),
+        &format!("a micro-batch of {micro} × {longest} tokens"),
+        "training.per_device_train_batch_size (raise gradient_accumulation_steps to keep the effective batch) or model.max_seq_len",
+    )?;
     let mut optimizer = Optimizer::new(t.optimizer_kind(), params.clone());
     let dropout_rng = Mutex::new(ChaCha8Rng::seed_from_u64(t.seed.wrapping_add(1)));
     let (mut step, mut position) = (0u64, 0u64);

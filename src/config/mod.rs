@@ -51,8 +51,24 @@ pub fn load_with_defaults<T: DeserializeOwned + Serialize + Default>(
     }
     let mut base = toml::Table::try_from(T::default()).context("serialising the defaults")?;
     overlay(&mut base, doc);
-    T::deserialize(toml::Value::Table(base))
-        .map_err(|e| anyhow!("{source}: {}", explain(&e.to_string())))
+    T::deserialize(toml::Value::Table(base)).map_err(|e| {
+        let msg = explain(&e.to_string());
+        // Name the --set that carried the bad value rather than the file, when one did.
+        let key = msg
+            .split("in `")
+            .nth(1)
+            .and_then(|r| r.split('`').next())
+            .unwrap_or_default();
+        let from_set = !key.is_empty()
+            && overrides
+                .iter()
+                .any(|o| o.split('=').next().map(str::trim) == Some(key));
+        if from_set {
+            anyhow!("--set {key}: {msg}")
+        } else {
+            anyhow!("{source}: {msg}")
+        }
+    })
 }
 
 /// `a.b.c=value` → sets `doc[a][b][c]`.

@@ -273,6 +273,25 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
         }
         tracing::info!("resuming from {} at step {step}", d.display());
     }
+    // Resource checks before the first step: disk for checkpoints, memory for the
+    // generation batch (KV cache) and the training micro-batch.
+    let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+    crate::train::check_disk_space(&t.output_dir, n_params)?;
+    let seq =
+        prompts.iter().map(|p| p.ids.len()).max().unwrap_or(1) + cfg.generation.max_new_tokens;
+    let dev = model.info().device.clone();
+    crate::train::memory::check(
+        &dev,
+        crate::train::memory::generation_bytes(model, r.batch_size, seq),
+        &format!("generating {} rollouts of up to {seq} tokens", r.batch_size),
+        "rl.batch_size or generation.max_new_tokens",
+    )?;
+    crate::train::memory::check(
+        &dev,
+        crate::train::memory::training_bytes(model, t.per_device_train_batch_size, seq, n_params),
+        &format!("a training micro-batch of {} × {seq} tokens", t.per_device_train_batch_size),
+        "training.per_device_train_batch_size (more rl.num_mini_batches keep the step the same size), generation.max_new_tokens or model.max_seq_len",
+    )?;
     let mut order = DataOrder::new(prompts.len(), per_step, t.seed, cfg.data.shuffle).drop_last();
     let schedule = crate::train::plan(t, order.per_epoch(), 1);
     let total_steps = schedule.total_steps;

@@ -77,12 +77,35 @@ impl Checkpointer {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
         }
-        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        payload(&tmp)?;
-        save_tensors(&optimizer.state_tensors(), &tmp.join(OPTIMIZER_FILE))?;
-        let json = serde_json::to_string_pretty(state)?;
-        std::fs::write(tmp.join(STATE_FILE), json)?;
-        sync_files(&tmp)?;
+        let write = || -> Result<()> {
+            std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            payload(&tmp)?;
+            pause_for_tests();
+            save_tensors(&optimizer.state_tensors(), &tmp.join(OPTIMIZER_FILE))?;
+            let json = serde_json::to_string_pretty(state)?;
+            std::fs::write(tmp.join(STATE_FILE), json)
+                .with_context(|| format!("writing {}", tmp.join(STATE_FILE).display()))?;
+            sync_files(&tmp)
+        };
+        if let Err(e) = write() {
+            // Leave nothing half-written behind; the completed checkpoints stay as they are.
+            let _ = std::fs::remove_dir_all(&tmp);
+            let full = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                    io.raw_os_error() == Some(libc::ENOSPC)
+                        || io.raw_os_error() == Some(libc::EDQUOT)
+                })
+            }) || format!("{e:#}").contains("No space left");
+            let newest = list(&self.output_dir).into_iter().max();
+            let kept = match newest {
+                Some((_, p)) => format!("the newest complete checkpoint is {}", p.display()),
+                None => "no complete checkpoint exists yet".into(),
+            };
+            return Err(e.context(format!(
+                "checkpoint-{step} could not be written{}; its partial files were removed and {kept}",
+                if full { " (the disk is full: free space, then rerun with --resume)" } else { "" }
+            )));
+        }
         if final_dir.exists() {
             // Same step written again (a resumed run): swap the old one out first.
             let old = self.output_dir.join(format!(".checkpoint-{step}.old"));
@@ -107,11 +130,27 @@ impl Checkpointer {
         let mut all = list(&self.output_dir);
         if all.len() > limit.max(1) {
             all.sort();
-            for (_, p) in &all[..all.len() - limit.max(1)] {
-                std::fs::remove_dir_all(p)?;
+            for (step, p) in &all[..all.len() - limit.max(1)] {
+                // Renamed out of the checkpoint-N namespace first (atomic), so a kill during
+                // the removal never leaves a partial folder under a checkpoint name.
+                let old = self.output_dir.join(format!(".checkpoint-{step}.old"));
+                let _ = std::fs::remove_dir_all(&old);
+                std::fs::rename(p, &old)?;
+                std::fs::remove_dir_all(&old)?;
             }
         }
         Ok(())
+    }
+}
+
+/// `RLFT_CHECKPOINT_PAUSE_MS`: sleep this long inside every checkpoint write, after the
+/// weights and before the optimizer state — only so tests can kill a run mid-write.
+fn pause_for_tests() {
+    if let Some(ms) = std::env::var("RLFT_CHECKPOINT_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod grads;
 pub mod interrupt;
+pub mod memory;
 pub mod optimizer;
 pub mod order;
 pub mod schedule;
@@ -20,6 +21,41 @@ pub fn check_writable(dir: &Path) -> Result<()> {
     std::fs::write(&probe, b"ok")
         .with_context(|| format!("output_dir {} is not writable", dir.display()))?;
     let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+/// Free bytes on the file system holding `dir` (None where it cannot be asked).
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `c` is a NUL-terminated path and `st` a zeroed statvfs that the call fills.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(c.as_ptr(), &mut st) == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+    }
+}
+
+/// Bytes one checkpoint takes: the trainable values and AdamW's two moments, f32, plus a
+/// margin for the JSON state and the safetensors headers.
+pub fn checkpoint_bytes(trainable_params: usize) -> u64 {
+    12 * trainable_params as u64 + (1 << 20)
+}
+
+/// Fails before training when `dir` cannot hold two checkpoints (a new one is written
+/// beside the last before the older is rotated out).
+pub fn check_disk_space(dir: &Path, trainable_params: usize) -> Result<()> {
+    let need = 2 * checkpoint_bytes(trainable_params);
+    if let Some(free) = free_bytes(dir) {
+        if free < need {
+            anyhow::bail!(
+                "output_dir {} has {:.1} MiB free but checkpoints need about {:.1} MiB (two of {:.1} MiB); free some space or choose another training.output_dir",
+                dir.display(),
+                free as f64 / 1048576.0,
+                need as f64 / 1048576.0,
+                checkpoint_bytes(trainable_params) as f64 / 1048576.0
+            );
+        }
+    }
     Ok(())
 }
 

@@ -1,0 +1,148 @@
+//! A rough estimate of the memory a training or generation batch needs, checked against
+//! what the machine has before the first step, so an oversized `per_device_train_batch_size`
+//! or `max_seq_len` fails at once with a message naming what to lower instead of being
+//! killed by the OOM killer hours in. CPU only (on CUDA the allocator reports its own
+//! out-of-memory error, naming the allocation).
+
+use anyhow::{bail, Result};
+use rlft_policies::candle_core::Device;
+use rlft_policies::CausalLm;
+
+/// Overrides the detected available memory (MiB): for a machine shared with other jobs.
+pub const LIMIT_ENV: &str = "RLFT_MEMORY_LIMIT_MB";
+
+/// Bytes of activations a forward + backward pass keeps for `batch` rows of `seq` tokens:
+/// per token and layer, every linear layer's input and output, about six hidden-size
+/// vectors (norms, residuals, RoPE) and one attention-probability row per head
+/// (`seq` entries; heads ≈ hidden / 64), plus logits, log-softmax and their gradient over
+/// the vocabulary; all f32. A lower bound: candle's temporaries come on top.
+pub fn training_bytes(model: &dyn CausalLm, batch: usize, seq: usize, trainable: usize) -> u64 {
+    let info = model.info();
+    let widths: usize = model
+        .linears()
+        .iter()
+        .map(|l| l.in_features() + l.out_features())
+        .sum();
+    let heads = (info.hidden_size / 64).max(1);
+    let per_token =
+        widths + info.num_layers * (6 * info.hidden_size + heads * seq) + 3 * info.vocab_size;
+    // Trainable values, their gradients and AdamW's two moments.
+    (4 * (batch * seq * per_token + 4 * trainable)) as u64
+}
+
+/// Bytes of the KV cache and last-step logits when generating `batch` rows of `seq` tokens.
+pub fn generation_bytes(model: &dyn CausalLm, batch: usize, seq: usize) -> u64 {
+    let info = model.info();
+    let kv: usize = model
+        .linears()
+        .iter()
+        .filter(|l| l.path.ends_with("k_proj") || l.path.ends_with("v_proj"))
+        .map(|l| l.out_features())
+        .sum();
+    // GPT-2's fused c_attn holds q, k and v: two thirds of its output are cached.
+    let kv = if kv > 0 {
+        kv
+    } else {
+        info.num_layers * 2 * info.hidden_size
+    };
+    (4 * batch * (seq * kv + 2 * info.vocab_size)) as u64
+}
+
+/// Memory this process may still use: `RLFT_MEMORY_LIMIT_MB`, else the smaller of the
+/// kernel's `MemAvailable` and the cgroup's remaining allowance.
+pub fn available_bytes() -> Option<u64> {
+    if let Ok(v) = std::env::var(LIMIT_ENV) {
+        return v.trim().parse::<u64>().ok().map(|mb| mb << 20);
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let mut avail = kb * 1024;
+    let read = |p: &str| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok();
+    if let (Some(max), Some(cur)) = (
+        read("/sys/fs/cgroup/memory.max"),
+        read("/sys/fs/cgroup/memory.current"),
+    ) {
+        avail = avail.min(max.saturating_sub(cur));
+    }
+    Some(avail)
+}
+
+fn gib(b: u64) -> String {
+    if b >= 1 << 30 {
+        format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    }
+}
+
+/// Fails when `need` bytes exceed what is available; `what` describes the batch and
+/// `lower` names the settings that shrink it.
+pub fn check(device: &Device, need: u64, what: &str, lower: &str) -> Result<()> {
+    if !matches!(device, Device::Cpu) {
+        return Ok(());
+    }
+    let Some(avail) = available_bytes() else {
+        return Ok(());
+    };
+    if need > avail {
+        bail!(
+            "{what} needs about {} of memory but only {} is available; lower {lower}",
+            gib(need),
+            gib(avail)
+        );
+    }
+    if need > avail / 10 * 8 {
+        tracing::warn!(
+            "{what} needs about {} of the {} available; lower {lower} if the run is killed",
+            gib(need),
+            gib(avail)
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rlft_policies::candle_core::DType;
+
+    fn tiny() -> Box<dyn CausalLm> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
+        rlft_policies::Pretrained::load(&dir, DType::F32, &Device::Cpu)
+            .unwrap()
+            .model
+    }
+
+    /// Hand count for the fixture Llama (hidden 64, 2 layers, intermediate 128, 4 heads of
+    /// 16, 2 KV heads, vocab 512 — see its config.json).
+    #[test]
+    fn estimates_follow_the_formula() {
+        let m = tiny();
+        // Per layer: q 64→64, k 64→32, v 64→32, o 64→64, gate/up 64→128, down 128→64;
+        // lm_head 64→512.
+        let per_layer = 128 + 96 + 96 + 128 + 192 + 192 + 192;
+        let widths = 2 * per_layer + 576;
+        let (b, t) = (4, 10);
+        let per_token = widths + 2 * (6 * 64 + t) + 3 * 512;
+        assert_eq!(
+            training_bytes(m.as_ref(), b, t, 100),
+            (4 * (b * t * per_token + 400)) as u64
+        );
+        // KV: 2 layers × (32 + 32) per token.
+        assert_eq!(
+            generation_bytes(m.as_ref(), b, t),
+            (4 * b * (t * 128 + 1024)) as u64
+        );
+        // Grows linearly in the batch.
+        assert_eq!(
+            training_bytes(m.as_ref(), 2 * b, t, 0),
+            2 * training_bytes(m.as_ref(), b, t, 0)
+        );
+    }
+}
