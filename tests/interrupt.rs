@@ -166,3 +166,42 @@ fn sigkill_leaves_only_complete_checkpoints_and_resume_is_bit_identical() {
         );
     }
 }
+
+/// SIGKILL inside a checkpoint write (the writer pauses after the weights, so the kill
+/// lands mid-write): the partial folder never carries a checkpoint name, and resuming from
+/// the previous complete one still ends bit-identical.
+#[test]
+fn sigkill_inside_a_checkpoint_write_leaves_no_partial_checkpoint() {
+    let tmp = TempDir::new("sigkill-write");
+    let train = data(&tmp.0);
+    let full = tmp.0.join("full");
+    let o = sft(&full, &train, &[]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = tmp.0.join("killed");
+    let mut child = sft(&out, &train, &[])
+        .env("RLFT_CHECKPOINT_PAUSE_MS", "400")
+        .spawn()
+        .unwrap();
+    // The second checkpoint's temporary folder: step 14.
+    let partial = out.join(".checkpoint-14.tmp");
+    wait_for(
+        "the second checkpoint write",
+        Duration::from_secs(60),
+        || partial.join("adapter_model.safetensors").is_file(),
+    );
+    signal(&child, "-KILL");
+    let _ = child.wait();
+    assert!(partial.is_dir(), "killed while writing");
+    assert_eq!(
+        checkpoints_complete(&out),
+        vec![7],
+        "only the complete checkpoint counts"
+    );
+    let o = sft(&out, &train, &["--resume"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        !partial.exists(),
+        "the partial folder is cleared when that step is written again"
+    );
+    assert!(adapter(&out) == adapter(&full), "resumed run differs");
+}

@@ -30,16 +30,25 @@ pub fn load_with_defaults<T: DeserializeOwned + Serialize + Default>(
     defaults: &[&str],
     overrides: &[String],
 ) -> Result<T> {
-    let (mut doc, source) = match path {
+    match path {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read config {}", p.display()))?;
-            let doc: toml::Table = toml::from_str(&text)
-                .map_err(|e| anyhow!("{}: {}", p.display(), e.to_string().trim_end()))?;
-            (doc, p.display().to_string())
+            from_text(&text, &p.display().to_string(), defaults, overrides)
         }
-        None => (toml::Table::new(), "built-in defaults".to_string()),
-    };
+        None => from_text("", "built-in defaults", defaults, overrides),
+    }
+}
+
+/// As [`load_with_defaults`], from the TOML `text` of the file named `source`.
+pub fn from_text<T: DeserializeOwned + Serialize + Default>(
+    text: &str,
+    source: &str,
+    defaults: &[&str],
+    overrides: &[String],
+) -> Result<T> {
+    let mut doc: toml::Table =
+        toml::from_str(text).map_err(|e| anyhow!("{source}: {}", e.to_string().trim_end()))?;
     for d in defaults {
         let key = d.split('=').next().unwrap_or_default();
         if !has_key(&doc, key) {

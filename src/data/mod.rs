@@ -53,6 +53,12 @@ pub fn kind(v: &Value) -> &'static str {
 pub fn read_jsonl(path: &Path) -> Result<Vec<Row>> {
     let bytes = std::fs::read(path)
         .map_err(|e| anyhow!("cannot read data file {}: {e}", path.display()))?;
+    parse_jsonl(&bytes, path)
+}
+
+/// Parses JSONL `bytes` (read from `path`, which errors name): every non-blank line must be
+/// a UTF-8 JSON object; at least one is required.
+pub fn parse_jsonl(bytes: &[u8], path: &Path) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = i + 1;

@@ -1,7 +1,7 @@
 //! RL prompts: `{"prompt": "…"}` (or a list of messages) or `{"messages": […]}`, rendered
 //! with the chat template and its generation prompt; every other field goes to the rewards.
 
-use super::{kind, read_jsonl};
+use super::{kind, read_jsonl, Row};
 use anyhow::{anyhow, Result};
 use rlft_policies::Tokenizer;
 use serde_json::Value;
@@ -18,60 +18,68 @@ pub struct Prompt {
 }
 
 pub fn load_prompts(path: &Path, tok: &Tokenizer, max_len: usize) -> Result<Vec<Prompt>> {
-    let rows = read_jsonl(path)?;
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        let at =
-            |e: rlft_policies::PolicyError| anyhow!("{}:{}: {e}", row.file.display(), row.line);
-        let (key, chat) = match (row.fields.get("prompt"), row.fields.get("messages")) {
-            (Some(Value::String(_)), _) => ("prompt", false),
-            (Some(Value::Array(_)), _) => ("prompt", true),
-            (None, Some(Value::Array(_))) => ("messages", true),
-            (Some(v), _) => {
-                return Err(row.error(
-                    "prompt",
-                    format!("expected a string or a list of messages, got {}", kind(v)),
-                ))
-            }
-            (None, Some(v)) => {
-                return Err(row.error(
-                    "messages",
-                    format!("expected a list of messages, got {}", kind(v)),
-                ))
-            }
-            (None, None) => {
-                let keys: Vec<&String> = row.fields.keys().collect();
-                return Err(anyhow!(
-                    "{}:{}: expected a `prompt` or `messages` field; the row has {keys:?}",
-                    row.file.display(),
-                    row.line
-                ));
-            }
-        };
-        let (text, ids) = if chat {
-            let text = tok
-                .apply_chat_template(&row.fields[key], true)
-                .map_err(at)?;
-            let ids = tok.encode(&text, false).map_err(at)?;
-            (text, ids)
-        } else {
-            let text = row.str_field(key)?.to_string();
-            let ids = tok.encode(&text, true).map_err(at)?;
-            (text, ids)
-        };
-        if ids.is_empty() {
-            return Err(row.error(key, "encodes to no tokens"));
+    read_jsonl(path)?
+        .iter()
+        .map(|row| prompt_from_row(row, tok, max_len))
+        .collect()
+}
+
+/// One prompt row: `prompt` (a string or messages) or `messages`, at most `max_len` tokens.
+pub fn prompt_from_row(row: &Row, tok: &Tokenizer, max_len: usize) -> Result<Prompt> {
+    let at = |e: rlft_policies::PolicyError| anyhow!("{}:{}: {e}", row.file.display(), row.line);
+    let (key, chat) = match (row.fields.get("prompt"), row.fields.get("messages")) {
+        (Some(Value::String(_)), _) => ("prompt", false),
+        (Some(Value::Array(_)), _) => ("prompt", true),
+        (None, Some(Value::Array(_))) => ("messages", true),
+        (Some(v), _) => {
+            return Err(row.error(
+                "prompt",
+                format!("expected a string or a list of messages, got {}", kind(v)),
+            ))
         }
-        if ids.len() > max_len {
-            return Err(row.error(key, format!("{} tokens, longer than model.max_seq_len − generation.max_new_tokens = {max_len}", ids.len())));
+        (None, Some(v)) => {
+            return Err(row.error(
+                "messages",
+                format!("expected a list of messages, got {}", kind(v)),
+            ))
         }
-        let fields = row
-            .fields
-            .iter()
-            .filter(|(k, _)| k.as_str() != key)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        out.push(Prompt { text, ids, fields });
+        (None, None) => {
+            let keys: Vec<&String> = row.fields.keys().collect();
+            return Err(anyhow!(
+                "{}:{}: expected a `prompt` or `messages` field; the row has {keys:?}",
+                row.file.display(),
+                row.line
+            ));
+        }
+    };
+    let (text, ids) = if chat {
+        let text = tok
+            .apply_chat_template(&row.fields[key], true)
+            .map_err(at)?;
+        let ids = tok.encode(&text, false).map_err(at)?;
+        (text, ids)
+    } else {
+        let text = row.str_field(key)?.to_string();
+        let ids = tok.encode(&text, true).map_err(at)?;
+        (text, ids)
+    };
+    if ids.is_empty() {
+        return Err(row.error(key, "encodes to no tokens"));
     }
-    Ok(out)
+    if ids.len() > max_len {
+        return Err(row.error(
+            key,
+            format!(
+                "{} tokens, longer than model.max_seq_len − generation.max_new_tokens = {max_len}",
+                ids.len()
+            ),
+        ));
+    }
+    let fields = row
+        .fields
+        .iter()
+        .filter(|(k, _)| k.as_str() != key)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Ok(Prompt { text, ids, fields })
 }
