@@ -1,4 +1,4 @@
 fn main() -> std::process::ExitCode {
-    rlft::malloc::tune();
+    rlft::runtime::tune();
     rlft::cli::main_with_args(std::env::args_os())
 }

@@ -1,5 +1,6 @@
 //! Scaled dot-product attention with grouped-query heads, softmax in f32.
 
+use crate::ops::gemm::bmm;
 use crate::ops::{compute_dtype, softmax_last_dim};
 use candle_core::{Result, Tensor};
 
@@ -14,7 +15,7 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> 
     let s = k.dim(2)?;
     let rep = h / kv;
     let q = q.contiguous()?.reshape((b, kv, rep * t, d))?;
-    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = (bmm(&q, &k.t()?)? * scale)?;
     let scores = scores
         .to_dtype(compute_dtype(v.dtype()))?
         .reshape((b, h, t, s))?;
@@ -22,14 +23,8 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> 
     let p = softmax_last_dim(&scores)?
         .to_dtype(v.dtype())?
         .reshape((b, kv, rep * t, s))?;
-    // A cache's keys/values are a narrow of a preallocated buffer: rows already contiguous,
-    // which matmul takes as is; a freshly transposed projection needs a copy.
-    let rows_contiguous = v.stride()[3] == 1 && v.stride()[2] == d;
-    let o = if rows_contiguous {
-        p.matmul(v)?
-    } else {
-        p.matmul(&v.contiguous()?)?
-    };
+    // Strided keys and values (a cache's narrow, a transposed projection) go in as they are.
+    let o = bmm(&p, v)?;
     o.reshape((b, h, t, d))?
         .transpose(1, 2)?
         .reshape((b, t, h * d))

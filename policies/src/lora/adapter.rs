@@ -43,7 +43,8 @@ impl LoraModule {
             let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
             x = (x * mask)?;
         }
-        x.matmul(&a.t()?)?.matmul(&b.t()?)? * scale
+        let xa = crate::ops::gemm::bmm(&x, &a.t()?)?;
+        crate::ops::gemm::bmm(&xa, &b.t()?)? * scale
     }
 }
 

@@ -11,81 +11,148 @@ use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 /// Weights (n × k) at least this large are multiplied with every rayon thread.
 pub const PARALLEL_MIN_WEIGHT: usize = 1 << 19;
 
-/// `a · bᵀ` (`transpose_b`) or `a · b`: `a` [m, k]; `b` [n, k] or [k, n] → [m, n].
+/// Products of at least this many multiply-adds are split across threads too.
+pub const PARALLEL_MIN_MACS: usize = 1 << 24;
+
+/// `a · bᵀ` (`transpose_b`) or `a · b`, no gradient: `a` [m, k]; `b` [n, k] or [k, n].
 pub fn matmul(a: &Tensor, b: &Tensor, transpose_b: bool) -> Result<Tensor> {
+    if transpose_b {
+        bmm_no_grad(a, &b.t()?)
+    } else {
+        bmm_no_grad(a, b)
+    }
+}
+
+/// Differentiable batched `a · b` (candle's matmul semantics: `a` [..., m, k], `b`
+/// [..., k, n], the same leading dims) computed by [`strided_bmm`] on the CPU in f32 —
+/// strided views such as `k.t()` or a narrowed cache go in without a copy — and by candle's
+/// matmul elsewhere. The backward is `da = dy · bᵀ`, `db = aᵀ · dy`, by the same routine.
+pub fn bmm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let out = match strided_bmm(&a.detach(), &b.detach())? {
+        Some(o) => o,
+        None => return candle_matmul(a, b),
+    };
+    super::bridge::bridge2(
+        a,
+        b,
+        out,
+        BmmBwd {
+            a: a.detach(),
+            b: b.detach(),
+        },
+    )
+}
+
+struct BmmBwd {
+    a: Tensor,
+    b: Tensor,
+}
+
+impl super::bridge::Backward2 for BmmBwd {
+    fn name(&self) -> &'static str {
+        "bmm-bridge"
+    }
+    fn backward(&self, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let r = self.a.rank();
+        let bt = self.b.transpose(r - 2, r - 1)?;
+        let at = self.a.transpose(r - 2, r - 1)?;
+        let da = bmm_no_grad(dy, &bt)?;
+        let db = bmm_no_grad(&at, dy)?;
+        Ok((Some(da), Some(db)))
+    }
+}
+
+fn bmm_no_grad(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match strided_bmm(a, b)? {
+        Some(o) => Ok(o),
+        None => candle_matmul(a, b),
+    }
+}
+
+/// candle's matmul, which takes transposed operands but not every strided view (e.g. a
+/// narrowed cache's values): those are made contiguous first.
+fn candle_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.matmul(b)
+        .or_else(|_| a.contiguous()?.matmul(&b.contiguous()?))
+}
+
+/// The CPU f32 product of [`bmm`], reading each operand's strides as they are; None when
+/// it does not apply (another device or dtype, ranks or leading dims that differ).
+fn strided_bmm(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     let cpu_f32 =
         matches!(a.device(), Device::Cpu) && a.dtype() == DType::F32 && b.dtype() == DType::F32;
-    if !cpu_f32 || a.rank() != 2 || b.rank() != 2 {
-        return if transpose_b {
-            a.matmul(&b.t()?)
-        } else {
-            a.matmul(b)
-        };
+    let r = a.rank();
+    if !cpu_f32 || r < 2 || b.rank() != r || a.dims()[..r - 2] != b.dims()[..r - 2] {
+        return Ok(None);
     }
-    let (m, k) = a.dims2()?;
-    let (n, kb) = if transpose_b {
-        b.dims2()?
-    } else {
-        let (r, c) = b.dims2()?;
-        (c, r)
-    };
+    let (m, k) = (a.dims()[r - 2], a.dims()[r - 1]);
+    let (kb, n) = (b.dims()[r - 2], b.dims()[r - 1]);
     if k != kb {
-        return a.matmul(&if transpose_b { b.t()? } else { b.clone() }); // candle's shape error
+        return Ok(None);
     }
-    let a = a.contiguous()?;
-    let b = b.contiguous()?;
-    let threads = if n * k >= PARALLEL_MIN_WEIGHT {
-        candle_core::utils::get_num_threads()
-    } else {
-        1
-    };
+    let batch_dims = &a.dims()[..r - 2];
+    let batches: usize = batch_dims.iter().product();
     let (sa, la) = a.storage_and_layout();
     let (sb, lb) = b.storage_and_layout();
     let (Storage::Cpu(CpuStorage::F32(av)), Storage::Cpu(CpuStorage::F32(bv))) = (&*sa, &*sb)
     else {
-        unreachable!("checked: both f32 on the CPU");
+        return Ok(None);
     };
-    let av = &av[la.start_offset()..la.start_offset() + m * k];
-    let bv = &bv[lb.start_offset()..lb.start_offset() + n * k];
-    let mut dst = vec![0f32; m * n];
-    // Row-major: a[i, p] at i·k + p; b[p, j] at p·n + j, or for bᵀ, b[j, p] at j·k + p.
-    let (b_cs, b_rs) = if transpose_b {
-        (k as isize, 1)
+    let (ast, bst) = (la.stride(), lb.stride());
+    let threads = if n * k >= PARALLEL_MIN_WEIGHT || m * n * k >= PARALLEL_MIN_MACS {
+        candle_core::utils::get_num_threads()
     } else {
-        (1, n as isize)
+        1
     };
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the slices above hold m·k and n·k elements laid out as the strides say, and
-    // `dst` holds m·n; gemm writes only dst (alpha 0: not read).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            av.as_ptr(),
-            1,
-            k as isize,
-            bv.as_ptr(),
-            b_cs,
-            b_rs,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+    let mut dst = vec![0f32; batches * m * n];
+    let mut idx = vec![0usize; batch_dims.len()];
+    for bi in 0..batches {
+        // Offsets of this batch's matrices from the multi-index `idx`.
+        let oa: usize = la.start_offset() + idx.iter().zip(ast).map(|(i, s)| i * s).sum::<usize>();
+        let ob: usize = lb.start_offset() + idx.iter().zip(bst).map(|(i, s)| i * s).sum::<usize>();
+        // SAFETY: every element a[oa + i·ast[r−2] + p·ast[r−1]] (i < m, p < k) lies in the
+        // storage the layout describes, likewise for b; dst's block bi holds m·n values.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr().add(bi * m * n),
+                1,
+                n as isize,
+                false,
+                av.as_ptr().add(oa),
+                ast[r - 1] as isize,
+                ast[r - 2] as isize,
+                bv.as_ptr().add(ob),
+                bst[r - 1] as isize,
+                bst[r - 2] as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        // Next multi-index, last dim fastest.
+        for d in (0..idx.len()).rev() {
+            idx[d] += 1;
+            if idx[d] < batch_dims[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
     }
     drop((sa, sb));
-    Tensor::from_vec(dst, (m, n), a.device())
+    let mut shape = batch_dims.to_vec();
+    shape.extend([m, n]);
+    Ok(Some(Tensor::from_vec(dst, shape, a.device())?))
 }
 
 #[cfg(test)]
@@ -118,6 +185,28 @@ mod tests {
             assert!(close(&matmul(&a, &w, true).unwrap(), &want) < 1e-3);
             let wt = w.t().unwrap(); // [k, n], not contiguous
             assert!(close(&matmul(&a, &wt, false).unwrap(), &want) < 1e-3);
+        }
+    }
+
+    /// Batched, strided (transposed, narrowed) operands give candle's matmul, and the
+    /// gradients match candle's autograd.
+    #[test]
+    fn bmm_matches_candle_values_and_gradients() {
+        let dev = Device::Cpu;
+        let q = candle_core::Var::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
+        let cache = Tensor::randn(0f32, 1.0, (2, 3, 9, 8), &dev).unwrap();
+        let kv = candle_core::Var::from_tensor(&cache).unwrap();
+        let k = kv.narrow(2, 0, 7).unwrap(); // [2, 3, 7, 8], a narrowed view
+        let kt = k.transpose(2, 3).unwrap(); // strided
+        let ours = bmm(&q, &kt).unwrap();
+        let want = q.matmul(&kt.contiguous().unwrap()).unwrap();
+        assert!(close(&ours, &want) < 1e-4);
+        let w = Tensor::randn(0f32, 1.0, ours.shape(), &dev).unwrap();
+        let g1 = (&ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&want * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [q.as_tensor(), kv.as_tensor()] {
+            let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+            assert!(close(a, b) < 1e-4, "gradient differs");
         }
     }
 }
