@@ -206,7 +206,10 @@ fn accumulating_k_micro_batches_equals_one_k_times_larger_batch() {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        assert!(d <= 1e-4 * scale.max(1e-3), "{k}: {d} (scale {scale})");
+        // Equal up to rounding: the two batchings sum in different orders, and AdamW's
+        // division by √v amplifies rounding in small gradients (1.1e-4 relative seen with
+        // gemm's AVX-512 kernels).
+        assert!(d <= 5e-4 * scale.max(1e-3), "{k}: {d} (scale {scale})");
     }
     let losses = |m: &[serde_json::Value]| -> Vec<f64> {
         m.iter().filter_map(|r| r["train/loss"].as_f64()).collect()

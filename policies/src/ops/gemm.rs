@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 pub const PARALLEL_MIN_WEIGHT: usize = 1 << 19;
 
 /// Products of at least this many multiply-adds are split across threads too.
-pub const PARALLEL_MIN_MACS: usize = 1 << 24;
+pub const PARALLEL_MIN_MACS: usize = 1 << 22;
 
 /// `a · bᵀ` (`transpose_b`) or `a · b`, no gradient: `a` [m, k]; `b` [n, k] or [k, n].
 pub fn matmul(a: &Tensor, b: &Tensor, transpose_b: bool) -> Result<Tensor> {
