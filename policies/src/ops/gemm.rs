@@ -17,10 +17,39 @@ pub const PARALLEL_MIN_MACS: usize = 1 << 22;
 /// `a · bᵀ` (`transpose_b`) or `a · b`, no gradient: `a` [m, k]; `b` [n, k] or [k, n].
 pub fn matmul(a: &Tensor, b: &Tensor, transpose_b: bool) -> Result<Tensor> {
     if transpose_b {
+        if let Some(out) = few_rows(a, b)? {
+            return Ok(out);
+        }
         bmm_no_grad(a, &b.t()?)
     } else {
         bmm_no_grad(a, b)
     }
+}
+
+/// `a · bᵀ` by [`super::rowdot`] when `a` has at most `ROWDOT_MAX_ROWS` rows (CPU, f32,
+/// both contiguous); None otherwise.
+fn few_rows(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    use super::rowdot::{rowdot, ROWDOT_MAX_ROWS};
+    let cpu_f32 =
+        matches!(a.device(), Device::Cpu) && a.dtype() == DType::F32 && b.dtype() == DType::F32;
+    if !cpu_f32 || a.rank() != 2 || b.rank() != 2 || !a.is_contiguous() || !b.is_contiguous() {
+        return Ok(None);
+    }
+    let ((m, k), (n, kb)) = (a.dims2()?, b.dims2()?);
+    if m > ROWDOT_MAX_ROWS || k != kb {
+        return Ok(None);
+    }
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(av)), Storage::Cpu(CpuStorage::F32(bv))) = (&*sa, &*sb)
+    else {
+        return Ok(None);
+    };
+    let x = &av[la.start_offset()..la.start_offset() + m * k];
+    let w = &bv[lb.start_offset()..lb.start_offset() + n * k];
+    let out = rowdot(x, w, m, n, k, n * k >= PARALLEL_MIN_WEIGHT);
+    drop((sa, sb));
+    Ok(Some(Tensor::from_vec(out, (m, n), a.device())?))
 }
 
 /// Differentiable batched `a · b` (candle's matmul semantics: `a` [..., m, k], `b`

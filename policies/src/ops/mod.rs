@@ -8,6 +8,7 @@ pub mod logprob;
 pub mod matmul;
 pub mod norm;
 pub mod rope;
+pub mod rowdot;
 pub mod softmax;
 
 use candle_core::DType;
