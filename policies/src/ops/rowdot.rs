@@ -16,8 +16,19 @@ pub fn rowdot(x: &[f32], w: &[f32], m: usize, n: usize, k: usize, parallel: bool
     let mut t = vec![0f32; n * m];
     let col = |(j, out): (usize, &mut [f32])| {
         let wj = &w[j * k..(j + 1) * k];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = dot(&x[i * k..(i + 1) * k], wj);
+        let mut i = 0;
+        // Four input rows per pass over the weight row: one load of w feeds four FMAs.
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            while i + 4 <= m {
+                // SAFETY: AVX2 and FMA are present (checked); rows i..i+4 are in x.
+                let d = unsafe { dot4_avx2(&x[i * k..(i + 4) * k], wj, k) };
+                out[i..i + 4].copy_from_slice(&d);
+                i += 4;
+            }
+        }
+        for (r, o) in out.iter_mut().enumerate().skip(i) {
+            *o = dot(&x[r * k..(r + 1) * k], wj);
         }
     };
     if parallel {
@@ -34,16 +45,54 @@ pub fn rowdot(x: &[f32], w: &[f32], m: usize, n: usize, k: usize, parallel: bool
     out
 }
 
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if has_avx2_fma() {
             // SAFETY: the CPU has AVX2 and FMA (checked just above).
             return unsafe { dot_avx2(a, b) };
         }
     }
     dot_portable(a, b)
+}
+
+/// Dot products of four consecutive rows of `x4` (4 × k) with `w` (k): two accumulators per
+/// row, so eight FMA chains are in flight.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot4_avx2(x4: &[f32], w: &[f32], k: usize) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    assert!(x4.len() >= 4 * k && w.len() >= k);
+    let pw = w.as_ptr();
+    let px = [0, 1, 2, 3].map(|r| x4.as_ptr().add(r * k));
+    let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+    let mut p = 0;
+    while p + 16 <= k {
+        let (w0, w1) = (_mm256_loadu_ps(pw.add(p)), _mm256_loadu_ps(pw.add(p + 8)));
+        for r in 0..4 {
+            acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(px[r].add(p)), w0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(px[r].add(p + 8)), w1, acc[r][1]);
+        }
+        p += 16;
+    }
+    let mut out = [0f32; 4];
+    for r in 0..4 {
+        let v = _mm256_add_ps(acc[r][0], acc[r][1]);
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+        let mut s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+            + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        for q in p..k {
+            s += *px[r].add(q) * *pw.add(q);
+        }
+        out[r] = s;
+    }
+    out
 }
 
 /// Four independent partial sums so the compiler can keep several multiply-adds in flight.
