@@ -82,7 +82,9 @@ fn config(text: &str) {
 }
 
 fn seeds(target: &str) -> Vec<Vec<u8>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/seeds")
+        .join(target);
     std::fs::read_dir(dir)
         .unwrap()
         .map(|e| std::fs::read(e.unwrap().path()).unwrap())
@@ -114,6 +116,7 @@ fn config_seeds_and_tricky_inputs_give_values_or_named_errors() {
         config(t);
     }
     // Non-finite numbers are refused by validation, not accepted silently.
-    let c: SftConfig = from_text("[training]\nlearning_rate = nan\n", "fuzz.toml", &[], &[]).unwrap();
+    let c: SftConfig =
+        from_text("[training]\nlearning_rate = nan\n", "fuzz.toml", &[], &[]).unwrap();
     assert!(c.validate().is_err());
 }

@@ -138,7 +138,14 @@ fn strided_bmm(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     } else {
         gemm::Parallelism::None
     };
-    let mut dst = vec![0f32; batches * m * n];
+    if k == 0 {
+        let mut shape = batch_dims.to_vec();
+        shape.extend([m, n]);
+        return Ok(Some(Tensor::zeros(shape, DType::F32, a.device())?));
+    }
+    // Not zeroed: gemm writes every element (read_dst = false) before `set_len` below.
+    let total = batches * m * n;
+    let mut dst: Vec<f32> = Vec::with_capacity(total);
     let mut idx = vec![0usize; batch_dims.len()];
     for bi in 0..batches {
         // Offsets of this batch's matrices from the multi-index `idx`.
@@ -178,6 +185,8 @@ fn strided_bmm(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
             idx[d] = 0;
         }
     }
+    // SAFETY: the gemm calls above wrote all `total` elements of the allocation.
+    unsafe { dst.set_len(total) };
     drop((sa, sb));
     let mut shape = batch_dims.to_vec();
     shape.extend([m, n]);
