@@ -45,6 +45,7 @@ fn quiet() -> RunOptions {
     RunOptions {
         resume: None,
         quiet: true,
+        separate_old_pass: false,
     }
 }
 
@@ -256,6 +257,7 @@ fn resuming_an_rl_run_is_bit_identical() {
         &RunOptions {
             resume: Some("latest".into()),
             quiet: true,
+            separate_old_pass: false,
         },
     )
     .unwrap();
@@ -499,4 +501,45 @@ fn a_sequence_classification_reward_model_matches_transformers() {
     assert!(series(&metrics(&tmp.0), "objective/scores")
         .iter()
         .all(|s| s.is_finite()));
+}
+
+/// GRPO with one update per step and no dropout takes the old log-probs from the update's
+/// own forward pass instead of a separate pass: the same run, bit for bit (adapter and
+/// logged KL), and the separate pass's time is gone.
+#[test]
+fn grpo_old_logprobs_from_the_update_equal_a_separate_pass() {
+    let run_once = |tag: &str, separate: bool| {
+        let tmp = TempDir::new(tag);
+        let cfg = config(
+            &tmp.0,
+            "grpo",
+            &[
+                "rl.num_generations=4",
+                "rl.kl_coef=0.04",
+                "rl.num_ppo_epochs=1",
+                "rl.num_mini_batches=1",
+                "adapter.lora_dropout=0.0",
+                "training.max_steps=4",
+                "training.learning_rate=1e-2",
+            ],
+        );
+        run(
+            &cfg,
+            &default_registry(),
+            &RunOptions {
+                separate_old_pass: separate,
+                ..quiet()
+            },
+        )
+        .unwrap();
+        let m = metrics(&tmp.0);
+        let adapter = std::fs::read(tmp.0.join("out/adapter/adapter_model.safetensors")).unwrap();
+        (adapter, series(&m, "objective/kl"), series(&m, "time/policy"))
+    };
+    let (a1, kl1, t1) = run_once("grpo-old-separate", true);
+    let (a2, kl2, t2) = run_once("grpo-old-update", false);
+    assert!(a1 == a2, "adapters differ");
+    assert_eq!(kl1, kl2);
+    assert!(kl2[1..].iter().any(|&k| k > 0.0), "the KL is computed after the update: {kl2:?}");
+    assert!(t2.iter().all(|&t| t < 1e-3) && t1.iter().all(|&t| t > 0.0), "{t1:?} {t2:?}");
 }

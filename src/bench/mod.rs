@@ -310,6 +310,7 @@ pub fn rl_step(dir: &Path, work: &Path, grpo: bool, steps: usize, device: &str) 
         &crate::rl::trainer::RunOptions {
             resume: None,
             quiet: true,
+            separate_old_pass: false,
         },
     )?;
     let m: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl"))?

@@ -17,6 +17,7 @@ pub fn run(args: Args, defaults: &[&str], registry: &Registry) -> Result<()> {
         &RunOptions {
             resume: args.resume,
             quiet: args.quiet,
+            separate_old_pass: false,
         },
     )?;
     if out.interrupted {

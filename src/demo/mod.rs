@@ -182,6 +182,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         &RlOptions {
             resume: None,
             quiet: opts.quiet,
+            separate_old_pass: false,
         },
     )?;
     seconds.insert("ppo".into(), json!(t0.elapsed().as_secs_f64()));

@@ -32,6 +32,9 @@ use std::time::Instant;
 pub struct RunOptions {
     pub resume: Option<String>,
     pub quiet: bool,
+    /// Always run the separate old-policy pass, even where a GRPO step's single update
+    /// could supply the old log-probs itself (a check that both give the same run).
+    pub separate_old_pass: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -353,6 +356,15 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
     let mut eval_after = None;
     let mut bad_steps = 0u64;
 
+    // GRPO with one update per step and no dropout: that update's own forward pass yields
+    // the old log-probs (the same weights, inputs and kernels give the same values; the ratio
+    // is 1), so the separate policy pass is skipped — as TRL does with num_iterations = 1.
+    // The KL of the step is then computed after the update, from those log-probs.
+    let old_from_update = r.algorithm == Algorithm::Grpo
+        && r.num_ppo_epochs == 1
+        && r.num_mini_batches == 1
+        && cfg.adapter.lora_dropout == 0.0
+        && !opts.separate_old_pass;
     crate::train::interrupt::install();
     let mut interrupted = false;
     while step < total_steps {
@@ -381,7 +393,7 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
         let t0 = Instant::now();
         let all: Vec<usize> = (0..n).collect();
         let (mut logp_old, mut values) = (Vec::with_capacity(n), Vec::with_capacity(n));
-        for chunk in all.chunks(mb) {
+        for chunk in all.chunks(mb).filter(|_| !old_from_update) {
             let input = ro.input(chunk, &device)?;
             let lens_c: Vec<usize> = chunk.iter().map(|&i| lens[i]).collect();
             let shared_head = if critic.is_none() {
@@ -476,17 +488,20 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
             let t_score = t0.elapsed().as_secs_f64();
             // 5. KL per token and advantages.
             let beta = kl_ctl.beta;
-            let kl: Vec<Vec<f64>> = (0..n)
-                .map(|i| match &logp_ref {
-                    Some(lr) => logp_old[i]
-                        .iter()
-                        .zip(&lr[i])
-                        .map(|(&a, &b)| est.per_token(a, b))
-                        .collect(),
-                    None => vec![0.0; lens[i]],
-                })
-                .collect();
-            let seq_kl: Vec<f64> = kl.iter().map(|k| k.iter().sum()).collect();
+            let kl_of = |logp_old: &[Vec<f64>], logp_ref: Option<&Vec<Vec<f64>>>| {
+                (0..n)
+                    .map(|i| match (logp_ref, logp_old.get(i)) {
+                        (Some(lr), Some(lo)) => lo
+                            .iter()
+                            .zip(&lr[i])
+                            .map(|(&a, &b)| est.per_token(a, b))
+                            .collect(),
+                        _ => vec![0.0; lens[i]],
+                    })
+                    .collect::<Vec<Vec<f64>>>()
+            };
+            let kl = kl_of(&logp_old, logp_ref.as_ref());
+            let mut seq_kl: Vec<f64> = kl.iter().map(|k| k.iter().sum()).collect();
             let mask_rows: Vec<Vec<bool>> = lens.iter().map(|&l| vec![true; l]).collect();
             let (advantages, returns) = match r.algorithm {
                 Algorithm::Ppo => {
@@ -533,7 +548,7 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
                     (adv, None)
                 }
             };
-            let data = StepData {
+            let mut data = StepData {
                 lens: lens.clone(),
                 logp_old,
                 logp_ref,
@@ -564,6 +579,11 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
                 &mut bad_steps,
             )?;
             let t_train = t0.elapsed().as_secs_f64();
+            if old_from_update {
+                data.logp_old = stats.logp_from_update.clone();
+                data.kl = kl_of(&data.logp_old, data.logp_ref.as_ref());
+                seq_kl = data.kl.iter().map(|k| k.iter().sum()).collect();
+            }
             if bad_steps >= t.max_bad_steps.max(1) {
                 let dir = save_rl(
                     &ckpt,
@@ -823,6 +843,8 @@ struct TrainStats {
     grad_norm: f64,
     /// The first micro-batch's ratios (a check: exactly 1 before any update).
     first_ratio: Option<Vec<f32>>,
+    /// The update's log-probs, in rollout order, when they serve as the old ones.
+    logp_from_update: Vec<Vec<f64>>,
 }
 
 /// `num_ppo_epochs` × shuffled mini-batches × micro-batches. Returns means over updates.
@@ -897,7 +919,13 @@ fn train_on_step(
                     shared_head,
                     r.entropy_coef > 0.0,
                 )?;
-                let old = rows_tensor(micro, &d.logp_old, width, &dev)?;
+                let old = if d.logp_old.is_empty() {
+                    // One update per step: its own log-probs are the old ones.
+                    stats.logp_from_update.extend(to_rows(&s.logp, &lens)?);
+                    s.logp.detach()
+                } else {
+                    rows_tensor(micro, &d.logp_old, width, &dev)?
+                };
                 let adv = rows_tensor(micro, &d.advantages, width, &dev)?;
                 let (pg, clipped) = policy_loss(&s.logp, &old, &adv, clip_params)?;
                 let pg_loss = weighted_sum(&pg, &w)?;
