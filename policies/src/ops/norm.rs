@@ -35,6 +35,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
             x: x.detach(),
             w: w.detach(),
             eps,
+            need_dw: w.track_op(),
         },
     )
 }
@@ -43,6 +44,8 @@ struct RmsNormBwd {
     x: Tensor,
     w: Tensor,
     eps: f64,
+    /// The weight is trainable (full or last-N-layers training): compute its gradient.
+    need_dw: bool,
 }
 
 impl Backward2 for RmsNormBwd {
@@ -52,6 +55,11 @@ impl Backward2 for RmsNormBwd {
     // With r = 1/sqrt(mean(x²)+eps), x̂ = x·r, gw = g·w:
     //   dx = r·gw − x̂·r·mean(gw·x̂),   dw = Σ_rows g·x̂
     fn backward(&self, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !self.need_dw {
+            if let Some(dx) = rms_norm_dx_cpu(&self.x, &self.w, g, self.eps)? {
+                return Ok((Some(dx), None));
+            }
+        }
         let dtype = self.x.dtype();
         let x = internal(&self.x)?;
         let g = internal(g)?;
@@ -63,12 +71,59 @@ impl Backward2 for RmsNormBwd {
         let gw = g.broadcast_mul(&w)?;
         let proj = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
         let dx = (gw - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&r)?;
-        let dw = sum_to_last(&(&g * &xhat)?)?;
-        Ok((
-            Some(dx.to_dtype(dtype)?),
-            Some(dw.to_dtype(self.w.dtype())?),
-        ))
+        let dw = if self.need_dw {
+            Some(sum_to_last(&(&g * &xhat)?)?.to_dtype(self.w.dtype())?)
+        } else {
+            None
+        };
+        Ok((Some(dx.to_dtype(dtype)?), dw))
     }
+}
+
+/// RMSNorm's input gradient in one pass per row (CPU, f32, contiguous; None otherwise),
+/// the same formula as the composed backward: r = 1/sqrt(mean(x²)+eps),
+/// dx = r·(g·w − x·r·mean(g·w·x·r)).
+fn rms_norm_dx_cpu(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    use candle_core::{CpuStorage, Device, Storage};
+    let ok = matches!(x.device(), Device::Cpu)
+        && [x.dtype(), w.dtype(), g.dtype()] == [DType::F32; 3]
+        && x.is_contiguous()
+        && g.is_contiguous()
+        && w.is_contiguous()
+        && x.dims() == g.dims();
+    if !ok {
+        return Ok(None);
+    }
+    let n = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / n.max(1);
+    let (sx, lx) = x.storage_and_layout();
+    let (sw, lw) = w.storage_and_layout();
+    let (sg, lg) = g.storage_and_layout();
+    let (
+        Storage::Cpu(CpuStorage::F32(xv)),
+        Storage::Cpu(CpuStorage::F32(wv)),
+        Storage::Cpu(CpuStorage::F32(gv)),
+    ) = (&*sx, &*sw, &*sg)
+    else {
+        return Ok(None);
+    };
+    let (xv, wv, gv) = (
+        &xv[lx.start_offset()..lx.start_offset() + rows * n],
+        &wv[lw.start_offset()..lw.start_offset() + n],
+        &gv[lg.start_offset()..lg.start_offset() + rows * n],
+    );
+    let mut dx = vec![0f32; rows * n];
+    for row in 0..rows {
+        let (xr, gr) = (&xv[row * n..(row + 1) * n], &gv[row * n..(row + 1) * n]);
+        let ms: f32 = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        let r = 1.0 / (ms + eps as f32).sqrt();
+        let proj: f32 = (0..n).map(|i| gr[i] * wv[i] * xr[i] * r).sum::<f32>() / n as f32;
+        for i in 0..n {
+            dx[row * n + i] = r * (gr[i] * wv[i] - xr[i] * r * proj);
+        }
+    }
+    drop((sx, sw, sg));
+    Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
 }
 
 /// `y = (x − mean(x)) / sqrt(var(x) + eps) · w + b`

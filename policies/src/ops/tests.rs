@@ -52,6 +52,31 @@ fn rms_norm_backward() {
     check("rms_norm", &fast, &slow, &[&x, &w]);
 }
 
+/// The fused f32 input gradient (frozen weight: no weight gradient asked for) against the
+/// f64 reference, and no gradient reaches the frozen weight.
+#[test]
+fn rms_norm_backward_frozen_weight_f32() {
+    let x64 = randn(&[4, 7, 40]);
+    let w64 = Tensor::randn(0f64, 1.0, 40, &Device::Cpu).unwrap();
+    let slow = candle_nn::ops::rms_norm_slow(&x64, &w64, 1e-6).unwrap();
+    let r = Tensor::randn(0f64, 1.0, slow.shape(), &Device::Cpu).unwrap();
+    let want = project(&slow, &r)
+        .backward()
+        .unwrap()
+        .get(&x64)
+        .unwrap()
+        .clone();
+    let x = Var::from_tensor(&x64.to_dtype(DType::F32).unwrap()).unwrap();
+    let w = w64.to_dtype(DType::F32).unwrap();
+    let fast = rms_norm(&x, &w, 1e-6).unwrap();
+    let g = project(&fast, &r.to_dtype(DType::F32).unwrap())
+        .backward()
+        .unwrap();
+    let got = g.get(&x).unwrap().to_dtype(DType::F64).unwrap();
+    assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+    assert!(g.get(&w).is_none());
+}
+
 #[test]
 fn layer_norm_backward() {
     let (x, w, b) = (randn(&[2, 4, 6]), randn(&[6]), randn(&[6]));
