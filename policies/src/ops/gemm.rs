@@ -26,29 +26,87 @@ pub fn matmul(a: &Tensor, b: &Tensor, transpose_b: bool) -> Result<Tensor> {
     }
 }
 
+/// `x · wᵀ` for a contiguous row-major `x` [m, k] slice and a contiguous f32 CPU weight
+/// `w` [n, k]: the row-dot path for few rows, gemm otherwise. Returns the [m, n] values.
+pub fn matmul_t_f32(x: &[f32], m: usize, k: usize, w: &Tensor) -> Result<Vec<f32>> {
+    use super::rowdot::{rowdot, ROWDOT_MAX_ROWS};
+    let (n, kw) = w.dims2()?;
+    if kw != k || !w.is_contiguous() {
+        candle_core::bail!(
+            "matmul_t_f32: weight {:?} for inputs of width {k}",
+            w.dims()
+        );
+    }
+    let (sw, lw) = w.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(wv)) = &*sw else {
+        candle_core::bail!("matmul_t_f32: expected an f32 CPU weight");
+    };
+    let wv = &wv[lw.start_offset()..lw.start_offset() + n * k];
+    if m <= ROWDOT_MAX_ROWS {
+        return Ok(rowdot(x, wv, m, n, k, n * k >= PARALLEL_MIN_WEIGHT));
+    }
+    if k == 0 {
+        return Ok(vec![0.0; m * n]);
+    }
+    let mut dst: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: x holds m·k values (row-major), wv n·k (row-major, read as wᵀ with column
+    // stride k); gemm writes all m·n values of dst (read_dst = false) before set_len.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            wv.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(m, n, k),
+        );
+        dst.set_len(m * n);
+    }
+    Ok(dst)
+}
+
+fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+    if n * k >= PARALLEL_MIN_WEIGHT || m * n * k >= PARALLEL_MIN_MACS {
+        match candle_core::utils::get_num_threads() {
+            t if t > 1 => gemm::Parallelism::Rayon(t),
+            _ => gemm::Parallelism::None,
+        }
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
 /// `a · bᵀ` by [`super::rowdot`] when `a` has at most `ROWDOT_MAX_ROWS` rows (CPU, f32,
 /// both contiguous); None otherwise.
 fn few_rows(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
-    use super::rowdot::{rowdot, ROWDOT_MAX_ROWS};
     let cpu_f32 =
         matches!(a.device(), Device::Cpu) && a.dtype() == DType::F32 && b.dtype() == DType::F32;
     if !cpu_f32 || a.rank() != 2 || b.rank() != 2 || !a.is_contiguous() || !b.is_contiguous() {
         return Ok(None);
     }
     let ((m, k), (n, kb)) = (a.dims2()?, b.dims2()?);
-    if m > ROWDOT_MAX_ROWS || k != kb {
+    if m > super::rowdot::ROWDOT_MAX_ROWS || k != kb {
         return Ok(None);
     }
     let (sa, la) = a.storage_and_layout();
-    let (sb, lb) = b.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(av)), Storage::Cpu(CpuStorage::F32(bv))) = (&*sa, &*sb)
-    else {
+    let Storage::Cpu(CpuStorage::F32(av)) = &*sa else {
         return Ok(None);
     };
-    let x = &av[la.start_offset()..la.start_offset() + m * k];
-    let w = &bv[lb.start_offset()..lb.start_offset() + n * k];
-    let out = rowdot(x, w, m, n, k, n * k >= PARALLEL_MIN_WEIGHT);
-    drop((sa, sb));
+    let out = matmul_t_f32(&av[la.start_offset()..la.start_offset() + m * k], m, k, b)?;
+    drop(sa);
     Ok(Some(Tensor::from_vec(out, (m, n), a.device())?))
 }
 
@@ -128,16 +186,7 @@ fn strided_bmm(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     };
     let (ast, bst) = (la.stride(), lb.stride());
-    let threads = if n * k >= PARALLEL_MIN_WEIGHT || m * n * k >= PARALLEL_MIN_MACS {
-        candle_core::utils::get_num_threads()
-    } else {
-        1
-    };
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let parallelism = parallelism(m, n, k);
     if k == 0 {
         let mut shape = batch_dims.to_vec();
         shape.extend([m, n]);

@@ -2,10 +2,19 @@
 //! (`dx = dy · W`), never the weight's, which candle's matmul backward would.
 
 use super::bridge::{bridge1, Backward1};
-use candle_core::{Result, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 
 /// `x`: [n, in], `w`: [out, in] (not a variable) → [n, out].
 pub fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let cpu_f32 =
+        matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && w.dtype() == DType::F32;
+    if x.track_op() && cpu_f32 && x.rank() == 2 && w.rank() == 2 {
+        // In training on the CPU the product is the op's own forward: no copy of the
+        // output into the graph, as a bridge would make.
+        return x
+            .contiguous()?
+            .apply_op1(FrozenLinear { w: w.contiguous()? });
+    }
     let out = super::gemm::matmul(&x.detach(), w, true)?;
     bridge1(x, out, FrozenBwd { w: w.clone() })
 }
@@ -20,5 +29,29 @@ impl Backward1 for FrozenBwd {
     }
     fn backward(&self, dy: &Tensor) -> Result<Tensor> {
         super::gemm::matmul(dy, &self.w, false)
+    }
+}
+
+/// The CPU f32 frozen linear as a custom op (forward by `gemm::matmul_t_f32`).
+struct FrozenLinear {
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(xv) = s else {
+            candle_core::bail!("frozen-linear: expected f32 input");
+        };
+        let (m, k) = l.shape().dims2()?;
+        let x = &xv[l.start_offset()..l.start_offset() + m * k];
+        let out = super::gemm::matmul_t_f32(x, m, k, &self.w)?;
+        let n = out.len() / m.max(1);
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(super::gemm::matmul(dy, &self.w, false)?))
     }
 }

@@ -146,3 +146,25 @@ fn logprob_backward_and_entropy() {
     let h = entropy(&u).unwrap().to_vec1::<f64>().unwrap()[0];
     assert!((h - 11f64.ln()).abs() < 1e-12);
 }
+
+/// The CPU f32 training path (a custom op, not a bridge): the product and the input
+/// gradient dy·W against f64, nothing for the weight; for many rows and for few.
+#[test]
+fn frozen_matmul_f32_training_path() {
+    for rows in [40, 3] {
+        let x64 = randn(&[rows, 24]);
+        let w64 = Tensor::randn(0f64, 1.0, (10, 24), &Device::Cpu).unwrap();
+        let x = Var::from_tensor(&x64.to_dtype(DType::F32).unwrap()).unwrap();
+        let w = w64.to_dtype(DType::F32).unwrap();
+        let y = frozen_matmul_t(&x, &w).unwrap();
+        let want = x64.matmul(&w64.t().unwrap()).unwrap();
+        assert!(max_diff(&y.to_dtype(DType::F64).unwrap(), &want) < 1e-4);
+        let r = Tensor::randn(0f64, 1.0, (rows, 10), &Device::Cpu).unwrap();
+        let g = project(&y, &r.to_dtype(DType::F32).unwrap())
+            .backward()
+            .unwrap();
+        let dx = g.get(&x).unwrap().to_dtype(DType::F64).unwrap();
+        assert!(max_diff(&dx, &r.matmul(&w64).unwrap()) < 1e-4);
+        assert!(g.get(&w).is_none());
+    }
+}
