@@ -534,12 +534,22 @@ fn grpo_old_logprobs_from_the_update_equal_a_separate_pass() {
         .unwrap();
         let m = metrics(&tmp.0);
         let adapter = std::fs::read(tmp.0.join("out/adapter/adapter_model.safetensors")).unwrap();
-        (adapter, series(&m, "objective/kl"), series(&m, "time/policy"))
+        (
+            adapter,
+            series(&m, "objective/kl"),
+            series(&m, "time/policy"),
+        )
     };
     let (a1, kl1, t1) = run_once("grpo-old-separate", true);
     let (a2, kl2, t2) = run_once("grpo-old-update", false);
     assert!(a1 == a2, "adapters differ");
     assert_eq!(kl1, kl2);
-    assert!(kl2[1..].iter().any(|&k| k > 0.0), "the KL is computed after the update: {kl2:?}");
-    assert!(t2.iter().all(|&t| t < 1e-3) && t1.iter().all(|&t| t > 0.0), "{t1:?} {t2:?}");
+    assert!(
+        kl2[1..].iter().any(|&k| k > 0.0),
+        "the KL is computed after the update: {kl2:?}"
+    );
+    assert!(
+        t2.iter().all(|&t| t < 1e-3) && t1.iter().all(|&t| t > 0.0),
+        "{t1:?} {t2:?}"
+    );
 }

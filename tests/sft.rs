@@ -507,3 +507,15 @@ fn the_shipped_config_runs() {
     let eval = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
     assert!(eval.contains("eval/loss"));
 }
+
+#[test]
+fn an_empty_string_unsets_an_optional_file() {
+    let cfg: SftConfig = config::load(
+        Some(Path::new("configs/sft.toml")),
+        &["data.eval_file=\"\"".into()],
+    )
+    .unwrap();
+    assert_eq!(cfg.data.eval_file, None);
+    let cfg: SftConfig = config::load(Some(Path::new("configs/sft.toml")), &[]).unwrap();
+    assert!(cfg.data.eval_file.is_some(), "the shipped config names one");
+}

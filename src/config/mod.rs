@@ -80,6 +80,15 @@ pub fn from_text<T: DeserializeOwned + Serialize + Default>(
     })
 }
 
+/// An optional path where `""` means unset, so `--set data.eval_file=""` turns off a file
+/// the config names.
+pub fn empty_as_none<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<std::path::PathBuf>, D::Error> {
+    let v: Option<std::path::PathBuf> = serde::Deserialize::deserialize(d)?;
+    Ok(v.filter(|p| !p.as_os_str().is_empty()))
+}
+
 /// `a.b.c=value` → sets `doc[a][b][c]`.
 fn apply_override(doc: &mut toml::Table, o: &str) -> Result<()> {
     let (key, raw) = o

@@ -34,6 +34,7 @@ pub struct PromptData {
     /// JSONL: `{"prompt": "…"}` or `{"messages": […]}` per line; other fields go to the rewards.
     pub prompt_file: PathBuf,
     /// Optional held-out prompts for evaluation (same shape).
+    #[serde(deserialize_with = "super::empty_as_none")]
     pub eval_file: Option<PathBuf>,
     pub shuffle: bool,
 }
@@ -78,6 +79,7 @@ impl Default for GenerationSection {
 pub struct RlSection {
     pub algorithm: Algorithm,
     /// An SFT adapter merged into the base first: the reference is then the SFT model.
+    #[serde(deserialize_with = "super::empty_as_none")]
     pub sft_adapter: Option<PathBuf>,
     pub critic: Critic,
     /// Rollouts per step (prompts × num_generations).

@@ -11,6 +11,7 @@ pub struct DataSection {
     /// JSONL: `{"prompt","completion"}`, `{"messages"}` or `{"text"}` per line.
     pub train_file: PathBuf,
     /// Optional JSONL in the same shapes; evaluated every `training.eval_steps`.
+    #[serde(deserialize_with = "super::empty_as_none")]
     pub eval_file: Option<PathBuf>,
     /// Loss on completion / assistant tokens only (prompt masked).
     pub completion_only_loss: bool,
