@@ -12,35 +12,94 @@ pub const ROWDOT_MAX_ROWS: usize = 16;
 /// `out[i·n + j] = Σ_p x[i·k + p] · w[j·k + p]` for `x` [m, k], `w` [n, k], both row-major.
 /// `parallel`: split the output columns across rayon's threads.
 pub fn rowdot(x: &[f32], w: &[f32], m: usize, n: usize, k: usize, parallel: bool) -> Vec<f32> {
-    // Column-major result (one weight row → m outputs), transposed at the end.
-    let mut t = vec![0f32; n * m];
-    let col = |(j, out): (usize, &mut [f32])| {
+    assert!(x.len() >= m * k && w.len() >= n * k);
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    let dst = SendPtr(out.as_mut_ptr());
+    // Output column j for every row: one pass over weight row j.
+    let column = |j: usize| {
         let wj = &w[j * k..(j + 1) * k];
+        let put = |i: usize, v: f32| {
+            // SAFETY: i < m and j < n, so i·n + j is inside the m·n allocation; each (i, j)
+            // is written exactly once, by the one task that owns column j.
+            unsafe { dst.get().add(i * n + j).write(v) }
+        };
         let mut i = 0;
-        // Four input rows per pass over the weight row: one load of w feeds four FMAs.
         #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            while i + 4 <= m {
-                // SAFETY: AVX2 and FMA are present (checked); rows i..i+4 are in x.
-                let d = unsafe { dot4_avx2(&x[i * k..(i + 4) * k], wj, k) };
-                out[i..i + 4].copy_from_slice(&d);
+        {
+            let kernel = dot4_kernel();
+            while let Some(f) = kernel.filter(|_| i + 4 <= m) {
+                // SAFETY: the kernel's CPU features were detected; rows i..i+4 are in x.
+                let d = unsafe { f(&x[i * k..(i + 4) * k], wj, k) };
+                for (r, v) in d.into_iter().enumerate() {
+                    put(i + r, v);
+                }
                 i += 4;
             }
         }
-        for (r, o) in out.iter_mut().enumerate().skip(i) {
-            *o = dot(&x[r * k..(r + 1) * k], wj);
+        for r in i..m {
+            put(r, dot(&x[r * k..(r + 1) * k], wj));
         }
     };
     if parallel {
-        t.par_chunks_mut(m).enumerate().for_each(col);
+        (0..n).into_par_iter().for_each(column);
     } else {
-        t.chunks_mut(m).enumerate().for_each(col);
+        (0..n).for_each(column);
     }
-    let mut out = vec![0f32; m * n];
-    for j in 0..n {
-        for i in 0..m {
-            out[i * n + j] = t[j * m + i];
+    // SAFETY: every one of the m·n elements was written above.
+    unsafe { out.set_len(m * n) };
+    out
+}
+
+/// The output pointer, shared by the tasks that write disjoint columns.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+type Dot4 = unsafe fn(&[f32], &[f32], usize) -> [f32; 4];
+
+/// The widest four-row kernel this CPU runs: AVX-512, else AVX2+FMA, else none.
+#[cfg(target_arch = "x86_64")]
+fn dot4_kernel() -> Option<Dot4> {
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        Some(dot4_avx512)
+    } else if has_avx2_fma() {
+        Some(dot4_avx2)
+    } else {
+        None
+    }
+}
+
+/// As [`dot4_avx2`] with 16-lane registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot4_avx512(x4: &[f32], w: &[f32], k: usize) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    assert!(x4.len() >= 4 * k && w.len() >= k);
+    let pw = w.as_ptr();
+    let px = [0, 1, 2, 3].map(|r| x4.as_ptr().add(r * k));
+    let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+    let mut p = 0;
+    while p + 32 <= k {
+        let (w0, w1) = (_mm512_loadu_ps(pw.add(p)), _mm512_loadu_ps(pw.add(p + 16)));
+        for r in 0..4 {
+            acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(px[r].add(p)), w0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(px[r].add(p + 16)), w1, acc[r][1]);
         }
+        p += 32;
+    }
+    let mut out = [0f32; 4];
+    for r in 0..4 {
+        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+        for q in p..k {
+            s += *px[r].add(q) * *pw.add(q);
+        }
+        out[r] = s;
     }
     out
 }
@@ -179,10 +238,30 @@ mod tests {
                     }
                 }
             }
-            assert_eq!(
-                dot_portable(&x[..k], &w[..k]).to_bits() != 0 || k == 0,
-                true
-            );
+            // Each kernel on its own, whichever the CPU picked above.
+            #[cfg(target_arch = "x86_64")]
+            if m >= 4 {
+                let want: Vec<f64> = (0..4)
+                    .map(|r| (0..k).map(|p| x[r * k + p] as f64 * w[p] as f64).sum())
+                    .collect();
+                let mut kernels: Vec<Dot4> = Vec::new();
+                if has_avx2_fma() {
+                    kernels.push(dot4_avx2);
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    kernels.push(dot4_avx512);
+                }
+                for f in kernels {
+                    // SAFETY: only kernels whose features were detected are called.
+                    let got = unsafe { f(&x[..4 * k], &w[..k], k) };
+                    for r in 0..4 {
+                        assert!((got[r] as f64 - want[r]).abs() < 1e-5);
+                    }
+                }
+            }
+            // The portable fallback agrees too.
+            let want: f64 = (0..k).map(|p| x[p] as f64 * w[p] as f64).sum();
+            assert!((dot_portable(&x[..k], &w[..k]) as f64 - want).abs() < 1e-5);
         }
     }
 }
