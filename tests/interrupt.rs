@@ -255,15 +255,21 @@ fn sigkill_of_a_ppo_run_resumes_bit_identically() {
         }
         let mut child = cmd.spawn().unwrap();
         match pause {
-            None => wait_for("a few RL steps", Duration::from_secs(60), || rl_steps(&out) >= 7),
+            None => wait_for("a few RL steps", Duration::from_secs(60), || {
+                rl_steps(&out) >= 7
+            }),
             Some(_) => wait_for("a checkpoint write", Duration::from_secs(60), || {
-                out.join(".checkpoint-6.tmp/adapter_model.safetensors").is_file()
+                out.join(".checkpoint-6.tmp/adapter_model.safetensors")
+                    .is_file()
             }),
         }
         signal(&child, "-KILL");
         let _ = child.wait();
         let o = ppo(&out, &["--resume"]).output().unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
-        assert!(read(&out) == read(&full), "kill {i}: resumed PPO run differs");
+        assert!(
+            read(&out) == read(&full),
+            "kill {i}: resumed PPO run differs"
+        );
     }
 }

@@ -902,4 +902,30 @@ fn an_overflowing_learning_rate_is_caught_and_stops_with_a_checkpoint() {
         err.contains(&kept[0]),
         "the message names the checkpoint: {err}"
     );
+
+    // The same in RL (GRPO): skipped updates, then a stop with a checkpoint.
+    let out = tmp.0.join("grpo");
+    let mut args: Vec<String> = ["grpo", "--config", "configs/grpo.toml", "--quiet"]
+        .map(String::from)
+        .to_vec();
+    args.extend(
+        [
+            format!("training.output_dir={}", q(&out)),
+            s("training.learning_rate=1e30"),
+            s("training.max_bad_steps=2"),
+            s("data.eval_file=\"\""),
+        ]
+        .map(|x| format!("--set={x}")),
+    );
+    let o = bin().args(&args).output().unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("non-finite policy loss") && err.contains("update skipped"),
+        "{err}"
+    );
+    assert!(err.contains("2 consecutive bad steps"), "{err}");
+    let kept = complete_checkpoints(&out);
+    assert!(err.contains(kept.last().unwrap()), "{err}");
 }

@@ -355,6 +355,7 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
     let (mut first_score, mut last_score, mut last_kl) = (f64::NAN, f64::NAN, f64::NAN);
     let mut eval_after = None;
     let mut bad_steps = 0u64;
+    let mut bad_cause = String::new();
 
     // GRPO with one update per step and no dropout: that update's own forward pass yields
     // the old log-probs (the same weights, inputs and kernels give the same values; the ratio
@@ -451,22 +452,8 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
                 Ok(s) => s,
                 Err(e @ rlft_reward::RewardError::NotFinite { .. }) => {
                     bad_steps += 1;
+                    bad_cause = e.to_string();
                     tracing::warn!("step {}: {e}; update skipped", step + 1);
-                    if bad_steps >= t.max_bad_steps.max(1) {
-                        let dir = save_rl(
-                            &ckpt,
-                            step,
-                            position,
-                            &optimizer,
-                            &policy,
-                            critic.as_ref(),
-                            head.as_ref(),
-                            kl_ctl.beta,
-                            &config_json,
-                        )?;
-                        telemetry::finish_progress();
-                        bail!("{bad_steps} consecutive bad steps (last: {e}) at step {}; the last good state is in {}", step + 1, dir.display());
-                    }
                     step += 1;
                     pb.inc(1);
                     break 'update;
@@ -579,25 +566,13 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
                 &mut bad_steps,
             )?;
             let t_train = t0.elapsed().as_secs_f64();
+            if bad_steps > 0 {
+                bad_cause = "a non-finite policy loss or gradient norm".into();
+            }
             if old_from_update {
                 data.logp_old = stats.logp_from_update.clone();
                 data.kl = kl_of(&data.logp_old, data.logp_ref.as_ref());
                 seq_kl = data.kl.iter().map(|k| k.iter().sum()).collect();
-            }
-            if bad_steps >= t.max_bad_steps.max(1) {
-                let dir = save_rl(
-                    &ckpt,
-                    step,
-                    position,
-                    &optimizer,
-                    &policy,
-                    critic.as_ref(),
-                    head.as_ref(),
-                    kl_ctl.beta,
-                    &config_json,
-                )?;
-                telemetry::finish_progress();
-                bail!("{bad_steps} consecutive updates with a non-finite loss or gradient at step {}; the last good state is in {}", step + 1, dir.display());
             }
             // 7. β controller, metrics, rollouts log.
             let mean_kl = mean(&seq_kl);
@@ -664,6 +639,21 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
                 tracing::info!(target: METRICS, step, "eval/score" = s, "step {step} eval score {s:.4}");
                 eval_after = Some(s);
             }
+        }
+        if bad_steps >= t.max_bad_steps.max(1) {
+            let dir = save_rl(
+                &ckpt,
+                step,
+                position,
+                &optimizer,
+                &policy,
+                critic.as_ref(),
+                head.as_ref(),
+                kl_ctl.beta,
+                &config_json,
+            )?;
+            telemetry::finish_progress();
+            bail!("{bad_steps} consecutive bad steps up to step {step} (last: {bad_cause}); the last good state is in {}", dir.display());
         }
         let stop = crate::train::interrupt::requested() && step < total_steps;
         if (t.save_steps > 0 && step % t.save_steps == 0) || step == total_steps || stop {
