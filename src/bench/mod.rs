@@ -346,6 +346,11 @@ pub fn run_one(job: &Job, work: &Path) -> Result<Value> {
     let dev = rlft_policies::device::parse_device(&job.device)?;
     let dtype = rlft_policies::device::parse_dtype(&job.dtype)?;
     let shape = &job.shape;
+    if ["W3", "W4"].contains(&job.workload.as_str())
+        && (shape.name != SMALL.name || dtype != DType::F32)
+    {
+        bail!("W3 and W4 run at the small shape in f32 only");
+    }
     let dir = work.join(format!("llama-{}", shape.name));
     if !dir.join("model.safetensors").is_file() {
         bench_model(&dir, shape)?;
@@ -365,9 +370,6 @@ pub fn run_one(job: &Job, work: &Path) -> Result<Value> {
         "W2" => {
             let (b, n) = job.size.unwrap_or(shape.w2);
             w2(&dir, b, n, reps, &dev, dtype)?
-        }
-        "W3" | "W4" if shape.name != SMALL.name || dtype != DType::F32 => {
-            bail!("W3 and W4 run at the small shape in f32 only")
         }
         "W3" => rl_step(&dir, work, false, 5, &job.device)?,
         "W4" => rl_step(&dir, work, true, 8, &job.device)?,
