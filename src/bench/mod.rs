@@ -119,15 +119,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Peak resident memory of this process (VmHWM), MB.
 pub fn peak_rss_mb() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = s
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
+    crate::train::memory::proc_kb("/proc/self/status", "VmHWM:").map(|kb| kb as f64 / 1024.0)
 }
 
 fn random_ids(rng: &mut ChaCha8Rng, b: usize, t: usize, vocab: usize) -> Vec<Vec<u32>> {

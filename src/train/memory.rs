@@ -54,15 +54,7 @@ pub fn available_bytes() -> Option<u64> {
     if let Ok(v) = std::env::var(LIMIT_ENV) {
         return v.trim().parse::<u64>().ok().map(|mb| mb << 20);
     }
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb: u64 = meminfo
-        .lines()
-        .find(|l| l.starts_with("MemAvailable:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    let mut avail = kb * 1024;
+    let mut avail = proc_kb("/proc/meminfo", "MemAvailable:")? * 1024;
     let read = |p: &str| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok();
     if let (Some(max), Some(cur)) = (
         read("/sys/fs/cgroup/memory.max"),
@@ -71,6 +63,18 @@ pub fn available_bytes() -> Option<u64> {
         avail = avail.min(max.saturating_sub(cur));
     }
     Some(avail)
+}
+
+/// The value of a `Key:   N kB` line of a /proc file.
+pub fn proc_kb(path: &str, key: &str) -> Option<u64> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn gib(b: u64) -> String {
@@ -117,6 +121,14 @@ mod tests {
         rlft_policies::Pretrained::load(&dir, DType::F32, &Device::Cpu)
             .unwrap()
             .model
+    }
+
+    #[test]
+    fn proc_values_are_read() {
+        let total = proc_kb("/proc/meminfo", "MemTotal:").unwrap();
+        let avail = proc_kb("/proc/meminfo", "MemAvailable:").unwrap();
+        assert!(total > 0 && avail <= total);
+        assert!(proc_kb("/proc/meminfo", "NoSuchKey:").is_none());
     }
 
     /// Hand count for the fixture Llama (hidden 64, 2 layers, intermediate 128, 4 heads of
