@@ -4,14 +4,6 @@ mod common;
 use common::*;
 use std::path::Path;
 
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
-}
-
 /// Runs `rlft logprobs` and returns stderr, asserting a clean failure.
 fn fails(args: &[&str]) -> String {
     let out = rlft(args);

@@ -69,26 +69,6 @@ fn adapter(out: &Path) -> Vec<u8> {
     std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap()
 }
 
-fn checkpoints_complete(out: &Path) -> Vec<u64> {
-    let mut steps = Vec::new();
-    for e in std::fs::read_dir(out).unwrap() {
-        let name = e.unwrap().file_name().to_string_lossy().into_owned();
-        if let Some(n) = name.strip_prefix("checkpoint-") {
-            for f in [
-                "trainer_state.json",
-                "optimizer.safetensors",
-                "adapter_model.safetensors",
-                "adapter_config.json",
-            ] {
-                assert!(out.join(&name).join(f).is_file(), "{name} lacks {f}");
-            }
-            steps.push(n.parse().unwrap());
-        }
-    }
-    steps.sort();
-    steps
-}
-
 #[test]
 fn sigterm_checkpoints_and_resume_is_bit_identical() {
     let tmp = TempDir::new("sigterm");
@@ -115,7 +95,7 @@ fn sigterm_checkpoints_and_resume_is_bit_identical() {
         msg.contains("interrupted after step") && msg.contains("--resume"),
         "{msg}"
     );
-    let steps = checkpoints_complete(&out);
+    let steps = complete_checkpoints(&out);
     let last = *steps.last().unwrap();
     assert!(
         last < 300 && last >= 10,
@@ -151,7 +131,7 @@ fn sigkill_leaves_only_complete_checkpoints_and_resume_is_bit_identical() {
         signal(&child, "-KILL");
         let _ = child.wait();
         // Only complete checkpoints carry the checkpoint-N name.
-        let steps = checkpoints_complete(&out);
+        let steps = complete_checkpoints(&out);
         let o = sft(
             &out,
             &train,
@@ -193,7 +173,7 @@ fn sigkill_inside_a_checkpoint_write_leaves_no_partial_checkpoint() {
     let _ = child.wait();
     assert!(partial.is_dir(), "killed while writing");
     assert_eq!(
-        checkpoints_complete(&out),
+        complete_checkpoints(&out),
         vec![7],
         "only the complete checkpoint counts"
     );

@@ -49,14 +49,6 @@ fn quiet() -> RunOptions {
     }
 }
 
-fn metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("out/metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn series(m: &[serde_json::Value], key: &str) -> Vec<f64> {
     m.iter().filter_map(|r| r[key].as_f64()).collect()
 }

@@ -58,14 +58,6 @@ fn quiet() -> RunOptions {
     }
 }
 
-fn metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("out/metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn loss_falls_and_the_saved_adapter_lowers_nll_on_its_data() {
     for m in FAMILIES {

@@ -5,7 +5,7 @@
 use rlft::policies::candle_core::{DType, Device};
 use rlft::policies::{Adapter, Pretrained};
 use serde_json::Value;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub const FAMILIES: [&str; 3] = ["llama", "qwen2", "gpt2"];
@@ -90,4 +90,45 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Copies the files of `src` into `dst` (created).
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// The steps of the `checkpoint-N` folders in `out`, ascending, asserting each is complete.
+pub fn complete_checkpoints(out: &Path) -> Vec<u64> {
+    let mut steps = Vec::new();
+    for e in std::fs::read_dir(out).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        if let Some(n) = name.strip_prefix("checkpoint-") {
+            for f in [
+                "trainer_state.json",
+                "optimizer.safetensors",
+                "adapter_model.safetensors",
+                "adapter_config.json",
+            ] {
+                assert!(out.join(&name).join(f).is_file(), "{name} lacks {f}");
+            }
+            steps.push(n.parse().unwrap());
+        }
+    }
+    steps.sort();
+    steps
+}
+
+/// The lines of `dir/out/metrics.jsonl`.
+pub fn metrics(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
