@@ -640,7 +640,15 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
                 eval_after = Some(s);
             }
         }
-        if bad_steps >= t.max_bad_steps.max(1) {
+        // Checkpoint on schedule, at the end, when interrupted, and before stopping after
+        // too many bad steps (then with the last good state).
+        let too_many_bad = bad_steps >= t.max_bad_steps.max(1);
+        let stop = crate::train::interrupt::requested() && step < total_steps;
+        if (t.save_steps > 0 && step % t.save_steps == 0)
+            || step == total_steps
+            || stop
+            || too_many_bad
+        {
             let dir = save_rl(
                 &ckpt,
                 step,
@@ -652,22 +660,10 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
                 kl_ctl.beta,
                 &config_json,
             )?;
-            telemetry::finish_progress();
-            bail!("{bad_steps} consecutive bad steps up to step {step} (last: {bad_cause}); the last good state is in {}", dir.display());
-        }
-        let stop = crate::train::interrupt::requested() && step < total_steps;
-        if (t.save_steps > 0 && step % t.save_steps == 0) || step == total_steps || stop {
-            save_rl(
-                &ckpt,
-                step,
-                position,
-                &optimizer,
-                &policy,
-                critic.as_ref(),
-                head.as_ref(),
-                kl_ctl.beta,
-                &config_json,
-            )?;
+            if too_many_bad {
+                telemetry::finish_progress();
+                bail!("{bad_steps} consecutive bad steps up to step {step} (last: {bad_cause}); the last good state is in {}", dir.display());
+            }
         }
         if stop {
             interrupted = true;
