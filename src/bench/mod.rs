@@ -244,7 +244,7 @@ pub fn rl_step(dir: &Path, work: &Path, grpo: bool, steps: usize, device: &str) 
     let prompts = work.join("prompts.jsonl");
     let pre = Pretrained::load(dir, DType::F32, &Device::Cpu)?;
     let mut rng = ChaCha8Rng::seed_from_u64(2);
-    let rows: String = random_ids(&mut rng, 64, 6, 512)
+    let rows: String = random_ids(&mut rng, 64, 6, SMALL.vocab)
         .iter()
         .map(|ids| {
             format!(

@@ -14,6 +14,12 @@ pub const PARALLEL_MIN_WEIGHT: usize = 1 << 19;
 /// Products of at least this many multiply-adds are split across threads too.
 pub const PARALLEL_MIN_MACS: usize = 1 << 22;
 
+/// All on the CPU in f32: where these paths apply.
+pub(crate) fn cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32)
+}
+
 /// `a · bᵀ` (`transpose_b`) or `a · b`, no gradient: `a` [m, k]; `b` [n, k] or [k, n].
 pub fn matmul(a: &Tensor, b: &Tensor, transpose_b: bool) -> Result<Tensor> {
     if transpose_b {
@@ -50,32 +56,54 @@ pub fn matmul_t_f32(x: &[f32], m: usize, k: usize, w: &Tensor) -> Result<Vec<f32
     }
     let mut dst: Vec<f32> = Vec::with_capacity(m * n);
     // SAFETY: x holds m·k values (row-major), wv n·k (row-major, read as wᵀ with column
-    // stride k); gemm writes all m·n values of dst (read_dst = false) before set_len.
+    // stride k); gemm writes all m·n values of dst before set_len.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        gemm_f32(
             dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            wv.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
+            (m, n, k),
+            (x.as_ptr(), 1, k as isize),
+            (wv.as_ptr(), k as isize, 1),
             parallelism(m, n, k),
         );
         dst.set_len(m * n);
     }
     Ok(dst)
+}
+
+/// `dst = a · b` for an `m × n` row-major `dst`, with `a` (m × k) and `b` (k × n) given as
+/// (pointer, column stride, row stride). dst is only written (gemm's read_dst = false).
+///
+/// # Safety
+/// Every element the strides address for i < m, p < k (a) and p < k, j < n (b) must be
+/// readable, and `dst` must have room for m·n values.
+unsafe fn gemm_f32(
+    dst: *mut f32,
+    (m, n, k): (usize, usize, usize),
+    (a, a_cs, a_rs): (*const f32, isize, isize),
+    (b, b_cs, b_rs): (*const f32, isize, isize),
+    parallelism: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        false,
+        a,
+        a_cs,
+        a_rs,
+        b,
+        b_cs,
+        b_rs,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    );
 }
 
 fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
@@ -92,9 +120,12 @@ fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
 /// `a · bᵀ` by [`super::rowdot`] when `a` has at most `ROWDOT_MAX_ROWS` rows (CPU, f32,
 /// both contiguous); None otherwise.
 fn few_rows(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
-    let cpu_f32 =
-        matches!(a.device(), Device::Cpu) && a.dtype() == DType::F32 && b.dtype() == DType::F32;
-    if !cpu_f32 || a.rank() != 2 || b.rank() != 2 || !a.is_contiguous() || !b.is_contiguous() {
+    if !cpu_f32(&[a, b])
+        || a.rank() != 2
+        || b.rank() != 2
+        || !a.is_contiguous()
+        || !b.is_contiguous()
+    {
         return Ok(None);
     }
     let ((m, k), (n, kb)) = (a.dims2()?, b.dims2()?);
@@ -166,10 +197,8 @@ fn candle_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// The CPU f32 product of [`bmm`], reading each operand's strides as they are; None when
 /// it does not apply (another device or dtype, ranks or leading dims that differ).
 fn strided_bmm(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
-    let cpu_f32 =
-        matches!(a.device(), Device::Cpu) && a.dtype() == DType::F32 && b.dtype() == DType::F32;
     let r = a.rank();
-    if !cpu_f32 || r < 2 || b.rank() != r || a.dims()[..r - 2] != b.dims()[..r - 2] {
+    if !cpu_f32(&[a, b]) || r < 2 || b.rank() != r || a.dims()[..r - 2] != b.dims()[..r - 2] {
         return Ok(None);
     }
     let (m, k) = (a.dims()[r - 2], a.dims()[r - 1]);
@@ -203,25 +232,19 @@ fn strided_bmm(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
         // SAFETY: every element a[oa + i·ast[r−2] + p·ast[r−1]] (i < m, p < k) lies in the
         // storage the layout describes, likewise for b; dst's block bi holds m·n values.
         unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
+            gemm_f32(
                 dst.as_mut_ptr().add(bi * m * n),
-                1,
-                n as isize,
-                false,
-                av.as_ptr().add(oa),
-                ast[r - 1] as isize,
-                ast[r - 2] as isize,
-                bv.as_ptr().add(ob),
-                bst[r - 1] as isize,
-                bst[r - 2] as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
+                (m, n, k),
+                (
+                    av.as_ptr().add(oa),
+                    ast[r - 1] as isize,
+                    ast[r - 2] as isize,
+                ),
+                (
+                    bv.as_ptr().add(ob),
+                    bst[r - 1] as isize,
+                    bst[r - 2] as isize,
+                ),
                 parallelism,
             );
         }

@@ -2,13 +2,11 @@
 //! (`dx = dy · W`), never the weight's, which candle's matmul backward would.
 
 use super::bridge::{bridge1, Backward1};
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 /// `x`: [n, in], `w`: [out, in] (not a variable) → [n, out].
 pub fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let cpu_f32 =
-        matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && w.dtype() == DType::F32;
-    if x.track_op() && cpu_f32 && x.rank() == 2 && w.rank() == 2 {
+    if x.track_op() && super::gemm::cpu_f32(&[x, w]) && x.rank() == 2 && w.rank() == 2 {
         // In training on the CPU the product is the op's own forward: no copy of the
         // output into the graph, as a bridge would make.
         return x

@@ -84,9 +84,8 @@ impl Backward2 for RmsNormBwd {
 /// the same formula as the composed backward: r = 1/sqrt(mean(x²)+eps),
 /// dx = r·(g·w − x·r·mean(g·w·x·r)).
 fn rms_norm_dx_cpu(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Option<Tensor>> {
-    use candle_core::{CpuStorage, Device, Storage};
-    let ok = matches!(x.device(), Device::Cpu)
-        && [x.dtype(), w.dtype(), g.dtype()] == [DType::F32; 3]
+    use candle_core::{CpuStorage, Storage};
+    let ok = super::gemm::cpu_f32(&[x, w, g])
         && x.is_contiguous()
         && g.is_contiguous()
         && w.is_contiguous()
