@@ -5,20 +5,17 @@ use crate::config::sft::SftConfig;
 use crate::data::read_jsonl;
 use crate::data::sft::{tokenize, Tokenized};
 use crate::telemetry::{self, METRICS};
-use crate::train::checkpoint::{self, TrainerState};
-use crate::train::grads::{clip, GradAccumulator};
-use crate::train::optimizer::Optimizer;
+use crate::train::memory;
 use crate::train::order::DataOrder;
+use crate::train::stage::{self, MemoryNeed, Resume, Stage, StepCtx, StepOutcome};
 use crate::train::trainable::Trainable;
+use crate::train::update::skipped_cause;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use candle_core::{DType, Device, Tensor, Var};
 use rlft_policies::device::{parse_device, parse_dtype};
 use rlft_policies::logprobs::token_logprobs;
 use rlft_policies::{BatchInput, CausalLm, ForwardCtx, Pretrained};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Instant;
 
 pub struct RunOptions {
@@ -127,6 +124,178 @@ pub fn evaluate(
     Ok(total / count.max(1) as f64)
 }
 
+/// The SFT stage on the shared loop: its data order, batches and loss.
+struct SftStage<'a> {
+    cfg: &'a SftConfig,
+    pre: Pretrained,
+    trainable: Trainable,
+    train: Vec<Tokenized>,
+    eval: Option<Vec<Tokenized>>,
+    order: DataOrder,
+    pad: u32,
+    /// Running sums over the current logging window.
+    window: Window,
+    run_tokens: usize,
+    started: Instant,
+    last_loss: f64,
+    last_eval: Option<f64>,
+}
+
+#[derive(Default)]
+struct Window {
+    loss_sum: f64,
+    tokens: usize,
+    grad_norm: f64,
+    steps: u64,
+    started: Option<Instant>,
+}
+
+impl Stage for SftStage<'_> {
+    fn name(&self) -> String {
+        "sft".into()
+    }
+
+    fn params(&self) -> Vec<(String, Var)> {
+        self.trainable.named_vars()
+    }
+
+    fn batches(&self) -> (u64, u64) {
+        (
+            self.order.per_epoch(),
+            self.cfg.training.gradient_accumulation_steps as u64,
+        )
+    }
+
+    fn memory_needs(&self, trainable_params: usize) -> Vec<MemoryNeed> {
+        let longest = self.train.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+        let micro = self
+            .cfg
+            .training
+            .per_device_train_batch_size
+            .min(self.train.len())
+            .max(1);
+        vec![MemoryNeed {
+            bytes: memory::training_bytes(self.pre.model.as_ref(), micro, longest, trainable_params),
+            what: format!("a micro-batch of {micro} × {longest} tokens"),
+            lower: "training.per_device_train_batch_size (raise gradient_accumulation_steps to keep the effective batch) or model.max_seq_len".into(),
+        }]
+    }
+
+    fn uses_dropout(&self) -> bool {
+        self.cfg.adapter.lora_dropout > 0.0
+    }
+
+    fn begin(&mut self, _step: u64) -> Result<()> {
+        let t = &self.cfg.training;
+        tracing::info!(
+            "sft: {} train examples, steps of {} × {} examples",
+            self.train.len(),
+            t.gradient_accumulation_steps,
+            t.per_device_train_batch_size
+        );
+        self.started = Instant::now();
+        self.window.started = Some(Instant::now());
+        Ok(())
+    }
+
+    /// One optimizer update over `gradient_accumulation_steps` micro-batches; the loss is
+    /// the token mean over all of them, so each micro-batch contributes Σ nll / N_total.
+    fn step(&mut self, ctx: StepCtx) -> Result<StepOutcome> {
+        let accum = self.cfg.training.gradient_accumulation_steps as u64;
+        let batches: Vec<Vec<usize>> = (0..accum)
+            .map(|k| self.order.batch(*ctx.position + k))
+            .collect();
+        *ctx.position += accum;
+        let n_total: usize = batches
+            .iter()
+            .flatten()
+            .map(|&i| self.train[i].n_trained())
+            .sum();
+        let model = self.pre.model.as_ref();
+        let device = model.info().device.clone();
+        let mut acc = ctx.updater.accumulator();
+        let mut loss_sum = 0f64;
+        let fwd = ForwardCtx::train(self.trainable.adapter(), ctx.dropout);
+        for b in &batches {
+            let exs: Vec<&Tokenized> = b.iter().map(|&i| &self.train[i]).collect();
+            self.run_tokens += exs.iter().map(|e| e.ids.len()).sum::<usize>();
+            let (input, w, n) = make_batch(&exs, self.pad, &device)?;
+            if n == 0 {
+                continue;
+            }
+            let nll = nll_sum(model, &input, &w, &fwd)?;
+            loss_sum += nll.to_scalar::<f32>()? as f64;
+            let grads = (nll / n_total.max(1) as f64)?.backward()?;
+            acc.add(ctx.updater.params(), &grads)?;
+        }
+        let loss = loss_sum / n_total.max(1) as f64;
+        let update = ctx.updater.apply(acc, loss, "loss", ctx.lr, ctx.step)?;
+        self.last_loss = loss;
+        let w = &mut self.window;
+        w.loss_sum += loss_sum;
+        w.tokens += n_total;
+        w.grad_norm += update.grad_norm;
+        w.steps += 1;
+        if ctx.log {
+            let step = ctx.step + 1;
+            let secs = w.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+            let train_loss = w.loss_sum / w.tokens.max(1) as f64;
+            let elapsed = self.started.elapsed().as_secs_f64();
+            ctx.progress.set_message(format!("loss {train_loss:.4}"));
+            tracing::info!(
+                target: METRICS,
+                step,
+                epoch = *ctx.position as f64 / self.order.per_epoch() as f64,
+                "train/loss" = train_loss,
+                lr = ctx.lr,
+                grad_norm = w.grad_norm / w.steps as f64,
+                tokens_per_s = self.run_tokens as f64 / elapsed.max(1e-9),
+                steps_per_s = w.steps as f64 / secs.max(1e-9),
+                elapsed,
+                "step {step}/{} loss {train_loss:.4} lr {:.3e}",
+                ctx.total_steps,
+                ctx.lr
+            );
+            *w = Window {
+                started: Some(Instant::now()),
+                ..Window::default()
+            };
+        }
+        Ok(if update.applied {
+            StepOutcome::Trained
+        } else {
+            StepOutcome::Bad(skipped_cause("loss"))
+        })
+    }
+
+    fn evaluate(&mut self, step: u64) -> Result<()> {
+        if let Some(ev) = &self.eval {
+            let l = evaluate(
+                self.pre.model.as_ref(),
+                &ForwardCtx::inference(self.trainable.adapter()),
+                ev,
+                self.cfg.training.per_device_train_batch_size,
+                self.pad,
+            )?;
+            self.last_eval = Some(l);
+            tracing::info!(target: METRICS, step, "eval/loss" = l, "step {step} eval loss {l:.4}");
+        }
+        Ok(())
+    }
+
+    fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        self.trainable.save_checkpoint(dir)
+    }
+
+    fn finish(&mut self, _step: u64) -> Result<PathBuf> {
+        self.trainable.save_final(
+            self.pre.model.as_mut(),
+            &self.cfg.model.path,
+            &self.cfg.training.output_dir,
+        )
+    }
+}
+
 pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftOutcome> {
     // metrics.jsonl is written by a tracing layer: make sure one is installed.
     telemetry::init();
@@ -158,233 +327,45 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftOutcome> {
     };
     let pad = pre.tokenizer.pad_or_eos();
     let config_json = serde_json::to_value(cfg)?;
-
-    // Resume: restore trainable values, optimizer, data and RNG positions.
-    let resume_dir = match &opts.resume {
-        Some(r) => Some(checkpoint::resolve(r, &t.output_dir)?),
-        None => None,
-    };
-    let state = match &resume_dir {
-        Some(d) => Some(checkpoint::read_state(d)?),
-        None => None,
-    };
-    if let Some(s) = &state {
-        if s.config != config_json {
-            tracing::warn!("resuming with a configuration that differs from the checkpoint's; the result will not match an uninterrupted run");
-        }
-    }
+    let resume = Resume::find(opts.resume.as_deref(), &t.output_dir)?;
     let mode = cfg
         .adapter
         .mode(&pre.model.info().model_type.clone(), &cfg.model.path);
-    let trainable = Trainable::build(pre.model.as_mut(), &mode, t.seed, resume_dir.as_deref())?;
-    let params = trainable.named_vars();
-    let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
-    // Resource checks before the first step: disk for checkpoints, memory for the
-    // largest micro-batch.
-    crate::train::check_disk_space(&t.output_dir, n_params)?;
-    let longest = train.iter().map(|e| e.ids.len()).max().unwrap_or(1);
-    let micro = t.per_device_train_batch_size.min(train.len()).max(1);
-    crate::train::memory::check(
-        &device,
-        crate::train::memory::training_bytes(pre.model.as_ref(), micro, longest, n_params),
-        &format!("a micro-batch of {micro} × {longest} tokens"),
-        "training.per_device_train_batch_size (raise gradient_accumulation_steps to keep the effective batch) or model.max_seq_len",
+    let trainable = Trainable::build(
+        pre.model.as_mut(),
+        &mode,
+        t.seed,
+        resume.as_ref().map(|r| r.dir.as_path()),
     )?;
-    let mut optimizer = Optimizer::new(t.optimizer_kind(), params.clone());
-    let dropout_rng = Mutex::new(ChaCha8Rng::seed_from_u64(t.seed.wrapping_add(1)));
-    let (mut step, mut position) = (0u64, 0u64);
-    if let (Some(dir), Some(s)) = (&resume_dir, &state) {
-        optimizer.load_state(
-            checkpoint::read_optimizer(dir, &device)?,
-            s.optimizer_step.unwrap_or(s.global_step),
-        )?;
-        step = s.global_step;
-        position = s.data_position;
-        let pos: u128 = s
-            .dropout_rng_word_pos
-            .parse()
-            .context("trainer_state.json: dropout_rng_word_pos")?;
-        dropout_rng.lock().expect("not poisoned").set_word_pos(pos);
-        tracing::info!("resuming from {} at step {step}", dir.display());
-    }
-
-    let mut order = DataOrder::new(
+    let order = DataOrder::new(
         train.len(),
         t.per_device_train_batch_size,
         t.seed,
         cfg.data.shuffle,
     );
-    let accum = t.gradient_accumulation_steps as u64;
-    let schedule = crate::train::plan(t, order.per_epoch(), accum);
-    let total_steps = schedule.total_steps;
-    let ckpt = crate::train::open_run(t, &config_json)?;
-    tracing::info!(
-        "sft: {} train examples, {} trainable parameters, {total_steps} steps of {} × {} examples",
-        train.len(),
-        n_params,
-        accum,
-        t.per_device_train_batch_size
-    );
-
-    let pb = telemetry::progress(total_steps, "sft", opts.quiet);
-    pb.set_position(step);
-    let started = Instant::now();
-    let start_step = step;
-    let (mut win_loss, mut win_tokens, mut win_norm, mut win_steps) = (0f64, 0usize, 0f64, 0u64);
-    let mut run_tokens = 0usize;
-    let mut win_start = Instant::now();
-    let mut last_loss = f64::NAN;
-    let mut last_eval = None;
-    let mut bad_steps = 0u64;
-    let model = pre.model.as_ref();
-
-    let save = |step: u64, position: u64, optimizer: &Optimizer| -> Result<PathBuf> {
-        let state = TrainerState {
-            global_step: step,
-            data_position: position,
-            dropout_rng_word_pos: dropout_rng
-                .lock()
-                .expect("not poisoned")
-                .get_word_pos()
-                .to_string(),
-            optimizer_step: Some(optimizer.step),
-            config: config_json.clone(),
-            extra: serde_json::Value::Null,
-        };
-        ckpt.save(
-            step,
-            &|dir| trainable.save_checkpoint(dir),
-            optimizer,
-            &state,
-        )
+    let mut stage = SftStage {
+        cfg,
+        pre,
+        trainable,
+        train,
+        eval,
+        order,
+        pad,
+        window: Window::default(),
+        run_tokens: 0,
+        started: Instant::now(),
+        last_loss: f64::NAN,
+        last_eval: None,
     };
-
-    crate::train::interrupt::install();
-    let mut interrupted = false;
-    while step < total_steps {
-        // One optimizer update over `accum` micro-batches; the loss is the token mean over
-        // all of them, so each micro-batch contributes Σ nll / N_total.
-        let batches: Vec<Vec<usize>> = (0..accum).map(|k| order.batch(position + k)).collect();
-        position += accum;
-        let n_total: usize = batches
-            .iter()
-            .flatten()
-            .map(|&i| train[i].n_trained())
-            .sum();
-        let mut acc = GradAccumulator::new(params.len());
-        let mut loss_sum = 0f64;
-        let rng = (cfg.adapter.lora_dropout > 0.0).then_some(&dropout_rng);
-        let ctx = ForwardCtx::train(trainable.adapter(), rng);
-        for b in &batches {
-            let exs: Vec<&Tokenized> = b.iter().map(|&i| &train[i]).collect();
-            run_tokens += exs.iter().map(|e| e.ids.len()).sum::<usize>();
-            let (input, w, n) = make_batch(&exs, pad, &device)?;
-            if n == 0 {
-                continue;
-            }
-            let nll = nll_sum(model, &input, &w, &ctx)?;
-            loss_sum += nll.to_scalar::<f32>()? as f64;
-            let grads = (nll / n_total.max(1) as f64)?.backward()?;
-            acc.add(&params, &grads)?;
-        }
-        let mut grads = acc.finish(&params)?;
-        let loss = loss_sum / n_total.max(1) as f64;
-        let norm = clip(&mut grads, t.max_grad_norm)?;
-        let lr = schedule.lr(step);
-        if !loss.is_finite() || !norm.is_finite() {
-            bad_steps += 1;
-            let cause = if loss.is_finite() {
-                "gradient norm"
-            } else {
-                "loss"
-            };
-            tracing::warn!(
-                "step {}: non-finite {cause} ({loss}, grad norm {norm}); update skipped",
-                step + 1
-            );
-            if bad_steps >= t.max_bad_steps.max(1) {
-                let dir = save(step, position, &optimizer)?;
-                telemetry::finish_progress();
-                bail!("{bad_steps} consecutive updates with a non-finite loss or gradient at step {}; the last good state is in {}", step + 1, dir.display());
-            }
-        } else {
-            bad_steps = 0;
-            optimizer.apply(&grads, lr)?;
-        }
-        step += 1;
-        pb.inc(1);
-        last_loss = loss;
-        win_loss += loss_sum;
-        win_tokens += n_total;
-        win_norm += norm;
-        win_steps += 1;
-        if step % t.logging_steps == 0 || step == total_steps {
-            let secs = win_start.elapsed().as_secs_f64();
-            let train_loss = win_loss / win_tokens.max(1) as f64;
-            pb.set_message(format!("loss {train_loss:.4}"));
-            tracing::info!(
-                target: METRICS,
-                step,
-                epoch = position as f64 / order.per_epoch() as f64,
-                "train/loss" = train_loss,
-                lr,
-                grad_norm = win_norm / win_steps as f64,
-                tokens_per_s = run_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
-                steps_per_s = win_steps as f64 / secs.max(1e-9),
-                elapsed = started.elapsed().as_secs_f64(),
-                "step {step}/{total_steps} loss {train_loss:.4} lr {lr:.3e}"
-            );
-            (win_loss, win_tokens, win_norm, win_steps) = (0.0, 0, 0.0, 0);
-            win_start = Instant::now();
-        }
-        let eval_now = t.eval_steps > 0 && step % t.eval_steps == 0;
-        if let Some(ev) = eval.as_ref().filter(|_| eval_now || step == total_steps) {
-            let l = evaluate(
-                model,
-                &ForwardCtx::inference(trainable.adapter()),
-                ev,
-                t.per_device_train_batch_size,
-                pad,
-            )?;
-            last_eval = Some(l);
-            tracing::info!(target: METRICS, step, "eval/loss" = l, "step {step} eval loss {l:.4}");
-        }
-        if (t.save_steps > 0 && step % t.save_steps == 0) || step == total_steps {
-            save(step, position, &optimizer)?;
-        } else if crate::train::interrupt::requested() {
-            save(step, position, &optimizer)?;
-        }
-        if crate::train::interrupt::requested() && step < total_steps {
-            interrupted = true;
-            break;
-        }
-    }
-    telemetry::finish_progress();
-    if interrupted {
-        tracing::info!(target: METRICS, step, status = "interrupted", "sft interrupted at step {step}");
-        telemetry::close_metrics();
-        return Ok(SftOutcome {
-            output: t.output_dir.join(format!("checkpoint-{step}")),
-            steps: step,
-            final_train_loss: last_loss,
-            eval_loss: last_eval,
-            tokens_per_s: run_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
-            steps_per_s: (step - start_step) as f64 / started.elapsed().as_secs_f64().max(1e-9),
-            interrupted: true,
-        });
-    }
-    let out = trainable.save_final(pre.model.as_mut(), &cfg.model.path, &t.output_dir)?;
-    let secs = started.elapsed().as_secs_f64();
-    let done = step - start_step;
-    tracing::info!(target: METRICS, step, status = "finished", elapsed = secs, "sft finished: {} written", out.display());
-    telemetry::close_metrics();
+    let out = stage::run(&mut stage, t, &config_json, resume.as_ref(), &device, opts.quiet)?;
+    let secs = stage.started.elapsed().as_secs_f64().max(1e-9);
     Ok(SftOutcome {
-        output: out,
-        steps: step,
-        final_train_loss: last_loss,
-        eval_loss: last_eval,
-        tokens_per_s: run_tokens as f64 / secs.max(1e-9),
-        steps_per_s: done as f64 / secs.max(1e-9),
-        interrupted: false,
+        output: out.output,
+        steps: out.steps,
+        final_train_loss: stage.last_loss,
+        eval_loss: stage.last_eval,
+        tokens_per_s: stage.run_tokens as f64 / secs,
+        steps_per_s: out.steps_run as f64 / secs,
+        interrupted: out.interrupted,
     })
 }

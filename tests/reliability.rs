@@ -863,7 +863,8 @@ fn an_overflowing_learning_rate_is_caught_and_stops_with_a_checkpoint() {
         "{err}"
     );
     assert!(
-        err.contains("3 consecutive updates with a non-finite loss or gradient"),
+        err.contains("3 consecutive bad steps")
+            && err.contains("a non-finite loss or gradient norm"),
         "{err}"
     );
     let kept = complete_checkpoints(&out);

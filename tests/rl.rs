@@ -10,6 +10,7 @@ use rlft::policies::{
     generate, Adapter, ForwardCtx, Generation, GenerationConfig, Pretrained, SamplingParams,
 };
 use rlft::rewards::default_registry;
+use rlft::policies::logprobs::Entropy;
 use rlft::rl::rollout::{score, Rollouts};
 use rlft::rl::trainer::{run, RunOptions};
 use std::path::Path;
@@ -94,7 +95,7 @@ fn reference_logprobs_are_the_base_and_the_sft_merged_model() {
                 ro.r_len,
                 1.0,
                 None,
-                false,
+                Entropy::Skip,
             )
             .unwrap();
             let lp: Vec<Vec<f32>> = s.logp.to_vec2().unwrap();
@@ -138,6 +139,7 @@ fn ppo_rewards_rise_the_first_ratio_is_one_and_base_weights_do_not_change() {
         "k3 KL finite and ≥ 0: {kl:?}"
     );
     assert!(kl[29] > 0.0, "the policy moved away from the reference");
+    assert_positive_entropy(&m, "ppo");
     let check = |key: &str| {
         m.iter()
             .find_map(|r| r[key].as_bool())
@@ -201,6 +203,18 @@ fn grpo_and_rloo_rewards_rise() {
             kl.iter().all(|k| k.is_finite() && *k >= 0.0),
             "{alg}: {kl:?}"
         );
+        assert_positive_entropy(&m, alg);
+    }
+}
+
+/// Every step's line carries the policy's mean entropy over the sampled tokens, whatever
+/// `entropy_coef` is (0 here): positive, and at most log(vocab).
+fn assert_positive_entropy(m: &[serde_json::Value], alg: &str) {
+    let lines: Vec<&serde_json::Value> = m.iter().filter(|r| !r["objective/scores"].is_null()).collect();
+    assert!(!lines.is_empty());
+    for r in lines {
+        let h = r["objective/entropy"].as_f64().unwrap_or(f64::NAN);
+        assert!(h > 0.0 && h <= (512f64).ln() + 1e-6, "{alg} step {}: entropy {h}", r["step"]);
     }
 }
 
@@ -269,6 +283,52 @@ fn resuming_an_rl_run_is_bit_identical() {
     }
     let beta = |d: &Path| series(&metrics(d), "beta").last().copied().unwrap();
     assert_eq!(beta(&a.0), beta(&b.0), "adaptive β restored");
+}
+
+#[test]
+fn rl_lora_dropout_trains_differently_and_resumes_bit_identically() {
+    // `rl.disable_dropout = false` applies adapter.lora_dropout in the training passes; the
+    // masks come from the seeded generator the checkpoint records.
+    let base = [
+        "training.max_steps=4",
+        "training.save_steps=2",
+        "rl.num_mini_batches=2",
+        "adapter.lora_dropout=0.1",
+    ];
+    let run_with = |name: &str, extra: &[&str], resume_from: Option<&Path>| {
+        let tmp = TempDir::new(name);
+        let mut sets = base.to_vec();
+        sets.extend(extra);
+        let cfg = config(&tmp.0, "ppo", &sets);
+        if let Some(src) = resume_from {
+            copy_tree(&src.join("out/checkpoint-2"), &tmp.0.join("out/checkpoint-2"));
+        }
+        let opts = RunOptions {
+            resume: resume_from.map(|_| "latest".into()),
+            quiet: true,
+            separate_old_pass: false,
+        };
+        run(&cfg, &default_registry(), &opts).unwrap();
+        let adapter = std::fs::read(tmp.0.join("out/adapter/adapter_model.safetensors")).unwrap();
+        (tmp, adapter)
+    };
+    let on = ["rl.disable_dropout=false"];
+    let (dir_on, with_dropout) = run_with("rl-dropout-on", &on, None);
+    let (dir_off, without) = run_with("rl-dropout-off", &[], None);
+    assert!(with_dropout != without, "dropout changed nothing");
+    let ratio_one = |d: &Path| {
+        metrics(d)
+            .iter()
+            .find_map(|r| r["check/first_ratio_exactly_one"].as_bool())
+            .unwrap()
+    };
+    assert!(ratio_one(&dir_off.0), "without dropout the first ratio is exactly 1");
+    // (With dropout the first ratio is 1 too: LoRA's B starts at zero, so no mask matters
+    // before the first update.)
+    let (_, resumed_on) = run_with("rl-dropout-on-resumed", &on, Some(&dir_on.0));
+    assert!(resumed_on == with_dropout, "resume with dropout is not bit-identical");
+    let (_, resumed_off) = run_with("rl-dropout-off-resumed", &[], Some(&dir_off.0));
+    assert!(resumed_off == without, "resume without dropout is not bit-identical");
 }
 
 fn copy_tree(src: &Path, dst: &Path) {

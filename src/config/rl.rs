@@ -121,9 +121,9 @@ pub struct RlSection {
     pub log_rollouts_every: u64,
     /// How many rollouts each such write holds.
     pub rollouts_per_log: usize,
-    /// Evaluate greedy accuracy-style rewards on `data.eval_file` every N steps (0: at the end).
-    pub eval_steps: u64,
-    /// LoRA dropout off during RL (as TRL's `disable_dropout`), so ratios start at exactly 1.
+    /// LoRA dropout off during RL (as TRL's `disable_dropout`), so ratios start at exactly 1;
+    /// `false` applies `adapter.lora_dropout` in the training passes (masks seeded and
+    /// checkpointed as in SFT).
     pub disable_dropout: bool,
     /// Hash the base weights before and after the run and log whether they are bitwise
     /// unchanged (`check/base_weights_unchanged`); costs one read of the weights.
@@ -162,7 +162,6 @@ impl Default for RlSection {
             target_kl: None,
             log_rollouts_every: 1,
             rollouts_per_log: 8,
-            eval_steps: 0,
             disable_dropout: true,
             verify_base_weights: false,
         }

@@ -83,11 +83,7 @@ fn sequence_kl(pre: &Pretrained, policy: &Adapter, cfg: &RlConfig) -> Result<f64
         pad_id: tok.pad_or_eos(),
         use_cache: true,
     };
-    let temperature = if cfg.generation.temperature > 0.0 {
-        cfg.generation.temperature
-    } else {
-        1.0
-    };
+    let temperature = cfg.generation.temperature;
     let gens = generate(model, Some(policy), &rows, &gen)?;
     let ro = Rollouts::new((0..rows.len()).collect(), gens, tok.pad_or_eos());
     let all: Vec<usize> = (0..ro.len()).collect();

@@ -43,6 +43,7 @@ pub fn agg_weights(
     w
 }
 
+#[derive(Debug, Clone, Copy)]
 pub struct ClipParams {
     pub eps_low: f64,
     pub eps_high: f64,

@@ -9,7 +9,7 @@
 use super::value_head::ValueHead;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use rlft_policies::ops::{entropy, gather_logprobs};
+use rlft_policies::logprobs::{score_hidden, Entropy};
 use rlft_policies::{BatchInput, CausalLm, ForwardCtx, Generation};
 
 pub struct Rollouts {
@@ -112,33 +112,21 @@ pub fn score(
     r_len: usize,
     temperature: f64,
     head: Option<&ValueHead>,
-    want_entropy: bool,
+    want_entropy: Entropy,
 ) -> Result<Scored> {
-    let b = input.batch_size();
     let hidden = model.forward_hidden(input, ctx, None)?;
     // The state at position P−1+t predicts response token t.
     let h = hidden.narrow(1, p_len - 1, r_len)?;
-    let mut logits = model.logits(&h, ctx)?;
-    if temperature > 0.0 && temperature != 1.0 {
-        logits = (logits / temperature)?;
-    }
-    let v = logits.dim(2)?;
-    let flat = logits.reshape((b * r_len, v))?;
-    let targets = input.ids.narrow(1, p_len, r_len)?.flatten_all()?;
-    let logp = gather_logprobs(&flat, &targets)?.reshape((b, r_len))?;
-    let entropy = if want_entropy {
-        Some(entropy(&flat)?.reshape((b, r_len))?)
-    } else {
-        None
-    };
+    let targets = input.ids.narrow(1, p_len, r_len)?;
+    let s = score_hidden(model, &h, &targets, ctx, temperature, want_entropy)?;
     let values = match head {
         Some(h_) => Some(h_.forward(&h, ctx.grad)?),
         None => None,
     };
     Ok(Scored {
-        logp,
+        logp: s.logp,
         values,
-        entropy,
+        entropy: s.entropy,
     })
 }
 
@@ -177,7 +165,7 @@ pub fn response_logprobs(
             ro.r_len,
             temperature,
             None,
-            false,
+            Entropy::Skip,
         )?
         .logp
         .to_vec2()?;

@@ -1,31 +1,33 @@
-//! The RL loop: a step samples prompts, generates rollouts with the policy (KV-cached), scores
-//! them (old log-probs and values, reference log-probs, rewards), shapes rewards with the KL
-//! penalty, computes advantages, and runs `num_ppo_epochs` × shuffled mini-batches ×
-//! micro-batches of clipped updates on the adapter (and value head). docs/ALGORITHMS.md §3–7.
+//! The RL stage (`rlft ppo`, `rlft grpo`, RLOO by config) on the shared loop
+//! ([`crate::train::stage`]). A step reads as CleanRL's and TRL's do:
+//!
+//! 1. experience: generate rollouts, the old-policy / value and reference passes, rewards;
+//! 2. shaping: the KL penalty and the advantages;
+//! 3. update: epochs × mini-batches × micro-batches of clipped updates;
+//! 4. the KL controller, metrics and the rollout log.
+//!
+//! docs/ALGORITHMS.md §3–7.
 
-use super::advantages::{gae, group_advantages, rloo_advantages, whiten};
-use super::kl::{KlController, KlEstimator};
-use super::losses::{agg_weights, policy_loss, value_loss, weighted_sum, ClipParams};
-use super::rollout::{critic_values, response_logprobs, score, Rollouts};
+use super::algorithm::AlgorithmSpec;
+use super::experience::{self, gen_config, Actors, Request};
+use super::kl::KlController;
+use super::losses::ClipParams;
+use super::report::{self, StepReport};
+use super::rollout::Rollouts;
+use super::shaping::{self, ShapeInputs};
+use super::update::{mix, train_on_rollouts, UpdatePlan};
 use super::value_head::ValueHead;
-use crate::config::rl::{Algorithm, Critic, RlConfig};
+use crate::config::rl::{Critic, RlConfig};
 use crate::data::prompts::{load_prompts, Prompt};
 use crate::telemetry::{self, METRICS};
-use crate::train::checkpoint::{self, Checkpointer, TrainerState};
-use crate::train::grads::{clip, GradAccumulator};
-use crate::train::optimizer::Optimizer;
+use crate::train::memory;
 use crate::train::order::DataOrder;
+use crate::train::stage::{self, MemoryNeed, Resume, Stage, StepCtx, StepOutcome};
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor, Var};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use candle_core::Var;
 use rlft_policies::device::{parse_device, parse_dtype};
-use rlft_policies::{
-    generate, Adapter, CausalLm, ForwardCtx, GenerationConfig, Pretrained, SamplingParams,
-    Tokenizer,
-};
-use rlft_reward::{Combined, Options, Registry, Sample, WeightedReward};
+use rlft_policies::{generate, Adapter, CausalLm, Pretrained, Tokenizer};
+use rlft_reward::{Combined, Options, Registry, WeightedReward};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -70,27 +72,6 @@ pub fn build_rewards(cfg: &RlConfig, registry: &Registry) -> Result<Combined> {
     Ok(Combined { parts })
 }
 
-fn samples(
-    prompts: &[Prompt],
-    idx: &[usize],
-    r: &Rollouts,
-    tok: &Tokenizer,
-) -> Result<Vec<Sample>> {
-    (0..r.len())
-        .map(|i| {
-            let p = &prompts[idx[i]];
-            Ok(Sample {
-                prompt: p.text.clone(),
-                completion: tok.decode(&r.response_ids[i], true)?,
-                prompt_ids: p.ids.clone(),
-                completion_ids: r.response_ids[i].clone(),
-                stopped: r.stopped[i],
-                fields: p.fields.clone(),
-            })
-        })
-        .collect()
-}
-
 /// Greedy completions of `prompts` scored by the rewards: the mean total score.
 pub fn evaluate(
     model: &dyn CausalLm,
@@ -105,78 +86,295 @@ pub fn evaluate(
         let rows: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].ids.clone()).collect();
         let gens = generate(model, adapter, &rows, &gen_config(cfg, tok, 0, true))?;
         let r = Rollouts::new(chunk.to_vec(), gens, tok.pad_or_eos());
-        let s = rewards.score(&samples(prompts, chunk, &r, tok)?)?;
+        let s = rewards.score(&experience::samples(prompts, chunk, &r, tok)?)?;
         total += s.total.iter().sum::<f64>();
     }
     Ok(total / prompts.len().max(1) as f64)
 }
 
-fn gen_config(cfg: &RlConfig, tok: &Tokenizer, seed: u64, greedy: bool) -> GenerationConfig {
-    let g = &cfg.generation;
-    let mut stop_ids = tok.stop_ids.clone();
-    stop_ids.extend(&g.stop_token_ids);
-    GenerationConfig {
-        max_new_tokens: g.max_new_tokens,
-        sampling: if greedy {
-            SamplingParams::greedy()
-        } else {
-            SamplingParams {
-                temperature: g.temperature,
-                top_k: (g.top_k > 0).then_some(g.top_k),
-                top_p: (g.top_p < 1.0).then_some(g.top_p),
-            }
-        },
-        seed,
-        stop_ids,
-        pad_id: tok.pad_or_eos(),
-        use_cache: true,
-    }
+/// The RL stage: one base model, the policy adapter, the critic, and the step's pieces.
+struct RlStage<'a> {
+    cfg: &'a RlConfig,
+    spec: AlgorithmSpec,
+    pre: Pretrained,
+    policy: Adapter,
+    critic: Option<Adapter>,
+    value_head: Option<ValueHead>,
+    prompts: Vec<Prompt>,
+    eval_prompts: Option<Vec<Prompt>>,
+    rewards: Combined,
+    order: DataOrder,
+    kl_ctl: KlController,
+    clip: ClipParams,
+    separate_old_pass: bool,
+    rollout_log: Option<std::fs::File>,
+    base_hash: Option<u64>,
+    started: Instant,
+    first_score: f64,
+    last_score: f64,
+    last_kl: f64,
+    eval_before: Option<f64>,
+    eval_after: Option<f64>,
 }
 
-/// A seed for (run seed, step, purpose) so every step's randomness is reproducible on resume.
-fn mix(seed: u64, step: u64, purpose: u64) -> u64 {
-    seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ purpose.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
-}
-
-fn rows_tensor(rows: &[usize], data: &[Vec<f64>], width: usize, dev: &Device) -> Result<Tensor> {
-    let mut v = vec![0f32; rows.len() * width];
-    for (k, &i) in rows.iter().enumerate() {
-        for (t, x) in data[i].iter().enumerate().take(width) {
-            v[k * width + t] = *x as f32;
+impl RlStage<'_> {
+    fn actors(&self) -> Actors<'_> {
+        Actors {
+            model: self.pre.model.as_ref(),
+            policy: &self.policy,
+            critic: self.critic.as_ref(),
+            value_head: self.value_head.as_ref(),
         }
     }
-    Ok(Tensor::from_vec(v, (rows.len(), width), dev)?)
+
+    fn dropout(&self) -> bool {
+        !self.cfg.rl.disable_dropout && self.cfg.adapter.lora_dropout > 0.0
+    }
+
+    fn eval_score(&self) -> Result<Option<f64>> {
+        let Some(ep) = &self.eval_prompts else {
+            return Ok(None);
+        };
+        let model = self.pre.model.as_ref();
+        let tok = &self.pre.tokenizer;
+        Ok(Some(evaluate(model, Some(&self.policy), tok, ep, &self.rewards, self.cfg)?))
+    }
 }
 
-fn to_rows(t: &Tensor, lens: &[usize]) -> Result<Vec<Vec<f64>>> {
-    let v: Vec<Vec<f32>> = t.to_vec2()?;
-    Ok(v.into_iter()
-        .zip(lens)
-        .map(|(r, &n)| r[..n].iter().map(|&x| x as f64).collect())
-        .collect())
-}
+impl Stage for RlStage<'_> {
+    fn name(&self) -> String {
+        self.spec.name()
+    }
 
-fn mean(x: &[f64]) -> f64 {
-    x.iter().sum::<f64>() / x.len().max(1) as f64
-}
+    fn params(&self) -> Vec<(String, Var)> {
+        let mut params = self.policy.named_vars();
+        if let Some(c) = &self.critic {
+            params.extend(
+                c.named_vars()
+                    .into_iter()
+                    .map(|(k, v)| (format!("critic.{k}"), v)),
+            );
+        }
+        if let Some(h) = &self.value_head {
+            params.extend(h.named_vars());
+        }
+        params
+    }
 
-/// Per-rollout host data of one step.
-struct StepData {
-    lens: Vec<usize>,
-    logp_old: Vec<Vec<f64>>,
-    logp_ref: Option<Vec<Vec<f64>>>,
-    values: Option<Vec<Vec<f64>>>,
-    advantages: Vec<Vec<f64>>,
-    returns: Option<Vec<Vec<f64>>>,
-    kl: Vec<Vec<f64>>,
-    scores: Vec<f64>,
+    fn batches(&self) -> (u64, u64) {
+        (self.order.per_epoch(), 1)
+    }
+
+    fn memory_needs(&self, trainable_params: usize) -> Vec<MemoryNeed> {
+        let (r, t) = (&self.cfg.rl, &self.cfg.training);
+        let model = self.pre.model.as_ref();
+        let seq = self.prompts.iter().map(|p| p.ids.len()).max().unwrap_or(1)
+            + self.cfg.generation.max_new_tokens;
+        let mb = t.per_device_train_batch_size;
+        vec![
+            MemoryNeed {
+                bytes: memory::generation_bytes(model, r.batch_size, seq),
+                what: format!("generating {} rollouts of up to {seq} tokens", r.batch_size),
+                lower: "rl.batch_size or generation.max_new_tokens".into(),
+            },
+            MemoryNeed {
+                bytes: memory::training_bytes(model, mb, seq, trainable_params),
+                what: format!("a training micro-batch of {mb} × {seq} tokens"),
+                lower: "training.per_device_train_batch_size (more rl.num_mini_batches keep the step the same size), generation.max_new_tokens or model.max_seq_len".into(),
+            },
+        ]
+    }
+
+    fn uses_dropout(&self) -> bool {
+        self.dropout()
+    }
+
+    fn begin(&mut self, step: u64) -> Result<()> {
+        let r = &self.cfg.rl;
+        tracing::info!(
+            "{}: {} prompts, {} rollouts per step ({} × {})",
+            self.spec.name(),
+            self.prompts.len(),
+            r.batch_size,
+            self.cfg.prompts_per_step(),
+            r.num_generations,
+        );
+        let path = self.cfg.training.output_dir.join("rollouts.jsonl");
+        self.rollout_log = Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?,
+        );
+        if step == 0 {
+            self.eval_before = self.eval_score()?;
+            if let Some(s) = self.eval_before {
+                tracing::info!(target: METRICS, step, "eval/score" = s, "step 0 eval score {s:.4}");
+            }
+        }
+        if r.verify_base_weights {
+            self.base_hash = Some(hash_base(self.pre.model.as_ref())?);
+        }
+        self.started = Instant::now();
+        Ok(())
+    }
+
+    fn step(&mut self, ctx: StepCtx) -> Result<StepOutcome> {
+        let step_start = Instant::now();
+        let (cfg, spec) = (self.cfg, self.spec);
+        let beta = self.kl_ctl.beta;
+        let old_from_update =
+            spec.old_logprobs_from_update(cfg, self.dropout()) && !self.separate_old_pass;
+        // 1. Experience: rollouts of the step's prompts, the scoring passes, the rewards.
+        let chosen = self.order.batch(*ctx.position);
+        *ctx.position += 1;
+        let mut x = experience::collect(
+            self.actors(),
+            &self.pre.tokenizer,
+            cfg,
+            &Request {
+                prompts: &self.prompts,
+                chosen: &chosen,
+                seed: mix(cfg.training.seed, ctx.step, 1),
+                old_from_update,
+                reference: spec.needs_reference(beta),
+            },
+        )?;
+        let t0 = Instant::now();
+        let scored = match self.rewards.score(&x.samples) {
+            Ok(s) => s,
+            // A non-finite score is a bad step; any other reward failure ends the run.
+            Err(e @ rlft_reward::RewardError::NotFinite { .. }) => {
+                tracing::warn!("step {}: {e}; update skipped", ctx.step + 1);
+                return Ok(StepOutcome::Bad(e.to_string()));
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("scoring the rollouts of step {}", ctx.step + 1))
+            }
+        };
+        x.timing.score = t0.elapsed().as_secs_f64();
+        // 2. Shaping: scores, the KL penalty, advantages (and PPO's returns).
+        let scores = shaping::adjust_scores(&cfg.rl, &scored.total, &x.rollouts.stopped);
+        let mut shaped = shaping::shape(
+            &spec,
+            &cfg.rl,
+            beta,
+            ShapeInputs {
+                lens: &x.lens,
+                logp_old: &x.logp_old,
+                logp_ref: x.logp_ref.as_ref(),
+                values: x.values.as_ref(),
+                scores,
+            },
+        );
+        // 3. Update: epochs × mini-batches × micro-batches.
+        let t0 = Instant::now();
+        let plan = UpdatePlan {
+            cfg,
+            spec: &spec,
+            clip: self.clip,
+            lr: ctx.lr,
+            beta,
+            step: ctx.step,
+            dropout: ctx.dropout,
+            entropy_metric: ctx.log,
+        };
+        let trained = train_on_rollouts(self.actors(), ctx.updater, &x, &shaped, &plan)?;
+        x.timing.train = t0.elapsed().as_secs_f64();
+        if old_from_update {
+            // The KL of the step, from the log-probs the update computed.
+            x.logp_old = trained.logp_from_update;
+            shaped.kl = shaping::token_kl(spec.kl_estimator, &x.lens, &x.logp_old, x.logp_ref.as_ref());
+        }
+        // 4. The KL controller, metrics and the rollout log.
+        let step = ctx.step + 1;
+        let mean_kl = shaped.mean_kl();
+        self.kl_ctl.update(mean_kl, x.rollouts.len());
+        let score_mean = shaping::mean(&shaped.scores);
+        if self.first_score.is_nan() {
+            self.first_score = score_mean;
+        }
+        (self.last_score, self.last_kl) = (score_mean, mean_kl);
+        if ctx.step == 0 {
+            let ok = trained.first_ratio.iter().all(|&v| v == 1.0);
+            tracing::info!(target: METRICS, step = 0u64, "check/first_ratio_exactly_one" = ok, "first update: ratio exactly 1: {ok}");
+        }
+        ctx.progress
+            .set_message(format!("score {score_mean:.3} kl {mean_kl:.3}"));
+        if ctx.log {
+            report::log_step(&StepReport {
+                step,
+                total_steps: ctx.total_steps,
+                x: &x,
+                shaped: &shaped,
+                stats: &trained.stats,
+                parts: &scored.parts,
+                beta,
+                lr: ctx.lr,
+                vf_coef: cfg.rl.vf_coef,
+                timing: x.timing,
+                step_secs: step_start.elapsed().as_secs_f64(),
+                elapsed: self.started.elapsed().as_secs_f64(),
+            });
+        }
+        let every = cfg.rl.log_rollouts_every;
+        if let Some(f) = self.rollout_log.as_mut().filter(|_| every > 0 && step % every == 0) {
+            report::write_rollouts(f, step, &x.samples, &x, &shaped, cfg.rl.rollouts_per_log)?;
+        }
+        Ok(match trained.skipped {
+            None => StepOutcome::Trained,
+            Some(cause) => StepOutcome::Bad(cause),
+        })
+    }
+
+    fn evaluate(&mut self, step: u64) -> Result<()> {
+        if let Some(s) = self.eval_score()? {
+            tracing::info!(target: METRICS, step, "eval/score" = s, "step {step} eval score {s:.4}");
+            self.eval_after = Some(s);
+        }
+        Ok(())
+    }
+
+    fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        self.policy.save(dir)?;
+        if let Some(c) = &self.critic {
+            c.save(&dir.join("critic"))?;
+        }
+        if let Some(h) = &self.value_head {
+            h.save(dir)?;
+        }
+        Ok(())
+    }
+
+    fn extra_state(&self) -> serde_json::Value {
+        serde_json::json!({ "beta": self.kl_ctl.beta })
+    }
+
+    fn finish(&mut self, step: u64) -> Result<PathBuf> {
+        if let Some(h) = self.base_hash {
+            let same = hash_base(self.pre.model.as_ref())? == h;
+            tracing::info!(target: METRICS, step, "check/base_weights_unchanged" = same, "base weights bitwise unchanged: {same}");
+        }
+        let out_dir = &self.cfg.training.output_dir;
+        let out = out_dir.join("adapter");
+        self.policy.save(&out)?;
+        if let Some(c) = &self.critic {
+            c.save(&out_dir.join("critic"))?;
+        }
+        if let Some(h) = &self.value_head {
+            h.save(out_dir)?;
+        }
+        Ok(out)
+    }
 }
 
 pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlOutcome> {
     telemetry::init();
     cfg.validate()?;
-    let t = &cfg.training;
-    let r = &cfg.rl;
+    let (t, r) = (&cfg.training, &cfg.rl);
+    let spec = AlgorithmSpec::of(cfg);
     let dtype = parse_dtype(&cfg.model.dtype)?;
     let device = parse_device(&cfg.model.device)?;
     crate::train::check_writable(&t.output_dir)?;
@@ -207,544 +405,83 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
     }
     let rewards = build_rewards(cfg, registry)?;
     let config_json = serde_json::to_value(cfg)?;
+    let resume = Resume::find(opts.resume.as_deref(), &t.output_dir)?;
+    let ckpt = resume.as_ref().map(|r| r.dir.as_path());
 
-    let resume_dir = match &opts.resume {
-        Some(x) => Some(checkpoint::resolve(x, &t.output_dir)?),
-        None => None,
-    };
-    let state = resume_dir
-        .as_deref()
-        .map(checkpoint::read_state)
-        .transpose()?;
+    // The trainable set: the policy adapter, and PPO's critic (value head, maybe its own
+    // adapter), each restored from the checkpoint when resuming.
     let model = pre.model.as_ref();
-    let hidden = model.info().hidden_size;
     let lora = match cfg.adapter.mode(&model.info().model_type, &cfg.model.path) {
         crate::train::trainable::Mode::Lora(c) => c,
         _ => unreachable!("validated: RL trains LoRA"),
     };
-    let policy = match &resume_dir {
+    let policy = match ckpt {
         Some(d) => Adapter::load(d, model)?,
         None => Adapter::new(model, lora.clone(), t.seed)?,
     };
-    let uses_critic = r.algorithm == Algorithm::Ppo;
-    let critic = if uses_critic && r.critic == Critic::Separate {
-        Some(match &resume_dir {
-            Some(d) => Adapter::load(&d.join("critic"), model)?,
-            None => Adapter::new(model, lora.clone(), t.seed.wrapping_add(7))?,
-        })
-    } else {
-        None
+    let critic = match ckpt {
+        _ if !(spec.needs_critic && r.critic == Critic::Separate) => None,
+        Some(d) => Some(Adapter::load(&d.join("critic"), model)?),
+        None => Some(Adapter::new(model, lora.clone(), t.seed.wrapping_add(7))?),
     };
-    let head = if uses_critic {
-        Some(match &resume_dir {
-            Some(d) => ValueHead::load(d, hidden, &device)?,
-            None => ValueHead::zeros(hidden, &device)?,
-        })
-    } else {
-        None
+    let hidden = model.info().hidden_size;
+    let value_head = match ckpt {
+        _ if !spec.needs_critic => None,
+        Some(d) => Some(ValueHead::load(d, hidden, &device)?),
+        None => Some(ValueHead::zeros(hidden, &device)?),
     };
-    let mut params: Vec<(String, Var)> = policy.named_vars();
-    if let Some(c) = &critic {
-        params.extend(
-            c.named_vars()
-                .into_iter()
-                .map(|(k, v)| (format!("critic.{k}"), v)),
-        );
-    }
-    if let Some(h) = &head {
-        params.extend(h.named_vars());
-    }
-    let mut optimizer = Optimizer::new(t.optimizer_kind(), params.clone());
     let mut kl_ctl = KlController {
         beta: r.kl_coef,
         target: r.adaptive_kl.then_some(r.kl_target),
         horizon: r.kl_horizon,
     };
-    let (mut step, mut position) = (0u64, 0u64);
-    if let (Some(d), Some(s)) = (&resume_dir, &state) {
-        optimizer.load_state(
-            checkpoint::read_optimizer(d, &device)?,
-            s.optimizer_step.unwrap_or(s.global_step),
-        )?;
-        step = s.global_step;
-        position = s.data_position;
-        if let Some(b) = s.extra.get("beta").and_then(|b| b.as_f64()) {
-            kl_ctl.beta = b;
-        }
-        if s.config != config_json {
-            tracing::warn!("resuming with a configuration that differs from the checkpoint's");
-        }
-        tracing::info!("resuming from {} at step {step}", d.display());
+    if let Some(b) = resume
+        .as_ref()
+        .and_then(|r| r.state.extra.get("beta"))
+        .and_then(|b| b.as_f64())
+    {
+        kl_ctl.beta = b;
     }
-    // Resource checks before the first step: disk for checkpoints, memory for the
-    // generation batch (KV cache) and the training micro-batch.
-    let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
-    crate::train::check_disk_space(&t.output_dir, n_params)?;
-    let seq =
-        prompts.iter().map(|p| p.ids.len()).max().unwrap_or(1) + cfg.generation.max_new_tokens;
-    let dev = model.info().device.clone();
-    crate::train::memory::check(
-        &dev,
-        crate::train::memory::generation_bytes(model, r.batch_size, seq),
-        &format!("generating {} rollouts of up to {seq} tokens", r.batch_size),
-        "rl.batch_size or generation.max_new_tokens",
-    )?;
-    crate::train::memory::check(
-        &dev,
-        crate::train::memory::training_bytes(model, t.per_device_train_batch_size, seq, n_params),
-        &format!("a training micro-batch of {} × {seq} tokens", t.per_device_train_batch_size),
-        "training.per_device_train_batch_size (more rl.num_mini_batches keep the step the same size), generation.max_new_tokens or model.max_seq_len",
-    )?;
-    let mut order = DataOrder::new(prompts.len(), per_step, t.seed, cfg.data.shuffle).drop_last();
-    let schedule = crate::train::plan(t, order.per_epoch(), 1);
-    let total_steps = schedule.total_steps;
-    let ckpt = crate::train::open_run(t, &config_json)?;
-    let mut rollout_log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(t.output_dir.join("rollouts.jsonl"))
-        .context("opening rollouts.jsonl")?;
-    tracing::info!(
-        "{:?}: {} prompts, {} rollouts per step ({} × {}), {total_steps} steps, {} trainable parameters",
-        r.algorithm,
-        prompts.len(),
-        r.batch_size,
-        per_step,
-        r.num_generations,
-        params.iter().map(|(_, v)| v.elem_count()).sum::<usize>()
-    );
-
-    let temperature = if cfg.generation.temperature > 0.0 {
-        cfg.generation.temperature
-    } else {
-        1.0
+    let order = DataOrder::new(prompts.len(), per_step, t.seed, cfg.data.shuffle).drop_last();
+    let mut stage = RlStage {
+        cfg,
+        spec,
+        pre,
+        policy,
+        critic,
+        value_head,
+        prompts,
+        eval_prompts,
+        rewards,
+        order,
+        kl_ctl,
+        clip: ClipParams {
+            eps_low: r.cliprange,
+            eps_high: r.cliprange_high.unwrap_or(r.cliprange),
+            dual_clip: r.clip_ratio_c,
+        },
+        separate_old_pass: opts.separate_old_pass,
+        rollout_log: None,
+        base_hash: None,
+        started: Instant::now(),
+        first_score: f64::NAN,
+        last_score: f64::NAN,
+        last_kl: f64::NAN,
+        eval_before: None,
+        eval_after: None,
     };
-    let mb = t.per_device_train_batch_size;
-    let need_ref = !(r.algorithm == Algorithm::Grpo && kl_ctl.beta == 0.0);
-    let est = if r.algorithm == Algorithm::Grpo {
-        KlEstimator::K3
-    } else {
-        r.kl_estimator
-    };
-    let clip_params = ClipParams {
-        eps_low: r.cliprange,
-        eps_high: r.cliprange_high.unwrap_or(r.cliprange),
-        dual_clip: r.clip_ratio_c,
-    };
-    let eval_before = match &eval_prompts {
-        Some(ep) if step == 0 => {
-            let s = evaluate(model, Some(&policy), tok, ep, &rewards, cfg)?;
-            tracing::info!(target: METRICS, step, "eval/score" = s, "step 0 eval score {s:.4}");
-            Some(s)
-        }
-        _ => None,
-    };
-    let base_hash = if r.verify_base_weights {
-        Some(hash_base(model)?)
-    } else {
-        None
-    };
-    let pb = telemetry::progress(
-        total_steps,
-        &format!("{:?}", r.algorithm).to_lowercase(),
-        opts.quiet,
-    );
-    pb.set_position(step);
-    let started = Instant::now();
-    let start_step = step;
-    let (mut first_score, mut last_score, mut last_kl) = (f64::NAN, f64::NAN, f64::NAN);
-    let mut eval_after = None;
-    let mut bad_steps = 0u64;
-    let mut bad_cause = String::new();
-
-    // GRPO with one update per step and no dropout: that update's own forward pass yields
-    // the old log-probs (the same weights, inputs and kernels give the same values; the ratio
-    // is 1), so the separate policy pass is skipped — as TRL does with num_iterations = 1.
-    // The KL of the step is then computed after the update, from those log-probs.
-    let old_from_update = r.algorithm == Algorithm::Grpo
-        && r.num_ppo_epochs == 1
-        && r.num_mini_batches == 1
-        && cfg.adapter.lora_dropout == 0.0
-        && !opts.separate_old_pass;
-    crate::train::interrupt::install();
-    let mut interrupted = false;
-    while step < total_steps {
-        let step_start = Instant::now();
-        // 1. Prompts, each repeated num_generations times (consecutive groups).
-        let chosen = order.batch(position);
-        position += 1;
-        let idx: Vec<usize> = chosen
-            .iter()
-            .flat_map(|&i| std::iter::repeat_n(i, r.num_generations))
-            .collect();
-        let rows: Vec<Vec<u32>> = idx.iter().map(|&i| prompts[i].ids.clone()).collect();
-        // 2. Rollouts.
-        let t0 = Instant::now();
-        let gens = generate(
-            model,
-            Some(&policy),
-            &rows,
-            &gen_config(cfg, tok, mix(t.seed, step, 1), false),
-        )?;
-        let ro = Rollouts::new(idx.clone(), gens, tok.pad_or_eos());
-        let n = ro.len();
-        let lens: Vec<usize> = (0..n).map(|i| ro.resp_len(i)).collect();
-        let t_generate = t0.elapsed().as_secs_f64();
-        // 3. Old log-probs and values (policy), reference log-probs (adapter off).
-        let t0 = Instant::now();
-        let all: Vec<usize> = (0..n).collect();
-        let (mut logp_old, mut values) = (Vec::with_capacity(n), Vec::with_capacity(n));
-        for chunk in all.chunks(mb).filter(|_| !old_from_update) {
-            let input = ro.input(chunk, &device)?;
-            let lens_c: Vec<usize> = chunk.iter().map(|&i| lens[i]).collect();
-            let shared_head = if critic.is_none() {
-                head.as_ref()
-            } else {
-                None
-            };
-            let s = score(
-                model,
-                &ForwardCtx::inference(Some(&policy)),
-                &input,
-                ro.p_len,
-                ro.r_len,
-                temperature,
-                shared_head,
-                false,
-            )?;
-            logp_old.extend(to_rows(&s.logp, &lens_c)?);
-            let v = match (&critic, &head) {
-                (Some(c), Some(h)) => Some(critic_values(
-                    model,
-                    &ForwardCtx::inference(Some(c)),
-                    &input,
-                    ro.p_len,
-                    ro.r_len,
-                    h,
-                )?),
-                _ => s.values,
-            };
-            if let Some(v) = v {
-                values.extend(to_rows(&v, &lens_c)?);
-            }
-        }
-        let t_policy = t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
-        let logp_ref = if need_ref {
-            Some(response_logprobs(
-                model,
-                &ForwardCtx::inference(None),
-                &ro,
-                &all,
-                mb,
-                temperature,
-            )?)
-        } else {
-            None
-        };
-        let t_reference = t0.elapsed().as_secs_f64();
-        // 4. Rewards. A non-finite score skips the step's update (a bad step, like a
-        // non-finite loss); any other reward failure ends the run.
-        let t0 = Instant::now();
-        let smp = samples(&prompts, &idx, &ro, tok)?;
-        'update: {
-            let scored = match rewards.score(&smp) {
-                Ok(s) => s,
-                Err(e @ rlft_reward::RewardError::NotFinite { .. }) => {
-                    bad_steps += 1;
-                    bad_cause = e.to_string();
-                    tracing::warn!("step {}: {e}; update skipped", step + 1);
-                    step += 1;
-                    pb.inc(1);
-                    break 'update;
-                }
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("scoring the rollouts of step {}", step + 1))
-                }
-            };
-            let mut scores = scored.total.clone();
-            for (i, s) in scores.iter_mut().enumerate() {
-                if !ro.stopped[i] {
-                    *s -= r.missing_eos_penalty.unwrap_or(0.0);
-                }
-                if let Some(c) = r.reward_clip {
-                    *s = s.clamp(-c, c);
-                }
-            }
-            let t_score = t0.elapsed().as_secs_f64();
-            // 5. KL per token and advantages.
-            let beta = kl_ctl.beta;
-            let kl_of = |logp_old: &[Vec<f64>], logp_ref: Option<&Vec<Vec<f64>>>| {
-                (0..n)
-                    .map(|i| match (logp_ref, logp_old.get(i)) {
-                        (Some(lr), Some(lo)) => lo
-                            .iter()
-                            .zip(&lr[i])
-                            .map(|(&a, &b)| est.per_token(a, b))
-                            .collect(),
-                        _ => vec![0.0; lens[i]],
-                    })
-                    .collect::<Vec<Vec<f64>>>()
-            };
-            let kl = kl_of(&logp_old, logp_ref.as_ref());
-            let mut seq_kl: Vec<f64> = kl.iter().map(|k| k.iter().sum()).collect();
-            let mask_rows: Vec<Vec<bool>> = lens.iter().map(|&l| vec![true; l]).collect();
-            let (advantages, returns) = match r.algorithm {
-                Algorithm::Ppo => {
-                    let mut rew: Vec<Vec<f64>> = kl
-                        .iter()
-                        .map(|k| k.iter().map(|x| -beta * x).collect())
-                        .collect();
-                    for (i, rw) in rew.iter_mut().enumerate() {
-                        *rw.last_mut().expect("≥ 1 response token") += scores[i];
-                    }
-                    if r.whiten_rewards {
-                        whiten(&mut rew, &mask_rows, false);
-                    }
-                    let (mut adv, mut ret) = (Vec::with_capacity(n), Vec::with_capacity(n));
-                    for i in 0..n {
-                        let (a, rt) = gae(&rew[i], &values[i], r.gamma, r.lam);
-                        adv.push(a);
-                        ret.push(rt);
-                    }
-                    if r.whiten_advantages {
-                        whiten(&mut adv, &mask_rows, true);
-                    }
-                    (adv, Some(ret))
-                }
-                Algorithm::Grpo => {
-                    let a = group_advantages(&scores, r.num_generations, r.scale_rewards);
-                    (
-                        lens.iter().zip(&a).map(|(&l, &x)| vec![x; l]).collect(),
-                        None,
-                    )
-                }
-                Algorithm::Rloo => {
-                    let seq_r: Vec<f64> = scores
-                        .iter()
-                        .zip(&seq_kl)
-                        .map(|(s, k)| s - beta * k)
-                        .collect();
-                    let a = rloo_advantages(&seq_r, r.num_generations);
-                    let mut adv: Vec<Vec<f64>> =
-                        lens.iter().zip(&a).map(|(&l, &x)| vec![x; l]).collect();
-                    if r.whiten_advantages {
-                        whiten(&mut adv, &mask_rows, true);
-                    }
-                    (adv, None)
-                }
-            };
-            let mut data = StepData {
-                lens: lens.clone(),
-                logp_old,
-                logp_ref,
-                values: uses_critic.then_some(values),
-                advantages,
-                returns,
-                kl,
-                scores,
-            };
-            // 6. Updates.
-            let t0 = Instant::now();
-            let lr = schedule.lr(step);
-            let stats = train_on_step(
-                cfg,
-                model,
-                &policy,
-                critic.as_ref(),
-                head.as_ref(),
-                &mut optimizer,
-                &params,
-                &ro,
-                &data,
-                lr,
-                beta,
-                temperature,
-                &clip_params,
-                step,
-                &mut bad_steps,
-            )?;
-            let t_train = t0.elapsed().as_secs_f64();
-            if bad_steps > 0 {
-                bad_cause = "a non-finite policy loss or gradient norm".into();
-            }
-            if old_from_update {
-                data.logp_old = stats.logp_from_update.clone();
-                data.kl = kl_of(&data.logp_old, data.logp_ref.as_ref());
-                seq_kl = data.kl.iter().map(|k| k.iter().sum()).collect();
-            }
-            // 7. β controller, metrics, rollouts log.
-            let mean_kl = mean(&seq_kl);
-            kl_ctl.update(mean_kl, n);
-            step += 1;
-            pb.inc(1);
-            let score_mean = mean(&data.scores);
-            if first_score.is_nan() {
-                first_score = score_mean;
-            }
-            last_score = score_mean;
-            last_kl = mean_kl;
-            let resp_tokens: usize = lens.iter().sum();
-            let stop_rate = ro.stopped.iter().filter(|&&s| s).count() as f64 / n as f64;
-            let step_secs = step_start.elapsed().as_secs_f64();
-            let ev = explained_variance(&data);
-            pb.set_message(format!("score {score_mean:.3} kl {mean_kl:.3}"));
-            if step % t.logging_steps == 0 || step == total_steps {
-                tracing::info!(
-                    target: METRICS,
-                    step,
-                    "objective/scores" = score_mean,
-                    "objective/kl" = mean_kl,
-                    "objective/non_score_reward" = -beta * mean_kl,
-                    "objective/rlhf_reward" = score_mean - beta * mean_kl,
-                    "objective/entropy" = stats.entropy,
-                    "policy/approxkl" = stats.approxkl,
-                    "policy/clipfrac" = stats.clipfrac,
-                    "policy/ratio_mean" = stats.ratio_mean,
-                    "val/vf_loss" = stats.vf_loss,
-                    "val/clipfrac" = stats.vf_clipfrac,
-                    "val/explained_variance" = ev,
-                    "loss/policy" = stats.pg_loss,
-                    "loss/value" = stats.vf_loss * r.vf_coef,
-                    "loss/kl" = stats.kl_loss,
-                    beta,
-                    "response/length_mean" = resp_tokens as f64 / n as f64,
-                    "response/stop_rate" = stop_rate,
-                    lr,
-                    grad_norm = stats.grad_norm,
-                    "time/generate" = t_generate,
-                    "time/policy" = t_policy,
-                    "time/reference" = t_reference,
-                    "time/score" = t_score,
-                    "time/train" = t_train,
-                    "time/step" = step_secs,
-                    tokens_per_s = (resp_tokens + ro.p_len * n) as f64 / step_secs.max(1e-9),
-                    elapsed = started.elapsed().as_secs_f64(),
-                    "step {step}/{total_steps} score {score_mean:.4} kl {mean_kl:.4} β {beta:.4} ({step_secs:.2} s)"
-                );
-                for (name, s) in &scored.parts {
-                    tracing::info!(target: METRICS, step, reward = name.as_str(), value = mean(s), "reward {name}: {:.4}", mean(s));
-                }
-            }
-            if r.log_rollouts_every > 0 && step % r.log_rollouts_every == 0 {
-                write_rollouts(&mut rollout_log, step, &smp, &data, r.rollouts_per_log)?;
-            }
-            let eval_now = r.eval_steps > 0 && step % r.eval_steps == 0;
-            if let Some(ep) = eval_prompts
-                .as_ref()
-                .filter(|_| eval_now || step == total_steps)
-            {
-                let s = evaluate(model, Some(&policy), tok, ep, &rewards, cfg)?;
-                tracing::info!(target: METRICS, step, "eval/score" = s, "step {step} eval score {s:.4}");
-                eval_after = Some(s);
-            }
-        }
-        // Checkpoint on schedule, at the end, when interrupted, and before stopping after
-        // too many bad steps (then with the last good state).
-        let too_many_bad = bad_steps >= t.max_bad_steps.max(1);
-        let stop = crate::train::interrupt::requested() && step < total_steps;
-        if (t.save_steps > 0 && step % t.save_steps == 0)
-            || step == total_steps
-            || stop
-            || too_many_bad
-        {
-            let dir = save_rl(
-                &ckpt,
-                step,
-                position,
-                &optimizer,
-                &policy,
-                critic.as_ref(),
-                head.as_ref(),
-                kl_ctl.beta,
-                &config_json,
-            )?;
-            if too_many_bad {
-                telemetry::finish_progress();
-                bail!("{bad_steps} consecutive bad steps up to step {step} (last: {bad_cause}); the last good state is in {}", dir.display());
-            }
-        }
-        if stop {
-            interrupted = true;
-            break;
-        }
-    }
-    telemetry::finish_progress();
-    if interrupted {
-        tracing::info!(target: METRICS, step, status = "interrupted", "interrupted at step {step}");
-        telemetry::close_metrics();
-        return Ok(RlOutcome {
-            output: t.output_dir.join(format!("checkpoint-{step}")),
-            steps: step,
-            first_score,
-            last_score,
-            last_kl,
-            seconds_per_step: started.elapsed().as_secs_f64() / (step - start_step).max(1) as f64,
-            eval_before,
-            eval_after,
-            interrupted: true,
-        });
-    }
-    if let Some(h) = base_hash {
-        let same = hash_base(model)? == h;
-        tracing::info!(target: METRICS, step, "check/base_weights_unchanged" = same, "base weights bitwise unchanged: {same}");
-    }
-    let out = t.output_dir.join("adapter");
-    policy.save(&out)?;
-    if let Some(c) = &critic {
-        c.save(&t.output_dir.join("critic"))?;
-    }
-    if let Some(h) = &head {
-        h.save(&t.output_dir)?;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    tracing::info!(target: METRICS, step, status = "finished", elapsed = secs, "{:?} finished: {} written", r.algorithm, out.display());
-    telemetry::close_metrics();
+    let out = stage::run(&mut stage, t, &config_json, resume.as_ref(), &device, opts.quiet)?;
     Ok(RlOutcome {
-        output: out,
-        steps: step,
-        first_score,
-        last_score,
-        last_kl,
-        seconds_per_step: secs / (step - start_step).max(1) as f64,
-        eval_before,
-        eval_after,
-        interrupted: false,
+        output: out.output,
+        steps: out.steps,
+        first_score: stage.first_score,
+        last_score: stage.last_score,
+        last_kl: stage.last_kl,
+        seconds_per_step: out.seconds / out.steps_run.max(1) as f64,
+        eval_before: stage.eval_before,
+        eval_after: stage.eval_after,
+        interrupted: out.interrupted,
     })
-}
-
-#[allow(clippy::too_many_arguments)]
-fn save_rl(
-    ckpt: &Checkpointer,
-    step: u64,
-    position: u64,
-    optimizer: &Optimizer,
-    policy: &Adapter,
-    critic: Option<&Adapter>,
-    head: Option<&ValueHead>,
-    beta: f64,
-    config: &serde_json::Value,
-) -> Result<PathBuf> {
-    let state = TrainerState {
-        global_step: step,
-        data_position: position,
-        dropout_rng_word_pos: "0".into(),
-        optimizer_step: Some(optimizer.step),
-        config: config.clone(),
-        extra: serde_json::json!({ "beta": beta }),
-    };
-    let payload = |dir: &Path| -> Result<()> {
-        policy.save(dir)?;
-        if let Some(c) = critic {
-            c.save(&dir.join("critic"))?;
-        }
-        if let Some(h) = head {
-            h.save(dir)?;
-        }
-        Ok(())
-    };
-    ckpt.save(step, &payload, optimizer, &state)
 }
 
 /// FNV-1a over the bits of every base linear weight and bias.
@@ -762,268 +499,4 @@ fn hash_base(model: &dyn CausalLm) -> Result<u64> {
         }
     }
     Ok(h)
-}
-
-/// `1 − Var(R − V) / Var(R)` over response tokens (0 when Var(R) is 0 or there is no critic).
-fn explained_variance(d: &StepData) -> f64 {
-    let (Some(v), Some(ret)) = (&d.values, &d.returns) else {
-        return f64::NAN;
-    };
-    let rs: Vec<f64> = ret.iter().flatten().copied().collect();
-    let diff: Vec<f64> = ret
-        .iter()
-        .flatten()
-        .zip(v.iter().flatten())
-        .map(|(a, b)| a - b)
-        .collect();
-    let var = |x: &[f64]| {
-        let m = mean(x);
-        x.iter().map(|y| (y - m).powi(2)).sum::<f64>() / x.len().max(1) as f64
-    };
-    let vr = var(&rs);
-    if vr == 0.0 {
-        0.0
-    } else {
-        1.0 - var(&diff) / vr
-    }
-}
-
-fn write_rollouts(
-    f: &mut std::fs::File,
-    step: u64,
-    smp: &[Sample],
-    d: &StepData,
-    limit: usize,
-) -> Result<()> {
-    use std::io::Write;
-    let mut buf = String::new();
-    for i in 0..smp.len().min(limit) {
-        let line = serde_json::json!({
-            "step": step,
-            "prompt": smp[i].prompt,
-            "completion": smp[i].completion,
-            "score": d.scores[i],
-            "kl": d.kl[i].iter().sum::<f64>(),
-            "advantage": mean(&d.advantages[i]),
-            "length": d.lens[i],
-            "stopped": smp[i].stopped,
-        });
-        buf.push_str(&line.to_string());
-        buf.push('\n');
-    }
-    f.write_all(buf.as_bytes())?;
-    f.flush()?;
-    Ok(())
-}
-
-#[derive(Default)]
-struct TrainStats {
-    pg_loss: f64,
-    vf_loss: f64,
-    kl_loss: f64,
-    approxkl: f64,
-    clipfrac: f64,
-    vf_clipfrac: f64,
-    ratio_mean: f64,
-    entropy: f64,
-    grad_norm: f64,
-    /// The first micro-batch's ratios (a check: exactly 1 before any update).
-    first_ratio: Option<Vec<f32>>,
-    /// The update's log-probs, in rollout order, when they serve as the old ones.
-    logp_from_update: Vec<Vec<f64>>,
-}
-
-/// `num_ppo_epochs` × shuffled mini-batches × micro-batches. Returns means over updates.
-#[allow(clippy::too_many_arguments)]
-fn train_on_step(
-    cfg: &RlConfig,
-    model: &dyn CausalLm,
-    policy: &Adapter,
-    critic: Option<&Adapter>,
-    head: Option<&ValueHead>,
-    optimizer: &mut Optimizer,
-    params: &[(String, Var)],
-    ro: &Rollouts,
-    d: &StepData,
-    lr: f64,
-    beta: f64,
-    temperature: f64,
-    clip_params: &ClipParams,
-    step: u64,
-    bad_steps: &mut u64,
-) -> Result<TrainStats> {
-    let r = &cfg.rl;
-    let t = &cfg.training;
-    let dev = model.info().device.clone();
-    let n = ro.len();
-    let width = ro.r_len;
-    let mini = n / r.num_mini_batches;
-    let mb = t.per_device_train_batch_size;
-    let mut stats = TrainStats::default();
-    let mut updates = 0usize;
-    let mut sums = TrainStats::default();
-    for epoch in 0..r.num_ppo_epochs {
-        // The first epoch keeps rollout order, so its first micro-batches are exactly the
-        // chunks `logp_old` was computed on (the first ratio is exactly 1); later epochs
-        // shuffle (rollouts are i.i.d.; the order matters only for bitwise reproducibility).
-        let mut perm: Vec<usize> = (0..n).collect();
-        if epoch > 0 {
-            perm.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(
-                t.seed,
-                step,
-                100 + epoch as u64,
-            )));
-        }
-        let mut epoch_kl = Vec::new();
-        for m in perm.chunks(mini) {
-            let mb_tokens: usize = m.iter().map(|&i| d.lens[i]).sum();
-            let mut acc = GradAccumulator::new(params.len());
-            let (mut pg_sum, mut vf_sum, mut kl_sum, mut ent_sum) = (0f64, 0f64, 0f64, 0f64);
-            let (mut akl, mut cf, mut vcf, mut rsum) = (0f64, 0f64, 0f64, 0f64);
-            for micro in m.chunks(mb) {
-                let input = ro.input(micro, &dev)?;
-                let lens: Vec<usize> = micro.iter().map(|&i| d.lens[i]).collect();
-                let w = agg_weights(
-                    r.loss_aggregation,
-                    &lens,
-                    width,
-                    mb_tokens,
-                    m.len(),
-                    cfg.generation.max_new_tokens,
-                );
-                let w = Tensor::from_vec(w, (micro.len(), width), &dev)?;
-                let mask = ro.mask(micro, &dev)?;
-                let ctx = ForwardCtx::train(Some(policy), None);
-                let shared_head = if critic.is_none() { head } else { None };
-                let s = score(
-                    model,
-                    &ctx,
-                    &input,
-                    ro.p_len,
-                    width,
-                    temperature,
-                    shared_head,
-                    r.entropy_coef > 0.0,
-                )?;
-                let old = if d.logp_old.is_empty() {
-                    // One update per step: its own log-probs are the old ones.
-                    stats.logp_from_update.extend(to_rows(&s.logp, &lens)?);
-                    s.logp.detach()
-                } else {
-                    rows_tensor(micro, &d.logp_old, width, &dev)?
-                };
-                let adv = rows_tensor(micro, &d.advantages, width, &dev)?;
-                let (pg, clipped) = policy_loss(&s.logp, &old, &adv, clip_params)?;
-                let pg_loss = weighted_sum(&pg, &w)?;
-                let mut loss = pg_loss.clone();
-                if let (Some(h), Some(vold), Some(ret)) = (head, &d.values, &d.returns) {
-                    let v = match critic {
-                        Some(c) => critic_values(
-                            model,
-                            &ForwardCtx::train(Some(c), None),
-                            &input,
-                            ro.p_len,
-                            width,
-                            h,
-                        )?,
-                        None => s.values.clone().expect("shared head gives values"),
-                    };
-                    let (vf, vclipped) = value_loss(
-                        &v,
-                        &rows_tensor(micro, vold, width, &dev)?,
-                        &rows_tensor(micro, ret, width, &dev)?,
-                        r.cliprange_value,
-                    )?;
-                    let vf_loss = weighted_sum(&vf, &w)?;
-                    vf_sum += vf_loss.to_scalar::<f32>()? as f64;
-                    vcf += (vclipped * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
-                    loss = (loss + (vf_loss * r.vf_coef)?)?;
-                }
-                if r.algorithm == Algorithm::Grpo && beta > 0.0 {
-                    let lref = rows_tensor(
-                        micro,
-                        d.logp_ref.as_ref().expect("reference computed when β > 0"),
-                        width,
-                        &dev,
-                    )?;
-                    // k3 = exp(logr) − 1 − logr, logr = logp_ref − logp.
-                    let logr = (lref - &s.logp)?;
-                    let k3 = ((logr.exp()? - 1.0)? - &logr)?;
-                    let kl_loss = weighted_sum(&k3, &w)?;
-                    kl_sum += kl_loss.to_scalar::<f32>()? as f64;
-                    loss = (loss + (kl_loss * beta)?)?;
-                }
-                if let Some(h) = &s.entropy {
-                    let e = weighted_sum(h, &w)?;
-                    ent_sum += e.to_scalar::<f32>()? as f64;
-                    loss = (loss - (e * r.entropy_coef)?)?;
-                }
-                let grads = loss.backward()?;
-                acc.add(params, &grads)?;
-                pg_sum += pg_loss.to_scalar::<f32>()? as f64;
-                let diff = (s.logp.detach() - &old)?;
-                akl += ((diff.sqr()? * &mask)?.sum_all()?.to_scalar::<f32>()? as f64) * 0.5;
-                cf += (clipped * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
-                let ratio = diff.exp()?;
-                rsum += (&ratio * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
-                if stats.first_ratio.is_none() {
-                    // Response tokens only (padding has no old log-prob).
-                    let r: Vec<f32> = ratio.flatten_all()?.to_vec1()?;
-                    let m: Vec<f32> = mask.flatten_all()?.to_vec1()?;
-                    stats.first_ratio = Some(
-                        r.into_iter()
-                            .zip(m)
-                            .filter(|(_, k)| *k > 0.0)
-                            .map(|(x, _)| x)
-                            .collect(),
-                    );
-                }
-            }
-            let mut grads = acc.finish(params)?;
-            let norm = clip(&mut grads, t.max_grad_norm)?;
-            let tok = mb_tokens.max(1) as f64;
-            if pg_sum.is_finite() && norm.is_finite() {
-                optimizer.apply(&grads, lr)?;
-                *bad_steps = 0;
-            } else {
-                *bad_steps += 1;
-                tracing::warn!("step {}: non-finite policy loss ({pg_sum}) or gradient norm ({norm}); update skipped", step + 1);
-            }
-            epoch_kl.push(akl / tok);
-            sums.pg_loss += pg_sum;
-            sums.vf_loss += vf_sum;
-            sums.kl_loss += kl_sum;
-            sums.entropy += ent_sum;
-            sums.approxkl += akl / tok;
-            sums.clipfrac += cf / tok;
-            sums.vf_clipfrac += vcf / tok;
-            sums.ratio_mean += rsum / tok;
-            sums.grad_norm += norm;
-            updates += 1;
-        }
-        if let Some(target) = r.target_kl {
-            let k = mean(&epoch_kl);
-            if k > target {
-                tracing::info!("step {}: approx KL {k:.4} > target_kl {target} after epoch {}; stopping this step's updates", step + 1, epoch + 1);
-                break;
-            }
-        }
-    }
-    let u = updates.max(1) as f64;
-    stats.pg_loss = sums.pg_loss / u;
-    stats.vf_loss = sums.vf_loss / u;
-    stats.kl_loss = sums.kl_loss / u;
-    stats.entropy = sums.entropy / u;
-    stats.approxkl = sums.approxkl / u;
-    stats.clipfrac = sums.clipfrac / u;
-    stats.vf_clipfrac = sums.vf_clipfrac / u;
-    stats.ratio_mean = sums.ratio_mean / u;
-    stats.grad_norm = sums.grad_norm / u;
-    if step == 0 {
-        if let Some(ratios) = &stats.first_ratio {
-            let ok = ratios.iter().all(|&x| x == 1.0);
-            tracing::info!(target: METRICS, step = 0u64, "check/first_ratio_exactly_one" = ok, "first update: ratio exactly 1: {ok}");
-        }
-    }
-    Ok(stats)
 }

@@ -8,7 +8,9 @@ pub mod memory;
 pub mod optimizer;
 pub mod order;
 pub mod schedule;
+pub mod stage;
 pub mod trainable;
+pub mod update;
 
 use anyhow::{Context, Result};
 use std::path::Path;

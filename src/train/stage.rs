@@ -1,0 +1,271 @@
+//! The loop every training stage runs on (SFT, PPO, GRPO, RLOO). A stage supplies its
+//! trainable parameters, its step, its extra checkpointed state and its outputs; the loop
+//! owns everything else:
+//!
+//! 1. resume: the checkpoint to continue from (found before the stage is built, since the
+//!    stage restores its weights from it), the optimizer state, the step and data position,
+//!    the dropout generator's position;
+//! 2. resource checks before the first step (disk for two checkpoints, memory per stage);
+//! 3. the run folder (`config.json`, `metrics.jsonl`) and the learning-rate schedule;
+//! 4. per step: the stage's step at the scheduled learning rate, evaluation every
+//!    `training.eval_steps`, the bad-step count (one rule: a step is bad when an update was
+//!    skipped for a non-finite loss or gradient, or its rewards were not finite; after
+//!    `training.max_bad_steps` bad steps in a row the run stops with a checkpoint);
+//! 5. checkpoints on schedule, at the end and on SIGINT/SIGTERM;
+//! 6. the final save of the stage's outputs.
+
+use super::checkpoint::{self, Checkpointer, TrainerState};
+use super::optimizer::Optimizer;
+use super::update::Updater;
+use crate::config::common::TrainingSection;
+use crate::telemetry::{self, METRICS};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Var};
+use indicatif::ProgressBar;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// The checkpoint a run continues from.
+pub struct Resume {
+    pub dir: PathBuf,
+    pub state: TrainerState,
+}
+
+impl Resume {
+    /// `--resume` (`"latest"` or a checkpoint folder) → the checkpoint and its state.
+    pub fn find(resume: Option<&str>, output_dir: &Path) -> Result<Option<Self>> {
+        let Some(r) = resume else { return Ok(None) };
+        let dir = checkpoint::resolve(r, output_dir)?;
+        let state = checkpoint::read_state(&dir)?;
+        Ok(Some(Self { dir, state }))
+    }
+}
+
+/// A memory requirement checked before the first step.
+pub struct MemoryNeed {
+    pub bytes: u64,
+    /// What needs it ("a micro-batch of 8 × 128 tokens").
+    pub what: String,
+    /// The settings that lower it.
+    pub lower: String,
+}
+
+/// What a step of the loop hands to the stage.
+pub struct StepCtx<'a> {
+    /// 0-based index of this step; the step is reported as `step + 1`.
+    pub step: u64,
+    pub total_steps: u64,
+    /// The scheduled learning rate of this step.
+    pub lr: f64,
+    /// Data batches consumed so far; the stage advances it by what it takes.
+    pub position: &'a mut u64,
+    pub updater: &'a mut Updater,
+    /// The seeded LoRA dropout generator (checkpointed), or `None` when the stage trains
+    /// without dropout.
+    pub dropout: Option<&'a Mutex<ChaCha8Rng>>,
+    /// Whether this step's metrics are logged (`training.logging_steps` and the last step).
+    pub log: bool,
+    pub progress: &'a ProgressBar,
+}
+
+/// How a step went.
+pub enum StepOutcome {
+    Trained,
+    /// A bad step: an update skipped, or rewards that could not be used. The cause is named
+    /// in the message that stops the run.
+    Bad(String),
+}
+
+pub trait Stage {
+    /// "sft", "ppo", …: the progress bar's label and the log prefix.
+    fn name(&self) -> String;
+    /// Every trainable variable with its checkpoint name, in a fixed order.
+    fn params(&self) -> Vec<(String, Var)>;
+    /// Data batches per epoch and per step: the schedule's length when `max_steps` is 0.
+    fn batches(&self) -> (u64, u64);
+    /// Memory the stage's largest passes need.
+    fn memory_needs(&self, trainable_params: usize) -> Vec<MemoryNeed>;
+    /// Whether the training passes use LoRA dropout (masks from the loop's generator).
+    fn uses_dropout(&self) -> bool;
+    /// Once, after the run folder is open and before the first step (of this process).
+    fn begin(&mut self, _step: u64) -> Result<()> {
+        Ok(())
+    }
+    /// One step: usually one optimizer update (RL: several).
+    fn step(&mut self, ctx: StepCtx) -> Result<StepOutcome>;
+    /// Evaluation after `step` updates (every `training.eval_steps` and at the end).
+    fn evaluate(&mut self, _step: u64) -> Result<()> {
+        Ok(())
+    }
+    /// Writes the trainable values (and the stage's own files) into a checkpoint folder.
+    fn save_checkpoint(&self, dir: &Path) -> Result<()>;
+    /// The stage's own state for `trainer_state.json` (`extra`), e.g. PPO's β.
+    fn extra_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// After the last step: writes the run's outputs; returns the main one's folder.
+    fn finish(&mut self, step: u64) -> Result<PathBuf>;
+}
+
+/// What the loop reports; the stage's own figures are on the stage.
+#[derive(Debug, Clone)]
+pub struct LoopOutcome {
+    /// The final output folder, or the checkpoint written when interrupted.
+    pub output: PathBuf,
+    pub steps: u64,
+    /// Steps run by this process (less than `steps` after a resume).
+    pub steps_run: u64,
+    pub seconds: f64,
+    pub interrupted: bool,
+}
+
+/// Runs `stage` to the end of its schedule.
+pub fn run(
+    stage: &mut dyn Stage,
+    t: &TrainingSection,
+    config: &serde_json::Value,
+    resume: Option<&Resume>,
+    device: &Device,
+    quiet: bool,
+) -> Result<LoopOutcome> {
+    let name = stage.name();
+    let params = stage.params();
+    // 1. Resume: optimizer state, step, data and dropout positions.
+    let mut updater = Updater::new(Optimizer::new(t.optimizer_kind(), params.clone()), t.max_grad_norm);
+    let dropout_rng = Mutex::new(ChaCha8Rng::seed_from_u64(t.seed.wrapping_add(1)));
+    let (mut step, mut position) = (0u64, 0u64);
+    if let Some(r) = resume {
+        let s = &r.state;
+        updater.optimizer.load_state(
+            checkpoint::read_optimizer(&r.dir, device)?,
+            s.optimizer_step.unwrap_or(s.global_step),
+        )?;
+        step = s.global_step;
+        position = s.data_position;
+        let pos: u128 = s
+            .dropout_rng_word_pos
+            .parse()
+            .context("trainer_state.json: dropout_rng_word_pos")?;
+        dropout_rng.lock().expect("not poisoned").set_word_pos(pos);
+        if &s.config != config {
+            tracing::warn!("resuming with a configuration that differs from the checkpoint's; the result will not match an uninterrupted run");
+        }
+        tracing::info!("resuming from {} at step {step}", r.dir.display());
+    }
+    // 2. Resource checks before the first step.
+    let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+    super::check_disk_space(&t.output_dir, n_params)?;
+    for need in stage.memory_needs(n_params) {
+        super::memory::check(device, need.bytes, &need.what, &need.lower)?;
+    }
+    // 3. The schedule and the run folder.
+    let (per_epoch, per_step) = stage.batches();
+    let schedule = super::plan(t, per_epoch, per_step);
+    let total_steps = schedule.total_steps;
+    let ckpt = super::open_run(t, config)?;
+    tracing::info!("{name}: {total_steps} steps, {n_params} trainable parameters");
+    stage.begin(step)?;
+
+    let pb = telemetry::progress(total_steps, &name, quiet);
+    pb.set_position(step);
+    let started = Instant::now();
+    let start_step = step;
+    let (mut bad_steps, mut bad_cause) = (0u64, String::new());
+    let use_dropout = stage.uses_dropout();
+    let save = |stage: &dyn Stage, step: u64, position: u64, updater: &Updater| {
+        let state = TrainerState {
+            global_step: step,
+            data_position: position,
+            dropout_rng_word_pos: dropout_rng
+                .lock()
+                .expect("not poisoned")
+                .get_word_pos()
+                .to_string(),
+            optimizer_step: Some(updater.optimizer.step),
+            config: config.clone(),
+            extra: stage.extra_state(),
+        };
+        save_checkpoint(&ckpt, stage, step, &updater.optimizer, &state)
+    };
+    super::interrupt::install();
+    let mut interrupted = None;
+    while step < total_steps {
+        // 4. The step, then evaluation and the bad-step count.
+        let outcome = stage.step(StepCtx {
+            step,
+            total_steps,
+            lr: schedule.lr(step),
+            position: &mut position,
+            updater: &mut updater,
+            dropout: use_dropout.then_some(&dropout_rng),
+            log: (step + 1) % t.logging_steps.max(1) == 0 || step + 1 == total_steps,
+            progress: &pb,
+        })?;
+        step += 1;
+        pb.inc(1);
+        match outcome {
+            StepOutcome::Trained => bad_steps = 0,
+            StepOutcome::Bad(cause) => {
+                bad_steps += 1;
+                bad_cause = cause;
+            }
+        }
+        if (t.eval_steps > 0 && step % t.eval_steps == 0) || step == total_steps {
+            stage.evaluate(step)?;
+        }
+        // 5. Checkpoint on schedule, at the end, when interrupted, and before stopping
+        // after too many bad steps (then with the last good state).
+        let too_many_bad = bad_steps >= t.max_bad_steps.max(1);
+        let stop = super::interrupt::requested() && step < total_steps;
+        if (t.save_steps > 0 && step % t.save_steps == 0) || step == total_steps || stop || too_many_bad {
+            let dir = save(&*stage, step, position, &updater)?;
+            if too_many_bad {
+                telemetry::finish_progress();
+                bail!("{bad_steps} consecutive bad steps up to step {step} (last: {bad_cause}); the last good state is in {}", dir.display());
+            }
+            if stop {
+                interrupted = Some(dir);
+                break;
+            }
+        }
+    }
+    telemetry::finish_progress();
+    let seconds = started.elapsed().as_secs_f64();
+    let steps_run = step - start_step;
+    if let Some(dir) = interrupted {
+        tracing::info!(target: METRICS, step, status = "interrupted", "{name} interrupted at step {step}");
+        telemetry::close_metrics();
+        return Ok(LoopOutcome {
+            output: dir,
+            steps: step,
+            steps_run,
+            seconds,
+            interrupted: true,
+        });
+    }
+    // 6. The outputs.
+    let output = stage.finish(step)?;
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(target: METRICS, step, status = "finished", elapsed = seconds, "{name} finished: {} written", output.display());
+    telemetry::close_metrics();
+    Ok(LoopOutcome {
+        output,
+        steps: step,
+        steps_run,
+        seconds,
+        interrupted: false,
+    })
+}
+
+fn save_checkpoint(
+    ckpt: &Checkpointer,
+    stage: &dyn Stage,
+    step: u64,
+    optimizer: &Optimizer,
+    state: &TrainerState,
+) -> Result<PathBuf> {
+    ckpt.save(step, &|dir| stage.save_checkpoint(dir), optimizer, state)
+}

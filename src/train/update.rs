@@ -1,0 +1,71 @@
+//! One optimizer update, the same in every stage: the summed gradients of a (mini-)batch
+//! are clipped to `max_grad_norm`, the loss and the norm are checked to be finite, and the
+//! update is applied — or skipped with one warning naming the step and the cause.
+
+use super::grads::{clip, GradAccumulator};
+use super::optimizer::Optimizer;
+use anyhow::Result;
+use candle_core::Var;
+
+/// The optimizer and the trainable variables it updates.
+pub struct Updater {
+    pub optimizer: Optimizer,
+    max_grad_norm: f64,
+}
+
+/// What one update did.
+#[derive(Debug, Clone, Copy)]
+pub struct Update {
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// False when the loss or the norm was not finite and the update was skipped.
+    pub applied: bool,
+}
+
+/// The cause a skipped update gives to the loop's bad-step count.
+pub fn skipped_cause(loss_name: &str) -> String {
+    format!("a non-finite {loss_name} or gradient norm")
+}
+
+impl Updater {
+    pub fn new(optimizer: Optimizer, max_grad_norm: f64) -> Self {
+        Self {
+            optimizer,
+            max_grad_norm,
+        }
+    }
+
+    pub fn params(&self) -> &[(String, Var)] {
+        self.optimizer.params()
+    }
+
+    /// An empty gradient sum over the trainable variables.
+    pub fn accumulator(&self) -> GradAccumulator {
+        GradAccumulator::new(self.params().len())
+    }
+
+    /// Clips the summed gradients, checks `loss` (named `loss_name` in the warning) and the
+    /// norm, and applies the update at `lr` when both are finite. `step` is the 0-based
+    /// index of the stage step (the warning shows it 1-based, as the metrics do).
+    pub fn apply(
+        &mut self,
+        acc: GradAccumulator,
+        loss: f64,
+        loss_name: &str,
+        lr: f64,
+        step: u64,
+    ) -> Result<Update> {
+        let mut grads = acc.finish(self.optimizer.params())?;
+        let grad_norm = clip(&mut grads, self.max_grad_norm)?;
+        let applied = loss.is_finite() && grad_norm.is_finite();
+        if applied {
+            self.optimizer.apply(&grads, lr)?;
+        } else {
+            tracing::warn!(
+                "step {}: non-finite {loss_name} or gradient norm ({loss_name} {loss}, grad norm {grad_norm}); update skipped",
+                step + 1
+            );
+        }
+        Ok(Update { grad_norm, applied })
+    }
+}
