@@ -15,7 +15,7 @@ use super::losses::ClipParams;
 use super::report::{self, StepReport};
 use super::rollout::Rollouts;
 use super::shaping::{self, ShapeInputs};
-use super::update::{mix, train_on_rollouts, UpdatePlan};
+use super::update::{mix, train_on_rollouts, Trained, UpdatePlan};
 use super::value_head::ValueHead;
 use crate::config::rl::{Critic, RlConfig};
 use crate::data::prompts::{load_prompts, Prompt};
@@ -131,6 +131,77 @@ impl RlStage<'_> {
         !self.cfg.rl.disable_dropout && self.cfg.adapter.lora_dropout > 0.0
     }
 
+    /// The rewards of the step's rollouts. A non-finite score makes the step a bad one
+    /// (inner `Err`); any other reward failure ends the run.
+    fn score_rewards(
+        &self,
+        x: &mut experience::Experience,
+        step: u64,
+    ) -> Result<std::result::Result<rlft_reward::Scores, StepOutcome>> {
+        let t0 = Instant::now();
+        let scored = match self.rewards.score(&x.samples) {
+            Ok(s) => s,
+            Err(e @ rlft_reward::RewardError::NotFinite { .. }) => {
+                tracing::warn!("step {}: {e}; update skipped", step + 1);
+                return Ok(Err(StepOutcome::Bad(e.to_string())));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("scoring the rollouts of step {}", step + 1))
+            }
+        };
+        x.timing.score = t0.elapsed().as_secs_f64();
+        Ok(Ok(scored))
+    }
+
+    /// The step's figures: the run's first/last score and KL, the first-ratio check, the
+    /// metrics line and the rollout log.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &mut self,
+        ctx: &StepCtx,
+        x: &experience::Experience,
+        shaped: &shaping::Shaped,
+        trained: &Trained,
+        parts: &[(String, Vec<f64>)],
+        beta: f64,
+        started: Instant,
+    ) -> Result<()> {
+        let step = ctx.step + 1;
+        let (score_mean, mean_kl) = (shaping::mean(&shaped.scores), shaped.mean_kl());
+        if self.first_score.is_nan() {
+            self.first_score = score_mean;
+        }
+        (self.last_score, self.last_kl) = (score_mean, mean_kl);
+        if ctx.step == 0 {
+            let ok = trained.first_ratio.iter().all(|&v| v == 1.0);
+            tracing::info!(target: METRICS, step = 0u64, "check/first_ratio_exactly_one" = ok, "first update: ratio exactly 1: {ok}");
+        }
+        ctx.progress
+            .set_message(format!("score {score_mean:.3} kl {mean_kl:.3}"));
+        if ctx.log {
+            report::log_step(&StepReport {
+                step,
+                total_steps: ctx.total_steps,
+                x,
+                shaped,
+                stats: &trained.stats,
+                parts,
+                beta,
+                lr: ctx.lr,
+                vf_coef: self.cfg.rl.vf_coef,
+                timing: x.timing,
+                step_secs: started.elapsed().as_secs_f64(),
+                elapsed: self.started.elapsed().as_secs_f64(),
+            });
+        }
+        let every = self.cfg.rl.log_rollouts_every;
+        let limit = self.cfg.rl.rollouts_per_log;
+        if let Some(f) = self.rollout_log.as_mut().filter(|_| every > 0 && step % every == 0) {
+            report::write_rollouts(f, step, &x.samples, x, shaped, limit)?;
+        }
+        Ok(())
+    }
+
     fn eval_score(&self) -> Result<Option<f64>> {
         let Some(ep) = &self.eval_prompts else {
             return Ok(None);
@@ -221,54 +292,34 @@ impl Stage for RlStage<'_> {
     }
 
     fn step(&mut self, ctx: StepCtx) -> Result<StepOutcome> {
-        let step_start = Instant::now();
-        let (cfg, spec) = (self.cfg, self.spec);
-        let beta = self.kl_ctl.beta;
+        let started = Instant::now();
+        let (cfg, spec, beta) = (self.cfg, self.spec, self.kl_ctl.beta);
         let old_from_update =
             spec.old_logprobs_from_update(cfg, self.dropout()) && !self.separate_old_pass;
         // 1. Experience: rollouts of the step's prompts, the scoring passes, the rewards.
         let chosen = self.order.batch(*ctx.position);
         *ctx.position += 1;
-        let mut x = experience::collect(
-            self.actors(),
-            &self.pre.tokenizer,
-            cfg,
-            &Request {
-                prompts: &self.prompts,
-                chosen: &chosen,
-                seed: mix(cfg.training.seed, ctx.step, 1),
-                old_from_update,
-                reference: spec.needs_reference(beta),
-            },
-        )?;
-        let t0 = Instant::now();
-        let scored = match self.rewards.score(&x.samples) {
-            Ok(s) => s,
-            // A non-finite score is a bad step; any other reward failure ends the run.
-            Err(e @ rlft_reward::RewardError::NotFinite { .. }) => {
-                tracing::warn!("step {}: {e}; update skipped", ctx.step + 1);
-                return Ok(StepOutcome::Bad(e.to_string()));
-            }
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("scoring the rollouts of step {}", ctx.step + 1))
-            }
+        let request = Request {
+            prompts: &self.prompts,
+            chosen: &chosen,
+            seed: mix(cfg.training.seed, ctx.step, 1),
+            old_from_update,
+            reference: spec.needs_reference(beta),
         };
-        x.timing.score = t0.elapsed().as_secs_f64();
+        let mut x = experience::collect(self.actors(), &self.pre.tokenizer, cfg, &request)?;
+        let scored = match self.score_rewards(&mut x, ctx.step)? {
+            Ok(s) => s,
+            Err(bad) => return Ok(bad),
+        };
         // 2. Shaping: scores, the KL penalty, advantages (and PPO's returns).
-        let scores = shaping::adjust_scores(&cfg.rl, &scored.total, &x.rollouts.stopped);
-        let mut shaped = shaping::shape(
-            &spec,
-            &cfg.rl,
-            beta,
-            ShapeInputs {
-                lens: &x.lens,
-                logp_old: &x.logp_old,
-                logp_ref: x.logp_ref.as_ref(),
-                values: x.values.as_ref(),
-                scores,
-            },
-        );
+        let inputs = ShapeInputs {
+            lens: &x.lens,
+            logp_old: &x.logp_old,
+            logp_ref: x.logp_ref.as_ref(),
+            values: x.values.as_ref(),
+            scores: shaping::adjust_scores(&cfg.rl, &scored.total, &x.rollouts.stopped),
+        };
+        let mut shaped = shaping::shape(&spec, &cfg.rl, beta, inputs);
         // 3. Update: epochs × mini-batches × micro-batches.
         let t0 = Instant::now();
         let plan = UpdatePlan {
@@ -281,48 +332,16 @@ impl Stage for RlStage<'_> {
             dropout: ctx.dropout,
             entropy_metric: ctx.log,
         };
-        let trained = train_on_rollouts(self.actors(), ctx.updater, &x, &shaped, &plan)?;
+        let mut trained = train_on_rollouts(self.actors(), ctx.updater, &x, &shaped, &plan)?;
         x.timing.train = t0.elapsed().as_secs_f64();
         if old_from_update {
-            // The KL of the step, from the log-probs the update computed.
-            x.logp_old = trained.logp_from_update;
+            // The step's KL, from the log-probs the update computed.
+            x.logp_old = std::mem::take(&mut trained.logp_from_update);
             shaped.kl = shaping::token_kl(spec.kl_estimator, &x.lens, &x.logp_old, x.logp_ref.as_ref());
         }
         // 4. The KL controller, metrics and the rollout log.
-        let step = ctx.step + 1;
-        let mean_kl = shaped.mean_kl();
-        self.kl_ctl.update(mean_kl, x.rollouts.len());
-        let score_mean = shaping::mean(&shaped.scores);
-        if self.first_score.is_nan() {
-            self.first_score = score_mean;
-        }
-        (self.last_score, self.last_kl) = (score_mean, mean_kl);
-        if ctx.step == 0 {
-            let ok = trained.first_ratio.iter().all(|&v| v == 1.0);
-            tracing::info!(target: METRICS, step = 0u64, "check/first_ratio_exactly_one" = ok, "first update: ratio exactly 1: {ok}");
-        }
-        ctx.progress
-            .set_message(format!("score {score_mean:.3} kl {mean_kl:.3}"));
-        if ctx.log {
-            report::log_step(&StepReport {
-                step,
-                total_steps: ctx.total_steps,
-                x: &x,
-                shaped: &shaped,
-                stats: &trained.stats,
-                parts: &scored.parts,
-                beta,
-                lr: ctx.lr,
-                vf_coef: cfg.rl.vf_coef,
-                timing: x.timing,
-                step_secs: step_start.elapsed().as_secs_f64(),
-                elapsed: self.started.elapsed().as_secs_f64(),
-            });
-        }
-        let every = cfg.rl.log_rollouts_every;
-        if let Some(f) = self.rollout_log.as_mut().filter(|_| every > 0 && step % every == 0) {
-            report::write_rollouts(f, step, &x.samples, &x, &shaped, cfg.rl.rollouts_per_log)?;
-        }
+        self.kl_ctl.update(shaped.mean_kl(), x.rollouts.len());
+        self.record(&ctx, &x, &shaped, &trained, &scored.parts, beta, started)?;
         Ok(match trained.skipped {
             None => StepOutcome::Trained,
             Some(cause) => StepOutcome::Bad(cause),
