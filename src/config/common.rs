@@ -222,6 +222,12 @@ impl Default for TrainingSection {
 
 impl TrainingSection {
     pub fn validate(&self) -> Result<()> {
+        if self.max_bad_steps == 0 {
+            bail!("training.max_bad_steps must be at least 1 (the bad steps in a row that stop a run)");
+        }
+        if self.save_total_limit == Some(0) {
+            bail!("training.save_total_limit must be at least 1 (leave it unset to keep every checkpoint)");
+        }
         if !(self.learning_rate >= 0.0 && self.learning_rate.is_finite()) {
             bail!(
                 "training.learning_rate must be ≥ 0, got {}",

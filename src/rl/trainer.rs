@@ -196,7 +196,7 @@ impl RlStage<'_> {
         }
         let every = self.cfg.rl.log_rollouts_every;
         let limit = self.cfg.rl.rollouts_per_log;
-        if let Some(f) = self.rollout_log.as_mut().filter(|_| every > 0 && step % every == 0) {
+        if let Some(f) = self.rollout_log.as_mut().filter(|_| step % every == 0) {
             report::write_rollouts(f, step, &x.samples, x, shaped, limit)?;
         }
         Ok(())
@@ -270,14 +270,16 @@ impl Stage for RlStage<'_> {
             self.cfg.prompts_per_step(),
             r.num_generations,
         );
-        let path = self.cfg.training.output_dir.join("rollouts.jsonl");
-        self.rollout_log = Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .with_context(|| format!("opening {}", path.display()))?,
-        );
+        if r.log_rollouts_every > 0 {
+            let path = self.cfg.training.output_dir.join("rollouts.jsonl");
+            self.rollout_log = Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .with_context(|| format!("opening {}", path.display()))?,
+            );
+        }
         if step == 0 {
             self.eval_before = self.eval_score()?;
             if let Some(s) = self.eval_before {
