@@ -145,7 +145,11 @@ fn parse_value(raw: &str) -> toml::Value {
     }
 }
 
-/// Adds "did you mean `x`?" to serde's "unknown field `y`, expected one of …" errors.
+/// Keys that moved: (old `section.key`, new `section.key`).
+const MOVED: &[(&str, &str)] = &[("rl.eval_steps", "training.eval_steps")];
+
+/// Adds "did you mean `x`?" to serde's "unknown field `y`, expected one of …" errors, and
+/// the new name of a key that moved.
 fn explain(msg: &str) -> String {
     let msg = msg.trim_end().to_string();
     let Some(rest) = msg.split("unknown field `").nth(1) else {
@@ -155,6 +159,12 @@ fn explain(msg: &str) -> String {
         return msg;
     };
     let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    if let Some((_, now)) = MOVED
+        .iter()
+        .find(|(old, _)| old.rsplit('.').next() == Some(unknown) && msg.contains(&format!("in `{}`", old.split('.').next().unwrap_or(""))))
+    {
+        return format!("{msg}; it is now `{now}`");
+    }
     match closest(unknown, &candidates) {
         Some(best) => format!("{msg}; did you mean `{best}`?"),
         None => msg,

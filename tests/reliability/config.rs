@@ -141,3 +141,21 @@ bad_input!(unknown_kl_estimator, |d| case(
     ppo(&out(d), &[s("rl.kl_estimator=\"k9\"")]),
     &["rl.kl_estimator", "`k3`"],
 ));
+
+bad_input!(zero_max_bad_steps, |d| case(
+    "max_bad_steps of 0",
+    sft(&out(d), &[s("training.max_bad_steps=0")]),
+    &["training.max_bad_steps must be at least 1"],
+));
+
+bad_input!(zero_save_total_limit, |d| case(
+    "save_total_limit of 0",
+    sft(&out(d), &[s("training.save_total_limit=0")]),
+    &["training.save_total_limit must be at least 1"],
+));
+
+bad_input!(rl_eval_steps_moved_to_training, |d| case(
+    "rl.eval_steps (one eval_steps: training.eval_steps)",
+    ppo(&out(d), &[s("rl.eval_steps=5")]),
+    &["unknown field `eval_steps`", "it is now `training.eval_steps`"],
+));
