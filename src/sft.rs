@@ -4,15 +4,14 @@
 use crate::config::sft::SftConfig;
 use crate::data::read_jsonl;
 use crate::data::sft::{tokenize, Tokenized};
-use crate::telemetry::{self, METRICS};
+use crate::telemetry::METRICS;
 use crate::train::memory;
 use crate::train::order::DataOrder;
 use crate::train::stage::{self, MemoryNeed, Resume, Stage, StepCtx, StepOutcome};
 use crate::train::trainable::Trainable;
 use crate::train::update::skipped_cause;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use rlft_policies::device::{parse_device, parse_dtype};
 use rlft_policies::logprobs::token_logprobs;
 use rlft_policies::{BatchInput, CausalLm, ForwardCtx, Pretrained};
 use std::path::{Path, PathBuf};
@@ -297,15 +296,9 @@ impl Stage for SftStage<'_> {
 }
 
 pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftOutcome> {
-    // metrics.jsonl is written by a tracing layer: make sure one is installed.
-    telemetry::init();
     cfg.validate()?;
     let t = &cfg.training;
-    let dtype = parse_dtype(&cfg.model.dtype)?;
-    let device = parse_device(&cfg.model.device)?;
-    crate::train::check_writable(&t.output_dir)?;
-    let mut pre = Pretrained::load(&cfg.model.path, dtype, &device)
-        .with_context(|| format!("loading model {}", cfg.model.path.display()))?;
+    let (mut pre, device) = stage::load_model(&cfg.model, t)?;
     let max_len = cfg.model.max_seq_len.min(pre.model.info().max_positions);
     if cfg.model.max_seq_len > pre.model.info().max_positions {
         tracing::warn!(

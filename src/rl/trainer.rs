@@ -19,13 +19,12 @@ use super::update::{mix, train_on_rollouts, Trained, UpdatePlan};
 use super::value_head::ValueHead;
 use crate::config::rl::{Critic, RlConfig};
 use crate::data::prompts::{load_prompts, Prompt};
-use crate::telemetry::{self, METRICS};
+use crate::telemetry::METRICS;
 use crate::train::memory;
 use crate::train::order::DataOrder;
 use crate::train::stage::{self, MemoryNeed, Resume, Stage, StepCtx, StepOutcome};
 use anyhow::{bail, Context, Result};
 use candle_core::Var;
-use rlft_policies::device::{parse_device, parse_dtype};
 use rlft_policies::{generate, Adapter, CausalLm, Pretrained, Tokenizer};
 use rlft_reward::{Combined, Options, Registry, WeightedReward};
 use std::path::{Path, PathBuf};
@@ -392,15 +391,10 @@ impl Stage for RlStage<'_> {
 }
 
 pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlOutcome> {
-    telemetry::init();
     cfg.validate()?;
     let (t, r) = (&cfg.training, &cfg.rl);
     let spec = AlgorithmSpec::of(cfg);
-    let dtype = parse_dtype(&cfg.model.dtype)?;
-    let device = parse_device(&cfg.model.device)?;
-    crate::train::check_writable(&t.output_dir)?;
-    let mut pre = Pretrained::load(&cfg.model.path, dtype, &device)
-        .with_context(|| format!("loading model {}", cfg.model.path.display()))?;
+    let (mut pre, device) = stage::load_model(&cfg.model, t)?;
     if let Some(sft) = &r.sft_adapter {
         let a = Adapter::load(sft, pre.model.as_ref())
             .with_context(|| format!("loading sft_adapter {}", sft.display()))?;

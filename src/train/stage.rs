@@ -17,16 +17,30 @@
 use super::checkpoint::{self, Checkpointer, TrainerState};
 use super::optimizer::Optimizer;
 use super::update::Updater;
-use crate::config::common::TrainingSection;
+use crate::config::common::{ModelSection, TrainingSection};
 use crate::telemetry::{self, METRICS};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Var};
 use indicatif::ProgressBar;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rlft_policies::device::{parse_device, parse_dtype};
+use rlft_policies::Pretrained;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
+
+/// Before a stage is built: checks that `training.output_dir` is writable (before the
+/// slow model load), then loads `model.path` in `model.dtype` on `model.device`.
+pub fn load_model(model: &ModelSection, t: &TrainingSection) -> Result<(Pretrained, Device)> {
+    telemetry::init();
+    let dtype = parse_dtype(&model.dtype)?;
+    let device = parse_device(&model.device)?;
+    super::check_writable(&t.output_dir)?;
+    let pre = Pretrained::load(&model.path, dtype, &device)
+        .with_context(|| format!("loading model {}", model.path.display()))?;
+    Ok((pre, device))
+}
 
 /// The checkpoint a run continues from.
 pub struct Resume {
