@@ -123,12 +123,7 @@ pub(super) fn load(r: &ConfigReader, w: &WeightFiles) -> Result<Gpt2> {
 
 impl Gpt2 {
     fn ln(&self, x: &Tensor, n: &Norm, ctx: &ForwardCtx) -> Result<Tensor> {
-        let (w, b) = if ctx.grad {
-            (n.w.clone(), n.b.clone())
-        } else {
-            (n.w.detach(), n.b.detach())
-        };
-        Ok(layer_norm(x, &w, &b, self.eps)?)
+        Ok(layer_norm(x, &ctx.param(&n.w), &ctx.param(&n.b), self.eps)?)
     }
 }
 
@@ -153,12 +148,8 @@ impl CausalLm for Gpt2 {
         let bias = attention_bias(&keys, t, offset, None, &self.info.device)?;
         let h = self.info.hidden_size;
         let (nh, hd) = (self.n_head, h / self.n_head);
-        let wpe = if ctx.grad {
-            self.wpe.clone()
-        } else {
-            self.wpe.detach()
-        };
-        let pos = wpe
+        let pos = ctx
+            .param(&self.wpe)
             .index_select(&input.positions.flatten_all()?, 0)?
             .reshape((b, t, h))?;
         let mut x = (self.wte.forward(&input.ids, ctx)? + pos)?;

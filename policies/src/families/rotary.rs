@@ -141,14 +141,6 @@ impl RotaryDecoder {
             rope,
         })
     }
-
-    fn param(&self, t: &Tensor, ctx: &ForwardCtx) -> Tensor {
-        if ctx.grad {
-            t.clone()
-        } else {
-            t.detach()
-        }
-    }
 }
 
 impl CausalLm for RotaryDecoder {
@@ -183,7 +175,7 @@ impl CausalLm for RotaryDecoder {
 
         let mut x = self.embed.forward(&input.ids, ctx)?;
         for (i, blk) in self.blocks.iter().enumerate() {
-            let h = rms_norm(&x, &self.param(&blk.input_norm, ctx), eps)?;
+            let h = rms_norm(&x, &ctx.param(&blk.input_norm), eps)?;
             let q = blk
                 .q
                 .forward(&h, ctx)?
@@ -216,12 +208,12 @@ impl CausalLm for RotaryDecoder {
             };
             let a = attend(&q, &k, &v, bias, scale)?;
             x = (x + blk.o.forward(&a, ctx)?)?;
-            let h = rms_norm(&x, &self.param(&blk.post_norm, ctx), eps)?;
+            let h = rms_norm(&x, &ctx.param(&blk.post_norm), eps)?;
             let g = self.spec.act.apply(&blk.gate.forward(&h, ctx)?)?;
             let u = blk.up.forward(&h, ctx)?;
             x = (x + blk.down.forward(&(g * u)?, ctx)?)?;
         }
-        Ok(rms_norm(&x, &self.param(&self.norm, ctx), eps)?)
+        Ok(rms_norm(&x, &ctx.param(&self.norm), eps)?)
     }
 
     fn logits(&self, hidden: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
