@@ -3,13 +3,15 @@
 
 pub mod attention;
 pub mod batch;
-mod gpt2;
-mod llama;
-mod mistral;
-mod qwen2;
-mod rotary;
+pub mod config;
+pub mod gpt2;
+pub mod llama;
+pub mod mistral;
+pub mod qwen2;
+pub mod rotary;
 
 pub use batch::{attention_bias, BatchInput};
+pub use config::Activation;
 
 use crate::ctx::ForwardCtx;
 use crate::error::{PolicyError, Result};
@@ -96,104 +98,13 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Box<dyn C
         });
     }
     let weights = WeightFiles::open(dir, dtype, device)?;
-    let reader = ConfigReader {
-        cfg: &cfg,
-        path: &cfg_path,
-    };
     Ok(match model_type.as_str() {
-        "llama" => Box::new(llama::load(&reader, &weights)?),
-        "mistral" => Box::new(mistral::load(&reader, &weights)?),
-        "qwen2" => Box::new(qwen2::load(&reader, &weights)?),
-        "gpt2" => Box::new(gpt2::load(&reader, &weights)?),
+        "llama" => Box::new(llama::load(&cfg, &cfg_path, &weights)?),
+        "mistral" => Box::new(mistral::load(&cfg, &cfg_path, &weights)?),
+        "qwen2" => Box::new(qwen2::load(&cfg, &cfg_path, &weights)?),
+        "gpt2" => Box::new(gpt2::load(&cfg, &cfg_path, &weights)?),
         _ => unreachable!("checked against SUPPORTED"),
     })
-}
-
-/// Typed access to `config.json` with errors naming the file and key.
-pub(crate) struct ConfigReader<'a> {
-    pub cfg: &'a Value,
-    pub path: &'a Path,
-}
-
-impl ConfigReader<'_> {
-    pub fn usize(&self, key: &str) -> Result<usize> {
-        self.opt_usize(key)?
-            .ok_or_else(|| PolicyError::config(self.path, key, "missing"))
-    }
-    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
-        match self.cfg.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
-                PolicyError::config(
-                    self.path,
-                    key,
-                    format!("expected a non-negative integer, got {v}"),
-                )
-            }),
-        }
-    }
-    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
-        match self.cfg.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| {
-                PolicyError::config(self.path, key, format!("expected a number, got {v}"))
-            }),
-        }
-    }
-    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
-        match self.cfg.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| {
-                PolicyError::config(self.path, key, format!("expected true or false, got {v}"))
-            }),
-        }
-    }
-    pub fn str_or<'b>(&'b self, key: &str, default: &'b str) -> Result<&'b str> {
-        match self.cfg.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_str().ok_or_else(|| {
-                PolicyError::config(self.path, key, format!("expected a string, got {v}"))
-            }),
-        }
-    }
-}
-
-/// Activation functions by their transformers names.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Activation {
-    Silu,
-    /// Exact (erf) GELU: "gelu".
-    Gelu,
-    /// Tanh approximation: "gelu_new", "gelu_pytorch_tanh", "gelu_fast".
-    GeluTanh,
-    Relu,
-}
-
-impl Activation {
-    pub(crate) fn parse(r: &ConfigReader, key: &str, default: &str) -> Result<Self> {
-        Ok(match r.str_or(key, default)? {
-            "silu" | "swish" => Activation::Silu,
-            "gelu" => Activation::Gelu,
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
-            "relu" => Activation::Relu,
-            other => {
-                return Err(PolicyError::config(
-                    r.path,
-                    key,
-                    format!("unsupported activation `{other}`; supported: silu, gelu, gelu_new, gelu_pytorch_tanh, relu"),
-                ))
-            }
-        })
-    }
-
-    pub fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Activation::Silu => x.silu(),
-            Activation::Gelu => x.gelu_erf(),
-            Activation::GeluTanh => x.gelu(),
-            Activation::Relu => x.relu(),
-        }
-    }
 }
 
 /// Errors when a batch reaches past the model's position table.

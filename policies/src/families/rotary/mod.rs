@@ -4,42 +4,21 @@
 //! block: `x += o(attn(rope(q(n1(x))), rope(k(n1(x))), v(n1(x))))`,
 //!        `x += down(act(gate(n2(x))) · up(n2(x)))`; then `norm(x)`, `lm_head`.
 
+mod config;
+
+pub use config::{RotaryConfig, RotarySpec};
+
 use super::attention::attend;
 use super::batch::{attention_bias, BatchInput};
-use super::{check_positions, Activation, CausalLm, ModelInfo};
+use super::{check_positions, CausalLm, ModelInfo};
 use crate::ctx::ForwardCtx;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::linear::{linear_params, Embedding, Linear};
 use crate::ops::{rms_norm, rope};
-use crate::rope::{RopeConfig, RopeTables};
+use crate::rope::RopeTables;
 use crate::weights::WeightFiles;
 use candle_core::Tensor;
-
-#[derive(Debug, Clone)]
-pub struct RotarySpec {
-    pub model_type: String,
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_layers: usize,
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-    pub rms_norm_eps: f64,
-    pub rope: RopeConfig,
-    pub max_positions: usize,
-    pub tie_word_embeddings: bool,
-    pub qkv_bias: bool,
-    pub o_bias: bool,
-    pub mlp_bias: bool,
-    /// Load without `lm_head.weight` when the file has none (sequence-classification
-    /// checkpoints); otherwise its absence is an error.
-    pub headless_ok: bool,
-    /// Sliding-window size per layer (`None`: full attention).
-    pub layer_windows: Vec<Option<usize>>,
-    pub act: Activation,
-}
 
 struct Block {
     input_norm: Tensor,

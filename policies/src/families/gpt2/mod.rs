@@ -1,11 +1,16 @@
 //! `model_type: "gpt2"`: learned positions, pre-LayerNorm blocks, fused q/k/v projection,
 //! Conv1D weights stored `[in, out]` (transposed at load; PEFT's `fan_in_fan_out`), tied head.
 
+mod config;
+
+pub use config::Gpt2Config;
+
 use super::attention::attend;
 use super::batch::{attention_bias, BatchInput};
-use super::{check_positions, Activation, CausalLm, ConfigReader, ModelInfo};
+use super::config::Activation;
+use super::{check_positions, CausalLm, ModelInfo};
 use crate::ctx::ForwardCtx;
-use crate::error::{PolicyError, Result};
+use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::linear::{linear_params, Embedding, Linear};
 use crate::ops::layer_norm;
@@ -62,16 +67,15 @@ fn conv1d(w: &WeightFiles, p: &str, inp: usize, out: usize) -> Result<Linear> {
     })
 }
 
-pub(super) fn load(r: &ConfigReader, w: &WeightFiles) -> Result<Gpt2> {
-    let h = r.usize("n_embd")?;
-    let n_head = r.usize("n_head")?;
-    if n_head == 0 || h % n_head != 0 {
-        return Err(PolicyError::config(r.path, "n_head", "must divide n_embd"));
-    }
-    let layers = r.usize("n_layer")?;
-    let vocab = r.usize("vocab_size")?;
-    let n_pos = r.usize("n_positions")?;
-    let inner = r.opt_usize("n_inner")?.unwrap_or(4 * h);
+pub(super) fn load(
+    cfg: &serde_json::Value,
+    path: &std::path::Path,
+    w: &WeightFiles,
+) -> Result<Gpt2> {
+    let c = Gpt2Config::parse(cfg, path)?;
+    let (h, n_head, layers, vocab, n_pos) =
+        (c.n_embd, c.n_head, c.n_layer, c.vocab_size, c.n_positions);
+    let inner = c.inner();
     let wte = Embedding {
         path: "transformer.wte".into(),
         weight: w.get_any(&names("wte.weight"), &[vocab, h])?,
@@ -109,10 +113,10 @@ pub(super) fn load(r: &ConfigReader, w: &WeightFiles) -> Result<Gpt2> {
     Ok(Gpt2 {
         info,
         n_head,
-        eps: r.f64_or("layer_norm_epsilon", 1e-5)?,
-        act: Activation::parse(r, "activation_function", "gelu_new")?,
-        scale_by_layer: r.bool_or("scale_attn_by_inverse_layer_idx", false)?,
-        scale_weights: r.bool_or("scale_attn_weights", true)?,
+        eps: c.layer_norm_epsilon,
+        act: c.activation_function,
+        scale_by_layer: c.scale_attn_by_inverse_layer_idx,
+        scale_weights: c.scale_attn_weights,
         wte,
         wpe,
         blocks,
