@@ -7,11 +7,14 @@ pub mod config;
 pub mod gpt2;
 pub mod llama;
 pub mod mistral;
+pub mod norm;
+pub mod pass;
 pub mod qwen2;
 pub mod rotary;
 
 pub use batch::{attention_bias, BatchInput};
 pub use config::Activation;
+pub use pass::PassCtx;
 
 use crate::ctx::ForwardCtx;
 use crate::error::{PolicyError, Result};
@@ -105,21 +108,4 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Box<dyn C
         "gpt2" => Box::new(gpt2::load(&cfg, &cfg_path, &weights)?),
         _ => unreachable!("checked against SUPPORTED"),
     })
-}
-
-/// Errors when a batch reaches past the model's position table.
-pub(crate) fn check_positions(
-    info: &ModelInfo,
-    input: &BatchInput,
-    offset_len: usize,
-) -> Result<()> {
-    let longest = input.max_position + 1;
-    if longest > info.max_positions || offset_len > info.max_positions {
-        return Err(PolicyError::InvalidArgument(format!(
-            "sequence of {} tokens is longer than the model's {} positions (max_position_embeddings); shorten it or lower max_seq_len",
-            longest.max(offset_len),
-            info.max_positions
-        )));
-    }
-    Ok(())
 }

@@ -3,47 +3,40 @@
 //!
 //! block: `x += o(attn(rope(q(n1(x))), rope(k(n1(x))), v(n1(x))))`,
 //!        `x += down(act(gate(n2(x))) · up(n2(x)))`; then `norm(x)`, `lm_head`.
+//!
+//! The model is `embed_tokens`, a [`Block`] per layer ([`block`]), the final `norm` and
+//! `lm_head`; the keys of `config.json` are in [`config`].
 
+mod block;
 mod config;
 
+pub use block::{Attention, Block, Mlp};
 pub use config::{RotaryConfig, RotarySpec};
 
-use super::attention::attend;
-use super::batch::{attention_bias, BatchInput};
-use super::{check_positions, CausalLm, ModelInfo};
+use super::batch::BatchInput;
+use super::norm::RmsNorm;
+use super::pass::PassCtx;
+use super::{CausalLm, ModelInfo};
 use crate::ctx::ForwardCtx;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::linear::{linear_params, Embedding, Linear};
-use crate::ops::{rms_norm, rope};
 use crate::rope::RopeTables;
 use crate::weights::WeightFiles;
 use candle_core::Tensor;
 
-struct Block {
-    input_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    post_norm: Tensor,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-    window: Option<usize>,
-}
-
 pub struct RotaryDecoder {
     info: ModelInfo,
     spec: RotarySpec,
-    embed: Embedding,
+    embed_tokens: Embedding,
     blocks: Vec<Block>,
-    norm: Tensor,
+    norm: RmsNorm,
     /// `None` for a checkpoint without an LM head (a sequence-classification model).
     lm_head: Option<Linear>,
     rope: RopeTables,
 }
 
+/// The linear layer `{path}.weight` `[out, inp]` (and `{path}.bias` `[out]`).
 fn linear(w: &WeightFiles, path: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
     Ok(Linear {
         path: path.to_string(),
@@ -59,37 +52,19 @@ fn linear(w: &WeightFiles, path: &str, out: usize, inp: usize, bias: bool) -> Re
 
 impl RotaryDecoder {
     pub fn load(spec: RotarySpec, w: &WeightFiles) -> Result<Self> {
-        let (h, hd) = (spec.hidden_size, spec.head_dim);
-        let (nq, nkv, inter) = (
-            spec.num_heads * hd,
-            spec.num_kv_heads * hd,
-            spec.intermediate_size,
-        );
-        let embed = Embedding {
+        let h = spec.hidden_size;
+        let embed_tokens = Embedding {
             path: "model.embed_tokens".into(),
             weight: w.get("model.embed_tokens.weight", &[spec.vocab_size, h])?,
         };
-        let mut blocks = Vec::with_capacity(spec.num_layers);
-        for i in 0..spec.num_layers {
-            let p = format!("model.layers.{i}");
-            blocks.push(Block {
-                input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                q: linear(w, &format!("{p}.self_attn.q_proj"), nq, h, spec.qkv_bias)?,
-                k: linear(w, &format!("{p}.self_attn.k_proj"), nkv, h, spec.qkv_bias)?,
-                v: linear(w, &format!("{p}.self_attn.v_proj"), nkv, h, spec.qkv_bias)?,
-                o: linear(w, &format!("{p}.self_attn.o_proj"), h, nq, spec.o_bias)?,
-                post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate: linear(w, &format!("{p}.mlp.gate_proj"), inter, h, spec.mlp_bias)?,
-                up: linear(w, &format!("{p}.mlp.up_proj"), inter, h, spec.mlp_bias)?,
-                down: linear(w, &format!("{p}.mlp.down_proj"), h, inter, spec.mlp_bias)?,
-                window: spec.layer_windows.get(i).copied().flatten(),
-            });
-        }
-        let norm = w.get("model.norm.weight", &[h])?;
+        let blocks = (0..spec.num_layers)
+            .map(|i| Block::new(&spec, w, i))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(w, "model.norm", h, spec.rms_norm_eps)?;
         let lm_head = if spec.tie_word_embeddings {
             Some(Linear {
                 path: "lm_head".into(),
-                weight: embed.weight.clone(),
+                weight: embed_tokens.weight.clone(),
                 bias: None,
                 conv1d: false,
             })
@@ -113,12 +88,33 @@ impl RotaryDecoder {
         Ok(Self {
             info,
             spec,
-            embed,
+            embed_tokens,
             blocks,
             norm,
             lm_head,
             rope,
         })
+    }
+
+    pub fn spec(&self) -> &RotarySpec {
+        &self.spec
+    }
+
+    /// The decoder layers, in order.
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    fn embed(
+        &self,
+        input: &BatchInput,
+        ctx: &ForwardCtx,
+        cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor, PassCtx)> {
+        let windows = self.blocks.iter().map(|b| b.self_attn.window);
+        let mut pass = PassCtx::new(&self.info, input, cache, windows)?;
+        pass.rope = Some(self.rope.lookup(&input.positions)?);
+        Ok((self.embed_tokens.forward(&input.ids, ctx)?, pass))
     }
 }
 
@@ -133,66 +129,11 @@ impl CausalLm for RotaryDecoder {
         ctx: &ForwardCtx,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (b, t) = (input.batch_size(), input.seq_len());
-        let offset = cache.as_ref().map_or(0, |c| c.len());
-        check_positions(&self.info, input, offset + t)?;
-        let keys: Vec<Vec<bool>> = match cache.as_mut() {
-            Some(c) => c.push_valid(&input.valid).to_vec(),
-            None => input.valid.clone(),
-        };
-        let dev = &self.info.device;
-        let full_bias = attention_bias(&keys, t, offset, None, dev)?;
-        let mut window_bias: Option<(usize, Tensor)> = None;
-        let (cos, sin) = self.rope.lookup(&input.positions)?;
-        let (nh, nkv, hd) = (
-            self.spec.num_heads,
-            self.spec.num_kv_heads,
-            self.spec.head_dim,
-        );
-        let scale = 1.0 / (hd as f64).sqrt();
-        let eps = self.spec.rms_norm_eps;
-
-        let mut x = self.embed.forward(&input.ids, ctx)?;
-        for (i, blk) in self.blocks.iter().enumerate() {
-            let h = rms_norm(&x, &ctx.param(&blk.input_norm), eps)?;
-            let q = blk
-                .q
-                .forward(&h, ctx)?
-                .reshape((b, t, nh, hd))?
-                .transpose(1, 2)?;
-            let k = blk
-                .k
-                .forward(&h, ctx)?
-                .reshape((b, t, nkv, hd))?
-                .transpose(1, 2)?;
-            let v = blk
-                .v
-                .forward(&h, ctx)?
-                .reshape((b, t, nkv, hd))?
-                .transpose(1, 2)?;
-            let q = rope(&q, &cos, &sin)?;
-            let k = rope(&k, &cos, &sin)?;
-            let (k, v) = match cache.as_mut() {
-                Some(c) => c.append(i, &k, &v)?,
-                None => (k, v),
-            };
-            let bias = match blk.window {
-                None => &full_bias,
-                Some(w) => {
-                    if window_bias.as_ref().is_none_or(|(ww, _)| *ww != w) {
-                        window_bias = Some((w, attention_bias(&keys, t, offset, Some(w), dev)?));
-                    }
-                    &window_bias.as_ref().expect("just set").1
-                }
-            };
-            let a = attend(&q, &k, &v, bias, scale)?;
-            x = (x + blk.o.forward(&a, ctx)?)?;
-            let h = rms_norm(&x, &ctx.param(&blk.post_norm), eps)?;
-            let g = self.spec.act.apply(&blk.gate.forward(&h, ctx)?)?;
-            let u = blk.up.forward(&h, ctx)?;
-            x = (x + blk.down.forward(&(g * u)?, ctx)?)?;
+        let (mut x, pass) = self.embed(input, ctx, cache.as_deref_mut())?;
+        for blk in &self.blocks {
+            x = blk.forward(&x, &pass, ctx, cache.as_deref_mut())?;
         }
-        Ok(rms_norm(&x, &ctx.param(&self.norm), eps)?)
+        self.norm.forward(&x, ctx)
     }
 
     fn logits(&self, hidden: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
@@ -208,35 +149,50 @@ impl CausalLm for RotaryDecoder {
     fn linears(&self) -> Vec<&Linear> {
         let mut out = Vec::new();
         for b in &self.blocks {
-            out.extend([&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down]);
+            let (a, m) = (&b.self_attn, &b.mlp);
+            out.extend([
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ]);
         }
         out.extend(self.lm_head.as_ref());
         out
     }
 
     fn params_mut(&mut self) -> Vec<(String, &mut Tensor)> {
-        let mut out: Vec<(String, &mut Tensor)> =
-            vec![("model.embed_tokens.weight".into(), &mut self.embed.weight)];
+        let mut out: Vec<(String, &mut Tensor)> = vec![(
+            "model.embed_tokens.weight".into(),
+            &mut self.embed_tokens.weight,
+        )];
         for (i, b) in self.blocks.iter_mut().enumerate() {
             let p = format!("model.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), &mut b.input_norm));
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                &mut b.input_layernorm.weight,
+            ));
             out.push((
                 format!("{p}.post_attention_layernorm.weight"),
-                &mut b.post_norm,
+                &mut b.post_attention_layernorm.weight,
             ));
+            let (a, m) = (&mut b.self_attn, &mut b.mlp);
             for lin in [
-                &mut b.q,
-                &mut b.k,
-                &mut b.v,
-                &mut b.o,
-                &mut b.gate,
-                &mut b.up,
-                &mut b.down,
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
             ] {
                 out.extend(linear_params(lin));
             }
         }
-        out.push(("model.norm.weight".into(), &mut self.norm));
+        out.push(("model.norm.weight".into(), &mut self.norm.weight));
         if !self.spec.tie_word_embeddings {
             if let Some(head) = self.lm_head.as_mut() {
                 out.extend(linear_params(head));
@@ -248,7 +204,7 @@ impl CausalLm for RotaryDecoder {
     fn sync_tied(&mut self) {
         if self.spec.tie_word_embeddings {
             if let Some(head) = self.lm_head.as_mut() {
-                head.weight = self.embed.weight.clone();
+                head.weight = self.embed_tokens.weight.clone();
             }
         }
     }
@@ -256,14 +212,15 @@ impl CausalLm for RotaryDecoder {
     fn linears_mut(&mut self) -> Vec<&mut Linear> {
         let mut out = Vec::new();
         for b in &mut self.blocks {
+            let (a, m) = (&mut b.self_attn, &mut b.mlp);
             out.extend([
-                &mut b.q,
-                &mut b.k,
-                &mut b.v,
-                &mut b.o,
-                &mut b.gate,
-                &mut b.up,
-                &mut b.down,
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
             ]);
         }
         out.extend(self.lm_head.as_mut());
