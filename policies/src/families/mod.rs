@@ -46,14 +46,52 @@ pub struct ModelInfo {
 pub trait CausalLm: Send + Sync {
     fn info(&self) -> &ModelInfo;
 
-    /// Final hidden states (after the last norm), `[b, t, hidden]`. With a cache, `input`
-    /// holds only the new tokens and the cache is extended.
-    fn forward_hidden(
+    /// The embeddings of `input` `[b, t, hidden]`, and the [`PassCtx`] that every block of
+    /// this pass reads (attention biases, rotary tables). With a cache, `input` holds only
+    /// the new tokens: their positions are checked against what the cache holds and their
+    /// validity is recorded in it; the blocks then append their keys and values.
+    fn embed(
         &self,
         input: &BatchInput,
         ctx: &ForwardCtx,
         cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor, PassCtx)>;
+
+    /// Number of blocks (decoder layers).
+    fn num_blocks(&self) -> usize {
+        self.info().num_layers
+    }
+
+    /// Block `i` on hidden states `x` `[b, t, hidden]` → `[b, t, hidden]`, with the `pass`
+    /// and the cache (if any) that [`CausalLm::embed`] was given. Blocks run in order
+    /// `0..num_blocks()`; each may be run on its own, e.g. again for a recomputed backward.
+    fn block_forward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        pass: &PassCtx,
+        ctx: &ForwardCtx,
+        cache: Option<&mut KvCache>,
     ) -> Result<Tensor>;
+
+    /// The norm after the last block.
+    fn final_norm(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor>;
+
+    /// Final hidden states (after the last norm), `[b, t, hidden]`: [`CausalLm::embed`],
+    /// every block, [`CausalLm::final_norm`]. With a cache, `input` holds only the new tokens
+    /// and the cache is extended.
+    fn forward_hidden(
+        &self,
+        input: &BatchInput,
+        ctx: &ForwardCtx,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (mut x, pass) = self.embed(input, ctx, cache.as_deref_mut())?;
+        for i in 0..self.num_blocks() {
+            x = self.block_forward(i, &x, &pass, ctx, cache.as_deref_mut())?;
+        }
+        self.final_norm(&x, ctx)
+    }
 
     /// Output head: `[.., hidden]` → logits `[.., vocab]` in the model dtype.
     fn logits(&self, hidden: &Tensor, ctx: &ForwardCtx) -> Result<Tensor>;
@@ -108,4 +146,64 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Box<dyn C
         "gpt2" => Box::new(gpt2::load(&cfg, &cfg_path, &weights)?),
         _ => unreachable!("checked against SUPPORTED"),
     })
+}
+
+/// Block `i` of a model's `blocks`, or an error saying how many there are.
+pub(crate) fn nth_block<B>(blocks: &[B], i: usize) -> Result<&B> {
+    blocks.get(i).ok_or_else(|| {
+        PolicyError::InvalidArgument(format!(
+            "block {i} does not exist; the model has {}",
+            blocks.len()
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn fixture(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(name)
+    }
+
+    /// Embeddings, each block on its own, the final norm: the same bits as `forward_hidden`,
+    /// with and without a cache.
+    #[test]
+    fn blocks_run_one_by_one_as_forward_hidden_does() {
+        for name in ["llama", "qwen2", "gpt2"] {
+            let model = load_model(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+            let rows = vec![vec![5u32, 9, 13, 2, 7, 11], vec![3, 4, 8]];
+            let input = BatchInput::left_padded(&rows, 0, &Device::Cpu).unwrap();
+            let ctx = ForwardCtx::inference(None);
+            let by_blocks = |cache: Option<&mut KvCache>| -> Vec<f32> {
+                let mut cache = cache;
+                let (mut x, pass) = model.embed(&input, &ctx, cache.as_deref_mut()).unwrap();
+                for i in 0..model.num_blocks() {
+                    x = model
+                        .block_forward(i, &x, &pass, &ctx, cache.as_deref_mut())
+                        .unwrap();
+                }
+                let h = model.final_norm(&x, &ctx).unwrap();
+                h.flatten_all().unwrap().to_vec1().unwrap()
+            };
+            let whole = |cache: Option<&mut KvCache>| -> Vec<f32> {
+                let h = model.forward_hidden(&input, &ctx, cache).unwrap();
+                h.flatten_all().unwrap().to_vec1().unwrap()
+            };
+            assert_eq!(by_blocks(None), whole(None), "{name}");
+            let (mut c1, mut c2) = (model.new_cache(16), model.new_cache(16));
+            assert_eq!(by_blocks(Some(&mut c1)), whole(Some(&mut c2)), "{name}");
+            assert_eq!(c1.len(), c2.len());
+
+            let (x, pass) = model.embed(&input, &ctx, None).unwrap();
+            let err = model
+                .block_forward(model.num_blocks(), &x, &pass, &ctx, None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("does not exist"), "{err}");
+        }
+    }
 }

@@ -1,48 +1,38 @@
 //! `model_type: "gpt2"`: learned positions, pre-LayerNorm blocks, fused q/k/v projection,
 //! Conv1D weights stored `[in, out]` (transposed at load; PEFT's `fan_in_fan_out`), tied head.
+//!
+//! block: `x += c_proj(attn(split(c_attn(ln_1(x)))))`, `x += c_proj(act(c_fc(ln_2(x))))`;
+//! the input is `wte(ids) + wpe(positions)`, the output `ln_f(x)`, then the tied `lm_head`.
+//!
+//! The model is `wte`, `wpe`, a [`Block`] per layer ([`block`]), `ln_f` and `lm_head`; the
+//! keys of `config.json` are in [`config`].
 
+mod block;
 mod config;
 
+pub use block::{Attention, Block, Mlp};
 pub use config::Gpt2Config;
 
-use super::attention::attend;
-use super::batch::{attention_bias, BatchInput};
-use super::config::Activation;
-use super::pass::check_positions;
-use super::{CausalLm, ModelInfo};
+use super::batch::BatchInput;
+use super::norm::LayerNorm;
+use super::pass::PassCtx;
+use super::{nth_block, CausalLm, ModelInfo};
 use crate::ctx::ForwardCtx;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::linear::{linear_params, Embedding, Linear};
-use crate::ops::layer_norm;
 use crate::weights::WeightFiles;
 use candle_core::Tensor;
-
-struct Norm {
-    w: Tensor,
-    b: Tensor,
-}
-
-struct Block {
-    ln_1: Norm,
-    c_attn: Linear,
-    attn_proj: Linear,
-    ln_2: Norm,
-    c_fc: Linear,
-    mlp_proj: Linear,
-}
+use serde_json::Value;
+use std::path::Path;
 
 pub struct Gpt2 {
     info: ModelInfo,
-    n_head: usize,
-    eps: f64,
-    act: Activation,
-    scale_by_layer: bool,
-    scale_weights: bool,
+    cfg: Gpt2Config,
     wte: Embedding,
-    wpe: Tensor,
+    wpe: Embedding,
     blocks: Vec<Block>,
-    ln_f: Norm,
+    ln_f: LayerNorm,
     lm_head: Linear,
 }
 
@@ -51,13 +41,17 @@ fn names(name: &str) -> Vec<String> {
     vec![format!("transformer.{name}"), name.to_string()]
 }
 
-fn norm(w: &WeightFiles, p: &str, n: usize) -> Result<Norm> {
-    Ok(Norm {
-        w: w.get_any(&names(&format!("{p}.weight")), &[n])?,
-        b: w.get_any(&names(&format!("{p}.bias")), &[n])?,
+/// The LayerNorm `transformer.{p}` of width `n`.
+fn layer_norm(w: &WeightFiles, p: &str, n: usize, eps: f64) -> Result<LayerNorm> {
+    Ok(LayerNorm {
+        path: format!("transformer.{p}"),
+        weight: w.get_any(&names(&format!("{p}.weight")), &[n])?,
+        bias: w.get_any(&names(&format!("{p}.bias")), &[n])?,
+        eps,
     })
 }
 
+/// The Conv1D `transformer.{p}` (`[inp, out]` in the file), as a linear layer `[out, inp]`.
 fn conv1d(w: &WeightFiles, p: &str, inp: usize, out: usize) -> Result<Linear> {
     let weight = w.get_any(&names(&format!("{p}.weight")), &[inp, out])?;
     Ok(Linear {
@@ -68,67 +62,62 @@ fn conv1d(w: &WeightFiles, p: &str, inp: usize, out: usize) -> Result<Linear> {
     })
 }
 
-pub(super) fn load(
-    cfg: &serde_json::Value,
-    path: &std::path::Path,
-    w: &WeightFiles,
-) -> Result<Gpt2> {
-    let c = Gpt2Config::parse(cfg, path)?;
-    let (h, n_head, layers, vocab, n_pos) =
-        (c.n_embd, c.n_head, c.n_layer, c.vocab_size, c.n_positions);
-    let inner = c.inner();
-    let wte = Embedding {
-        path: "transformer.wte".into(),
-        weight: w.get_any(&names("wte.weight"), &[vocab, h])?,
-    };
-    let wpe = w.get_any(&names("wpe.weight"), &[n_pos, h])?;
-    let mut blocks = Vec::with_capacity(layers);
-    for i in 0..layers {
-        let p = format!("h.{i}");
-        blocks.push(Block {
-            ln_1: norm(w, &format!("{p}.ln_1"), h)?,
-            c_attn: conv1d(w, &format!("{p}.attn.c_attn"), h, 3 * h)?,
-            attn_proj: conv1d(w, &format!("{p}.attn.c_proj"), h, h)?,
-            ln_2: norm(w, &format!("{p}.ln_2"), h)?,
-            c_fc: conv1d(w, &format!("{p}.mlp.c_fc"), h, inner)?,
-            mlp_proj: conv1d(w, &format!("{p}.mlp.c_proj"), inner, h)?,
-        });
-    }
-    let lm_head = Linear {
-        path: "lm_head".into(),
-        weight: wte.weight.clone(),
-        bias: None,
-        conv1d: false,
-    };
-    let info = ModelInfo {
-        model_type: "gpt2".into(),
-        vocab_size: vocab,
-        hidden_size: h,
-        num_layers: layers,
-        max_positions: n_pos,
-        output_head: "lm_head".into(),
-        tie_word_embeddings: true,
-        dtype: w.dtype(),
-        device: w.device().clone(),
-    };
-    Ok(Gpt2 {
-        info,
-        n_head,
-        eps: c.layer_norm_epsilon,
-        act: c.activation_function,
-        scale_by_layer: c.scale_attn_by_inverse_layer_idx,
-        scale_weights: c.scale_attn_weights,
-        wte,
-        wpe,
-        blocks,
-        ln_f: norm(w, "ln_f", h)?,
-        lm_head,
+/// The embedding table `transformer.{p}` `[n, h]`.
+fn embedding(w: &WeightFiles, p: &str, n: usize, h: usize) -> Result<Embedding> {
+    Ok(Embedding {
+        path: format!("transformer.{p}"),
+        weight: w.get_any(&names(&format!("{p}.weight")), &[n, h])?,
     })
 }
 
+pub(super) fn load(cfg: &Value, path: &Path, w: &WeightFiles) -> Result<Gpt2> {
+    Gpt2::load(Gpt2Config::parse(cfg, path)?, w)
+}
+
 impl Gpt2 {
-    fn ln(&self, x: &Tensor, n: &Norm, ctx: &ForwardCtx) -> Result<Tensor> {
-        Ok(layer_norm(x, &ctx.param(&n.w), &ctx.param(&n.b), self.eps)?)
+    pub fn load(cfg: Gpt2Config, w: &WeightFiles) -> Result<Self> {
+        let h = cfg.n_embd;
+        let wte = embedding(w, "wte", cfg.vocab_size, h)?;
+        let wpe = embedding(w, "wpe", cfg.n_positions, h)?;
+        let blocks = (0..cfg.n_layer)
+            .map(|i| Block::new(&cfg, w, i))
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = Linear {
+            path: "lm_head".into(),
+            weight: wte.weight.clone(),
+            bias: None,
+            conv1d: false,
+        };
+        let ln_f = layer_norm(w, "ln_f", h, cfg.layer_norm_epsilon)?;
+        let info = ModelInfo {
+            model_type: "gpt2".into(),
+            vocab_size: cfg.vocab_size,
+            hidden_size: h,
+            num_layers: cfg.n_layer,
+            max_positions: cfg.n_positions,
+            output_head: "lm_head".into(),
+            tie_word_embeddings: true,
+            dtype: w.dtype(),
+            device: w.device().clone(),
+        };
+        Ok(Self {
+            info,
+            cfg,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+        })
+    }
+
+    pub fn config(&self) -> &Gpt2Config {
+        &self.cfg
+    }
+
+    /// The layers, in order.
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
     }
 }
 
@@ -137,56 +126,31 @@ impl CausalLm for Gpt2 {
         &self.info
     }
 
-    fn forward_hidden(
+    fn embed(
         &self,
         input: &BatchInput,
         ctx: &ForwardCtx,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor, PassCtx)> {
+        let pass = PassCtx::new(&self.info, input, cache, [])?;
+        let pos = self.wpe.forward(&input.positions, ctx)?;
+        let x = (self.wte.forward(&input.ids, ctx)? + pos)?;
+        Ok((x, pass))
+    }
+
+    fn block_forward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        pass: &PassCtx,
+        ctx: &ForwardCtx,
+        cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (b, t) = (input.batch_size(), input.seq_len());
-        let offset = cache.as_ref().map_or(0, |c| c.len());
-        check_positions(&self.info, input, offset + t)?;
-        let keys: Vec<Vec<bool>> = match cache.as_mut() {
-            Some(c) => c.push_valid(&input.valid).to_vec(),
-            None => input.valid.clone(),
-        };
-        let bias = attention_bias(&keys, t, offset, None, &self.info.device)?;
-        let h = self.info.hidden_size;
-        let (nh, hd) = (self.n_head, h / self.n_head);
-        let pos = ctx
-            .param(&self.wpe)
-            .index_select(&input.positions.flatten_all()?, 0)?
-            .reshape((b, t, h))?;
-        let mut x = (self.wte.forward(&input.ids, ctx)? + pos)?;
-        for (i, blk) in self.blocks.iter().enumerate() {
-            let a_in = self.ln(&x, &blk.ln_1, ctx)?;
-            let qkv = blk.c_attn.forward(&a_in, ctx)?;
-            let split = |j: usize| -> candle_core::Result<Tensor> {
-                qkv.narrow(2, j * h, h)?
-                    .reshape((b, t, nh, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-            let (k, v) = match cache.as_mut() {
-                Some(c) => c.append(i, &k, &v)?,
-                None => (k, v),
-            };
-            let mut scale = if self.scale_weights {
-                1.0 / (hd as f64).sqrt()
-            } else {
-                1.0
-            };
-            if self.scale_by_layer {
-                scale /= (i + 1) as f64;
-            }
-            let a = attend(&q, &k, &v, &bias, scale)?;
-            x = (x + blk.attn_proj.forward(&a, ctx)?)?;
-            let m_in = self.ln(&x, &blk.ln_2, ctx)?;
-            let m = self.act.apply(&blk.c_fc.forward(&m_in, ctx)?)?;
-            x = (x + blk.mlp_proj.forward(&m, ctx)?)?;
-        }
-        self.ln(&x, &self.ln_f, ctx)
+        nth_block(&self.blocks, i)?.forward(x, pass, ctx, cache)
+    }
+
+    fn final_norm(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        self.ln_f.forward(x, ctx)
     }
 
     fn logits(&self, hidden: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
@@ -196,7 +160,7 @@ impl CausalLm for Gpt2 {
     fn linears(&self) -> Vec<&Linear> {
         let mut out = Vec::new();
         for b in &self.blocks {
-            out.extend([&b.c_attn, &b.attn_proj, &b.c_fc, &b.mlp_proj]);
+            out.extend([&b.attn.c_attn, &b.attn.c_proj, &b.mlp.c_fc, &b.mlp.c_proj]);
         }
         out.push(&self.lm_head);
         out
@@ -205,25 +169,25 @@ impl CausalLm for Gpt2 {
     fn params_mut(&mut self) -> Vec<(String, &mut Tensor)> {
         let mut out: Vec<(String, &mut Tensor)> = vec![
             ("transformer.wte.weight".into(), &mut self.wte.weight),
-            ("transformer.wpe.weight".into(), &mut self.wpe),
+            ("transformer.wpe.weight".into(), &mut self.wpe.weight),
         ];
         for (i, b) in self.blocks.iter_mut().enumerate() {
             let p = format!("transformer.h.{i}");
             for (name, n) in [("ln_1", &mut b.ln_1), ("ln_2", &mut b.ln_2)] {
-                out.push((format!("{p}.{name}.weight"), &mut n.w));
-                out.push((format!("{p}.{name}.bias"), &mut n.b));
+                out.push((format!("{p}.{name}.weight"), &mut n.weight));
+                out.push((format!("{p}.{name}.bias"), &mut n.bias));
             }
             for lin in [
-                &mut b.c_attn,
-                &mut b.attn_proj,
-                &mut b.c_fc,
-                &mut b.mlp_proj,
+                &mut b.attn.c_attn,
+                &mut b.attn.c_proj,
+                &mut b.mlp.c_fc,
+                &mut b.mlp.c_proj,
             ] {
                 out.extend(linear_params(lin));
             }
         }
-        out.push(("transformer.ln_f.weight".into(), &mut self.ln_f.w));
-        out.push(("transformer.ln_f.bias".into(), &mut self.ln_f.b));
+        out.push(("transformer.ln_f.weight".into(), &mut self.ln_f.weight));
+        out.push(("transformer.ln_f.bias".into(), &mut self.ln_f.bias));
         out
     }
 
@@ -235,10 +199,10 @@ impl CausalLm for Gpt2 {
         let mut out = Vec::new();
         for b in &mut self.blocks {
             out.extend([
-                &mut b.c_attn,
-                &mut b.attn_proj,
-                &mut b.c_fc,
-                &mut b.mlp_proj,
+                &mut b.attn.c_attn,
+                &mut b.attn.c_proj,
+                &mut b.mlp.c_fc,
+                &mut b.mlp.c_proj,
             ]);
         }
         out.push(&mut self.lm_head);

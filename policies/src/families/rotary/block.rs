@@ -150,9 +150,9 @@ impl Block {
         })
     }
 
-    /// Hidden states `[b, t, hidden]` in and out. `pass` is the one the model's `embed` built
-    /// for this batch; with a cache (the one given to `embed`), this layer's keys and values
-    /// are appended to it.
+    /// Hidden states `[b, t, hidden]` in and out; see [`CausalLm::block_forward`].
+    ///
+    /// [`CausalLm::block_forward`]: crate::families::CausalLm::block_forward
     pub fn forward(
         &self,
         x: &Tensor,

@@ -16,7 +16,7 @@ pub use config::{RotaryConfig, RotarySpec};
 use super::batch::BatchInput;
 use super::norm::RmsNorm;
 use super::pass::PassCtx;
-use super::{CausalLm, ModelInfo};
+use super::{nth_block, CausalLm, ModelInfo};
 use crate::ctx::ForwardCtx;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
@@ -104,6 +104,12 @@ impl RotaryDecoder {
     pub fn blocks(&self) -> &[Block] {
         &self.blocks
     }
+}
+
+impl CausalLm for RotaryDecoder {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
 
     fn embed(
         &self,
@@ -116,24 +122,20 @@ impl RotaryDecoder {
         pass.rope = Some(self.rope.lookup(&input.positions)?);
         Ok((self.embed_tokens.forward(&input.ids, ctx)?, pass))
     }
-}
 
-impl CausalLm for RotaryDecoder {
-    fn info(&self) -> &ModelInfo {
-        &self.info
+    fn block_forward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        pass: &PassCtx,
+        ctx: &ForwardCtx,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        nth_block(&self.blocks, i)?.forward(x, pass, ctx, cache)
     }
 
-    fn forward_hidden(
-        &self,
-        input: &BatchInput,
-        ctx: &ForwardCtx,
-        mut cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let (mut x, pass) = self.embed(input, ctx, cache.as_deref_mut())?;
-        for blk in &self.blocks {
-            x = blk.forward(&x, &pass, ctx, cache.as_deref_mut())?;
-        }
-        self.norm.forward(&x, ctx)
+    fn final_norm(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        self.norm.forward(x, ctx)
     }
 
     fn logits(&self, hidden: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
