@@ -8,6 +8,7 @@ pub mod gpt2;
 pub mod llama;
 pub mod mistral;
 pub mod norm;
+pub mod parts;
 pub mod pass;
 pub mod qwen2;
 pub mod rotary;

@@ -7,6 +7,7 @@ use crate::error::Result;
 use crate::families::attention::attend;
 use crate::families::config::Activation;
 use crate::families::norm::LayerNorm;
+use crate::families::parts::{Part, PartMut, PartRef};
 use crate::families::pass::PassCtx;
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
@@ -104,6 +105,23 @@ impl Mlp {
     }
 }
 
+/// The weights of a [`Block`] `$b` in checkpoint order, written once for either borrow
+/// (`$r`: `&` or `&mut`): both LayerNorms, then c_attn, attn.c_proj, c_fc, mlp.c_proj.
+macro_rules! parts {
+    ($b:expr, $($r:tt)+) => {
+        [
+            Part::Param(&$b.ln_1.path, "weight", $($r)+ $b.ln_1.weight),
+            Part::Param(&$b.ln_1.path, "bias", $($r)+ $b.ln_1.bias),
+            Part::Param(&$b.ln_2.path, "weight", $($r)+ $b.ln_2.weight),
+            Part::Param(&$b.ln_2.path, "bias", $($r)+ $b.ln_2.bias),
+            Part::Linear($($r)+ $b.attn.c_attn),
+            Part::Linear($($r)+ $b.attn.c_proj),
+            Part::Linear($($r)+ $b.mlp.c_fc),
+            Part::Linear($($r)+ $b.mlp.c_proj),
+        ]
+    };
+}
+
 /// One layer: `x += attn(ln_1(x))`, `x += mlp(ln_2(x))`.
 #[derive(Debug, Clone)]
 pub struct Block {
@@ -123,6 +141,15 @@ impl Block {
             ln_2: layer_norm(w, &format!("{p}.ln_2"), h, eps)?,
             mlp: Mlp::new(cfg, w, layer)?,
         })
+    }
+
+    /// The block's weights: the norms, then its linears (see [`crate::families::parts`]).
+    pub fn parts(&self) -> [PartRef<'_>; 8] {
+        parts!(self, &)
+    }
+
+    pub fn parts_mut(&mut self) -> [PartMut<'_>; 8] {
+        parts!(self, &mut)
     }
 
     /// Hidden states `[b, t, hidden]` in and out; see [`CausalLm::block_forward`].

@@ -15,12 +15,13 @@ pub use config::Gpt2Config;
 
 use super::batch::BatchInput;
 use super::norm::LayerNorm;
+use super::parts::{self, Part, PartMut, PartRef};
 use super::pass::PassCtx;
 use super::{nth_block, CausalLm, ModelInfo};
 use crate::ctx::ForwardCtx;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
-use crate::linear::{linear_params, Embedding, Linear};
+use crate::linear::{Embedding, Linear};
 use crate::weights::WeightFiles;
 use candle_core::Tensor;
 use serde_json::Value;
@@ -74,6 +75,25 @@ pub(super) fn load(cfg: &Value, path: &Path, w: &WeightFiles) -> Result<Gpt2> {
     Gpt2::load(Gpt2Config::parse(cfg, path)?, w)
 }
 
+/// The weights of the model `$m` in checkpoint order, written once for either borrow
+/// (`$r`: `&` or `&mut`; `$parts`: the matching [`Block`] method): `wte`, `wpe`, every
+/// block's, `ln_f`, and the tied head (a LoRA candidate but not a parameter).
+macro_rules! parts {
+    ($m:expr, $parts:ident, $($r:tt)+) => {
+        [
+            Part::Param(&$m.wte.path, "weight", $($r)+ $m.wte.weight),
+            Part::Param(&$m.wpe.path, "weight", $($r)+ $m.wpe.weight),
+        ]
+        .into_iter()
+        .chain(($($r)+ $m.blocks).into_iter().flat_map(Block::$parts))
+        .chain([
+            Part::Param(&$m.ln_f.path, "weight", $($r)+ $m.ln_f.weight),
+            Part::Param(&$m.ln_f.path, "bias", $($r)+ $m.ln_f.bias),
+            Part::Tied($($r)+ $m.lm_head),
+        ])
+    };
+}
+
 impl Gpt2 {
     pub fn load(cfg: Gpt2Config, w: &WeightFiles) -> Result<Self> {
         let h = cfg.n_embd;
@@ -119,6 +139,16 @@ impl Gpt2 {
     pub fn blocks(&self) -> &[Block] {
         &self.blocks
     }
+
+    /// Every weight, in checkpoint order: the one list `linears`, `linears_mut` and
+    /// `params_mut` read.
+    pub fn parts(&self) -> impl Iterator<Item = PartRef<'_>> {
+        parts!(self, parts, &)
+    }
+
+    pub fn parts_mut(&mut self) -> impl Iterator<Item = PartMut<'_>> {
+        parts!(self, parts_mut, &mut)
+    }
 }
 
 impl CausalLm for Gpt2 {
@@ -158,54 +188,18 @@ impl CausalLm for Gpt2 {
     }
 
     fn linears(&self) -> Vec<&Linear> {
-        let mut out = Vec::new();
-        for b in &self.blocks {
-            out.extend([&b.attn.c_attn, &b.attn.c_proj, &b.mlp.c_fc, &b.mlp.c_proj]);
-        }
-        out.push(&self.lm_head);
-        out
+        parts::linears(self.parts())
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        parts::linears_mut(self.parts_mut())
     }
 
     fn params_mut(&mut self) -> Vec<(String, &mut Tensor)> {
-        let mut out: Vec<(String, &mut Tensor)> = vec![
-            ("transformer.wte.weight".into(), &mut self.wte.weight),
-            ("transformer.wpe.weight".into(), &mut self.wpe.weight),
-        ];
-        for (i, b) in self.blocks.iter_mut().enumerate() {
-            let p = format!("transformer.h.{i}");
-            for (name, n) in [("ln_1", &mut b.ln_1), ("ln_2", &mut b.ln_2)] {
-                out.push((format!("{p}.{name}.weight"), &mut n.weight));
-                out.push((format!("{p}.{name}.bias"), &mut n.bias));
-            }
-            for lin in [
-                &mut b.attn.c_attn,
-                &mut b.attn.c_proj,
-                &mut b.mlp.c_fc,
-                &mut b.mlp.c_proj,
-            ] {
-                out.extend(linear_params(lin));
-            }
-        }
-        out.push(("transformer.ln_f.weight".into(), &mut self.ln_f.weight));
-        out.push(("transformer.ln_f.bias".into(), &mut self.ln_f.bias));
-        out
+        parts::params(self.parts_mut())
     }
 
     fn sync_tied(&mut self) {
         self.lm_head.weight = self.wte.weight.clone();
-    }
-
-    fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        let mut out = Vec::new();
-        for b in &mut self.blocks {
-            out.extend([
-                &mut b.attn.c_attn,
-                &mut b.attn.c_proj,
-                &mut b.mlp.c_fc,
-                &mut b.mlp.c_proj,
-            ]);
-        }
-        out.push(&mut self.lm_head);
-        out
     }
 }

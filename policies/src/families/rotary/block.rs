@@ -7,6 +7,7 @@ use crate::error::Result;
 use crate::families::attention::attend;
 use crate::families::config::Activation;
 use crate::families::norm::RmsNorm;
+use crate::families::parts::{Part, PartMut, PartRef};
 use crate::families::pass::PassCtx;
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
@@ -120,6 +121,28 @@ impl Mlp {
     }
 }
 
+/// The weights of a [`Block`] `$b` in checkpoint order, written once for either borrow
+/// (`$r`: `&` or `&mut`): the two norms, then q, k, v, o, gate, up, down.
+macro_rules! parts {
+    ($b:expr, $($r:tt)+) => {
+        [
+            Part::Param(&$b.input_layernorm.path, "weight", $($r)+ $b.input_layernorm.weight),
+            Part::Param(
+                &$b.post_attention_layernorm.path,
+                "weight",
+                $($r)+ $b.post_attention_layernorm.weight,
+            ),
+            Part::Linear($($r)+ $b.self_attn.q_proj),
+            Part::Linear($($r)+ $b.self_attn.k_proj),
+            Part::Linear($($r)+ $b.self_attn.v_proj),
+            Part::Linear($($r)+ $b.self_attn.o_proj),
+            Part::Linear($($r)+ $b.mlp.gate_proj),
+            Part::Linear($($r)+ $b.mlp.up_proj),
+            Part::Linear($($r)+ $b.mlp.down_proj),
+        ]
+    };
+}
+
 /// One decoder layer: `x += self_attn(n1(x))`, `x += mlp(n2(x))`.
 #[derive(Debug, Clone)]
 pub struct Block {
@@ -148,6 +171,15 @@ impl Block {
             )?,
             mlp: Mlp::new(spec, w, layer)?,
         })
+    }
+
+    /// The block's weights: the norms, then its linears (see [`crate::families::parts`]).
+    pub fn parts(&self) -> [PartRef<'_>; 9] {
+        parts!(self, &)
+    }
+
+    pub fn parts_mut(&mut self) -> [PartMut<'_>; 9] {
+        parts!(self, &mut)
     }
 
     /// Hidden states `[b, t, hidden]` in and out; see [`CausalLm::block_forward`].

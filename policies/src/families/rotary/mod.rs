@@ -15,12 +15,13 @@ pub use config::{RotaryConfig, RotarySpec};
 
 use super::batch::BatchInput;
 use super::norm::RmsNorm;
+use super::parts::{self, Part, PartMut, PartRef};
 use super::pass::PassCtx;
 use super::{nth_block, CausalLm, ModelInfo};
 use crate::ctx::ForwardCtx;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
-use crate::linear::{linear_params, Embedding, Linear};
+use crate::linear::{Embedding, Linear};
 use crate::rope::RopeTables;
 use crate::weights::WeightFiles;
 use candle_core::Tensor;
@@ -48,6 +49,25 @@ fn linear(w: &WeightFiles, path: &str, out: usize, inp: usize, bias: bool) -> Re
         },
         conv1d: false,
     })
+}
+
+/// The weights of the decoder `$m` in checkpoint order, written once for either borrow
+/// (`$r`: `&` or `&mut`; `$parts`: the matching [`Block`] method): the embedding, every
+/// block's, the final norm, the head (when tied, a LoRA candidate but not a parameter).
+macro_rules! parts {
+    ($m:expr, $parts:ident, $($r:tt)+) => {{
+        let tied = $m.spec.tie_word_embeddings;
+        std::iter::once(Part::Param(&$m.embed_tokens.path, "weight", $($r)+ $m.embed_tokens.weight))
+            .chain(($($r)+ $m.blocks).into_iter().flat_map(Block::$parts))
+            .chain([Part::Param(&$m.norm.path, "weight", $($r)+ $m.norm.weight)])
+            .chain(($($r)+ $m.lm_head).into_iter().map(move |h| {
+                if tied {
+                    Part::Tied(h)
+                } else {
+                    Part::Linear(h)
+                }
+            }))
+    }};
 }
 
 impl RotaryDecoder {
@@ -104,6 +124,16 @@ impl RotaryDecoder {
     pub fn blocks(&self) -> &[Block] {
         &self.blocks
     }
+
+    /// Every weight, in checkpoint order: the one list `linears`, `linears_mut` and
+    /// `params_mut` read.
+    pub fn parts(&self) -> impl Iterator<Item = PartRef<'_>> {
+        parts!(self, parts, &)
+    }
+
+    pub fn parts_mut(&mut self) -> impl Iterator<Item = PartMut<'_>> {
+        parts!(self, parts_mut, &mut)
+    }
 }
 
 impl CausalLm for RotaryDecoder {
@@ -149,58 +179,15 @@ impl CausalLm for RotaryDecoder {
     }
 
     fn linears(&self) -> Vec<&Linear> {
-        let mut out = Vec::new();
-        for b in &self.blocks {
-            let (a, m) = (&b.self_attn, &b.mlp);
-            out.extend([
-                &a.q_proj,
-                &a.k_proj,
-                &a.v_proj,
-                &a.o_proj,
-                &m.gate_proj,
-                &m.up_proj,
-                &m.down_proj,
-            ]);
-        }
-        out.extend(self.lm_head.as_ref());
-        out
+        parts::linears(self.parts())
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        parts::linears_mut(self.parts_mut())
     }
 
     fn params_mut(&mut self) -> Vec<(String, &mut Tensor)> {
-        let mut out: Vec<(String, &mut Tensor)> = vec![(
-            "model.embed_tokens.weight".into(),
-            &mut self.embed_tokens.weight,
-        )];
-        for (i, b) in self.blocks.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push((
-                format!("{p}.input_layernorm.weight"),
-                &mut b.input_layernorm.weight,
-            ));
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                &mut b.post_attention_layernorm.weight,
-            ));
-            let (a, m) = (&mut b.self_attn, &mut b.mlp);
-            for lin in [
-                &mut a.q_proj,
-                &mut a.k_proj,
-                &mut a.v_proj,
-                &mut a.o_proj,
-                &mut m.gate_proj,
-                &mut m.up_proj,
-                &mut m.down_proj,
-            ] {
-                out.extend(linear_params(lin));
-            }
-        }
-        out.push(("model.norm.weight".into(), &mut self.norm.weight));
-        if !self.spec.tie_word_embeddings {
-            if let Some(head) = self.lm_head.as_mut() {
-                out.extend(linear_params(head));
-            }
-        }
-        out
+        parts::params(self.parts_mut())
     }
 
     fn sync_tied(&mut self) {
@@ -209,23 +196,5 @@ impl CausalLm for RotaryDecoder {
                 head.weight = self.embed_tokens.weight.clone();
             }
         }
-    }
-
-    fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        let mut out = Vec::new();
-        for b in &mut self.blocks {
-            let (a, m) = (&mut b.self_attn, &mut b.mlp);
-            out.extend([
-                &mut a.q_proj,
-                &mut a.k_proj,
-                &mut a.v_proj,
-                &mut a.o_proj,
-                &mut m.gate_proj,
-                &mut m.up_proj,
-                &mut m.down_proj,
-            ]);
-        }
-        out.extend(self.lm_head.as_mut());
-        out
     }
 }
