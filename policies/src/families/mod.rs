@@ -1,5 +1,8 @@
-//! Model families behind one trait. A family is one file: it reads its `config.json`, loads
-//! its weights by their Hugging Face names and runs the forward pass.
+//! Model families behind one trait. A family (`rotary/`, `gpt2/`) is in candle-transformers'
+//! shape: a serde config struct read from `config.json`, `Attention`, `Mlp` and `Block`
+//! types loaded by their Hugging Face names, each with a `forward`, and a model of
+//! embeddings, blocks, final norm and head. Llama, Mistral and Qwen2 are the rotary decoder
+//! with their own keys (`llama.rs`, `mistral.rs`, `qwen2.rs`).
 
 pub mod attention;
 pub mod batch;

@@ -43,7 +43,8 @@ impl Gpt2Config {
     /// Reads and checks the config `cfg` read from `path`.
     pub fn parse(cfg: &Value, path: &Path) -> Result<Self> {
         let c: Gpt2Config = parse(cfg, path)?;
-        if c.n_head == 0 || c.n_embd % c.n_head != 0 {
+        let (h, n_head) = (c.n_embd, c.n_head);
+        if n_head == 0 || h % n_head != 0 {
             return Err(PolicyError::config(path, "n_head", "must divide n_embd"));
         }
         Ok(c)
