@@ -2,6 +2,7 @@
 //! training pass (LoRA dropout on) and whether gradients should be recorded.
 
 use crate::lora::Adapter;
+use candle_core::Tensor;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use std::sync::Mutex;
@@ -31,6 +32,16 @@ impl<'a> ForwardCtx<'a> {
             adapter,
             grad: true,
             dropout_rng: rng,
+        }
+    }
+
+    /// A weight as this pass uses it: the tensor itself when gradients are recorded (so a
+    /// trainable weight gets one), detached otherwise.
+    pub fn param(&self, t: &Tensor) -> Tensor {
+        if self.grad {
+            t.clone()
+        } else {
+            t.detach()
         }
     }
 

@@ -38,8 +38,7 @@ impl Linear {
             frozen_matmul_t(&x2, &self.weight.detach())?
         };
         if let Some(b) = &self.bias {
-            let b = if ctx.grad { b.clone() } else { b.detach() };
-            y = y.broadcast_add(&b)?;
+            y = y.broadcast_add(&ctx.param(b))?;
         }
         if let Some(lora) = ctx
             .adapter
@@ -83,11 +82,8 @@ impl Embedding {
     /// `ids`: [b, t] u32 → [b, t, hidden].
     pub fn forward(&self, ids: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let w = if ctx.grad {
-            self.weight.clone()
-        } else {
-            self.weight.detach()
-        };
-        w.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))
+        ctx.param(&self.weight)
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, ()))
     }
 }

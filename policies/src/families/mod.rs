@@ -1,15 +1,24 @@
-//! Model families behind one trait. A family is one file: it reads its `config.json`, loads
-//! its weights by their Hugging Face names and runs the forward pass.
+//! Model families behind one trait. A family (`rotary/`, `gpt2/`) is in candle-transformers'
+//! shape: a serde config struct read from `config.json`, `Attention`, `Mlp` and `Block`
+//! types loaded by their Hugging Face names, each with a `forward`, and a model of
+//! embeddings, blocks, final norm and head. Llama, Mistral and Qwen2 are the rotary decoder
+//! with their own keys (`llama.rs`, `mistral.rs`, `qwen2.rs`).
 
 pub mod attention;
 pub mod batch;
-mod gpt2;
-mod llama;
-mod mistral;
-mod qwen2;
-mod rotary;
+pub mod config;
+pub mod gpt2;
+pub mod llama;
+pub mod mistral;
+pub mod norm;
+pub mod parts;
+pub mod pass;
+pub mod qwen2;
+pub mod rotary;
 
 pub use batch::{attention_bias, BatchInput};
+pub use config::Activation;
+pub use pass::PassCtx;
 
 use crate::ctx::ForwardCtx;
 use crate::error::{PolicyError, Result};
@@ -41,14 +50,52 @@ pub struct ModelInfo {
 pub trait CausalLm: Send + Sync {
     fn info(&self) -> &ModelInfo;
 
-    /// Final hidden states (after the last norm), `[b, t, hidden]`. With a cache, `input`
-    /// holds only the new tokens and the cache is extended.
-    fn forward_hidden(
+    /// The embeddings of `input` `[b, t, hidden]`, and the [`PassCtx`] that every block of
+    /// this pass reads (attention biases, rotary tables). With a cache, `input` holds only
+    /// the new tokens: their positions are checked against what the cache holds and their
+    /// validity is recorded in it; the blocks then append their keys and values.
+    fn embed(
         &self,
         input: &BatchInput,
         ctx: &ForwardCtx,
         cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor, PassCtx)>;
+
+    /// Number of blocks (decoder layers).
+    fn num_blocks(&self) -> usize {
+        self.info().num_layers
+    }
+
+    /// Block `i` on hidden states `x` `[b, t, hidden]` → `[b, t, hidden]`, with the `pass`
+    /// and the cache (if any) that [`CausalLm::embed`] was given. Blocks run in order
+    /// `0..num_blocks()`; each may be run on its own, e.g. again for a recomputed backward.
+    fn block_forward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        pass: &PassCtx,
+        ctx: &ForwardCtx,
+        cache: Option<&mut KvCache>,
     ) -> Result<Tensor>;
+
+    /// The norm after the last block.
+    fn final_norm(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor>;
+
+    /// Final hidden states (after the last norm), `[b, t, hidden]`: [`CausalLm::embed`],
+    /// every block, [`CausalLm::final_norm`]. With a cache, `input` holds only the new tokens
+    /// and the cache is extended.
+    fn forward_hidden(
+        &self,
+        input: &BatchInput,
+        ctx: &ForwardCtx,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (mut x, pass) = self.embed(input, ctx, cache.as_deref_mut())?;
+        for i in 0..self.num_blocks() {
+            x = self.block_forward(i, &x, &pass, ctx, cache.as_deref_mut())?;
+        }
+        self.final_norm(&x, ctx)
+    }
 
     /// Output head: `[.., hidden]` → logits `[.., vocab]` in the model dtype.
     fn logits(&self, hidden: &Tensor, ctx: &ForwardCtx) -> Result<Tensor>;
@@ -96,119 +143,71 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Box<dyn C
         });
     }
     let weights = WeightFiles::open(dir, dtype, device)?;
-    let reader = ConfigReader {
-        cfg: &cfg,
-        path: &cfg_path,
-    };
     Ok(match model_type.as_str() {
-        "llama" => Box::new(llama::load(&reader, &weights)?),
-        "mistral" => Box::new(mistral::load(&reader, &weights)?),
-        "qwen2" => Box::new(qwen2::load(&reader, &weights)?),
-        "gpt2" => Box::new(gpt2::load(&reader, &weights)?),
+        "llama" => Box::new(llama::load(&cfg, &cfg_path, &weights)?),
+        "mistral" => Box::new(mistral::load(&cfg, &cfg_path, &weights)?),
+        "qwen2" => Box::new(qwen2::load(&cfg, &cfg_path, &weights)?),
+        "gpt2" => Box::new(gpt2::load(&cfg, &cfg_path, &weights)?),
         _ => unreachable!("checked against SUPPORTED"),
     })
 }
 
-/// Typed access to `config.json` with errors naming the file and key.
-pub(crate) struct ConfigReader<'a> {
-    pub cfg: &'a Value,
-    pub path: &'a Path,
+/// Block `i` of a model's `blocks`, or an error saying how many there are.
+pub(crate) fn nth_block<B>(blocks: &[B], i: usize) -> Result<&B> {
+    blocks.get(i).ok_or_else(|| {
+        PolicyError::InvalidArgument(format!(
+            "block {i} does not exist; the model has {}",
+            blocks.len()
+        ))
+    })
 }
 
-impl ConfigReader<'_> {
-    pub fn usize(&self, key: &str) -> Result<usize> {
-        self.opt_usize(key)?
-            .ok_or_else(|| PolicyError::config(self.path, key, "missing"))
-    }
-    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
-        match self.cfg.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
-                PolicyError::config(
-                    self.path,
-                    key,
-                    format!("expected a non-negative integer, got {v}"),
-                )
-            }),
-        }
-    }
-    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
-        match self.cfg.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| {
-                PolicyError::config(self.path, key, format!("expected a number, got {v}"))
-            }),
-        }
-    }
-    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
-        match self.cfg.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| {
-                PolicyError::config(self.path, key, format!("expected true or false, got {v}"))
-            }),
-        }
-    }
-    pub fn str_or<'b>(&'b self, key: &str, default: &'b str) -> Result<&'b str> {
-        match self.cfg.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_str().ok_or_else(|| {
-                PolicyError::config(self.path, key, format!("expected a string, got {v}"))
-            }),
-        }
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
 
-/// Activation functions by their transformers names.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Activation {
-    Silu,
-    /// Exact (erf) GELU: "gelu".
-    Gelu,
-    /// Tanh approximation: "gelu_new", "gelu_pytorch_tanh", "gelu_fast".
-    GeluTanh,
-    Relu,
-}
-
-impl Activation {
-    pub(crate) fn parse(r: &ConfigReader, key: &str, default: &str) -> Result<Self> {
-        Ok(match r.str_or(key, default)? {
-            "silu" | "swish" => Activation::Silu,
-            "gelu" => Activation::Gelu,
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
-            "relu" => Activation::Relu,
-            other => {
-                return Err(PolicyError::config(
-                    r.path,
-                    key,
-                    format!("unsupported activation `{other}`; supported: silu, gelu, gelu_new, gelu_pytorch_tanh, relu"),
-                ))
-            }
-        })
+    fn fixture(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(name)
     }
 
-    pub fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Activation::Silu => x.silu(),
-            Activation::Gelu => x.gelu_erf(),
-            Activation::GeluTanh => x.gelu(),
-            Activation::Relu => x.relu(),
+    /// Embeddings, each block on its own, the final norm: the same bits as `forward_hidden`,
+    /// with and without a cache.
+    #[test]
+    fn blocks_run_one_by_one_as_forward_hidden_does() {
+        for name in ["llama", "qwen2", "gpt2"] {
+            let model = load_model(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+            let rows = vec![vec![5u32, 9, 13, 2, 7, 11], vec![3, 4, 8]];
+            let input = BatchInput::left_padded(&rows, 0, &Device::Cpu).unwrap();
+            let ctx = ForwardCtx::inference(None);
+            let by_blocks = |cache: Option<&mut KvCache>| -> Vec<f32> {
+                let mut cache = cache;
+                let (mut x, pass) = model.embed(&input, &ctx, cache.as_deref_mut()).unwrap();
+                for i in 0..model.num_blocks() {
+                    x = model
+                        .block_forward(i, &x, &pass, &ctx, cache.as_deref_mut())
+                        .unwrap();
+                }
+                let h = model.final_norm(&x, &ctx).unwrap();
+                h.flatten_all().unwrap().to_vec1().unwrap()
+            };
+            let whole = |cache: Option<&mut KvCache>| -> Vec<f32> {
+                let h = model.forward_hidden(&input, &ctx, cache).unwrap();
+                h.flatten_all().unwrap().to_vec1().unwrap()
+            };
+            assert_eq!(by_blocks(None), whole(None), "{name}");
+            let (mut c1, mut c2) = (model.new_cache(16), model.new_cache(16));
+            assert_eq!(by_blocks(Some(&mut c1)), whole(Some(&mut c2)), "{name}");
+            assert_eq!(c1.len(), c2.len());
+
+            let (x, pass) = model.embed(&input, &ctx, None).unwrap();
+            let err = model
+                .block_forward(model.num_blocks(), &x, &pass, &ctx, None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("does not exist"), "{err}");
         }
     }
-}
-
-/// Errors when a batch reaches past the model's position table.
-pub(crate) fn check_positions(
-    info: &ModelInfo,
-    input: &BatchInput,
-    offset_len: usize,
-) -> Result<()> {
-    let longest = input.max_position + 1;
-    if longest > info.max_positions || offset_len > info.max_positions {
-        return Err(PolicyError::InvalidArgument(format!(
-            "sequence of {} tokens is longer than the model's {} positions (max_position_embeddings); shorten it or lower max_seq_len",
-            longest.max(offset_len),
-            info.max_positions
-        )));
-    }
-    Ok(())
 }
