@@ -33,11 +33,7 @@ impl LoraModule {
         p: f64,
         ctx: &ForwardCtx,
     ) -> candle_core::Result<Tensor> {
-        let (a, b) = if ctx.grad {
-            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
-        } else {
-            (self.a.as_tensor().detach(), self.b.as_tensor().detach())
-        };
+        let (a, b) = (ctx.param(self.a.as_tensor()), ctx.param(self.b.as_tensor()));
         let mut x = x.to_dtype(a.dtype())?;
         if let Some(mask) = ctx.dropout_mask(p, x.elem_count()) {
             let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
