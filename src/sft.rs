@@ -12,7 +12,8 @@ use crate::train::trainable::Trainable;
 use crate::train::update::skipped_cause;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use rlft_policies::logprobs::token_logprobs;
+use rlft_policies::backward::backward_from_hidden;
+use rlft_policies::logprobs::next_token_logprobs;
 use rlft_policies::{BatchInput, CausalLm, ForwardCtx, Pretrained};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -98,7 +99,19 @@ pub fn nll_sum(
     w: &Tensor,
     ctx: &ForwardCtx,
 ) -> Result<Tensor> {
-    let lp = token_logprobs(model, input, ctx, 1.0)?;
+    let hidden = model.forward_hidden(input, ctx, None)?;
+    nll_from_hidden(model, input, &hidden, w, ctx)
+}
+
+/// [`nll_sum`] from the final hidden states of `input`.
+pub fn nll_from_hidden(
+    model: &dyn CausalLm,
+    input: &BatchInput,
+    hidden: &Tensor,
+    w: &Tensor,
+    ctx: &ForwardCtx,
+) -> Result<Tensor> {
+    let lp = next_token_logprobs(model, input, hidden, ctx, 1.0)?;
     Ok((lp * w.to_dtype(DType::F32)?)?.sum_all()?.neg()?)
 }
 
@@ -222,10 +235,19 @@ impl Stage for SftStage<'_> {
             if n == 0 {
                 continue;
             }
-            let nll = nll_sum(model, &input, &w, &fwd)?;
-            loss_sum += nll.to_scalar::<f32>()? as f64;
-            let grads = (nll / n_total.max(1) as f64)?.backward()?;
-            acc.add(ctx.updater.params(), &grads)?;
+            let params = ctx.updater.params();
+            backward_from_hidden::<anyhow::Error>(
+                model,
+                &input,
+                &fwd,
+                self.cfg.training.gradient_checkpointing,
+                &mut |hidden| {
+                    let nll = nll_from_hidden(model, &input, hidden, &w, &fwd)?;
+                    loss_sum += nll.to_scalar::<f32>()? as f64;
+                    Ok((nll / n_total.max(1) as f64)?)
+                },
+                &mut |grads| acc.add(params, grads),
+            )?;
         }
         let loss = loss_sum / n_total.max(1) as f64;
         let update = ctx.updater.apply(acc, loss, "loss", ctx.lr, ctx.step)?;

@@ -183,3 +183,122 @@ fn lora_dropout_acts_in_training_only_and_is_seeded() {
     assert_eq!(run(1), run(1), "the same seed gives the same masks");
     assert_ne!(run(1), run(2));
 }
+
+/// The loss of [`loss`] from final hidden states (what a checkpointed backward needs).
+fn loss_from_hidden(
+    pre: &Pretrained,
+    input: &BatchInput,
+    hidden: &Tensor,
+    ctx: &ForwardCtx,
+) -> Tensor {
+    use rlft::policies::logprobs::next_token_logprobs;
+    let lp = next_token_logprobs(pre.model.as_ref(), input, hidden, ctx, 1.0).unwrap();
+    let (b, t) = lp.dims2().unwrap();
+    let mut w = vec![0f64; b * t];
+    for i in 0..b {
+        for j in 0..t {
+            if input.valid[i][j + 1] {
+                w[i * t + j] = 0.5 + 0.1 * ((i * 7 + j * 3) % 5) as f64;
+            }
+        }
+    }
+    let w = Tensor::from_vec(w, (b, t), &pre.model.info().device)
+        .unwrap()
+        .to_dtype(lp.dtype())
+        .unwrap();
+    (lp * w).unwrap().sum_all().unwrap()
+}
+
+/// The adapter's gradients through `backward_from_hidden`, summed over its stores, and the
+/// dropout generator's position after the pass.
+fn grads_of(
+    pre: &Pretrained,
+    adapter: &Adapter,
+    checkpointing: bool,
+    dropout_seed: Option<u64>,
+) -> (Vec<Vec<f64>>, f64, Option<u128>) {
+    use rand::SeedableRng;
+    use rlft::policies::backward::backward_from_hidden;
+    use std::sync::Mutex;
+    let input = batch(pre);
+    let rng = dropout_seed.map(|s| Mutex::new(rand_chacha::ChaCha8Rng::seed_from_u64(s)));
+    let ctx = ForwardCtx::train(Some(adapter), rng.as_ref());
+    let vars = adapter.named_vars();
+    let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let mut value = 0f64;
+    let mut stores = 0;
+    backward_from_hidden::<rlft::policies::PolicyError>(
+        pre.model.as_ref(),
+        &input,
+        &ctx,
+        checkpointing,
+        &mut |h| {
+            let l = loss_from_hidden(pre, &input, h, &ctx);
+            value = l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            Ok(l)
+        },
+        &mut |store| {
+            stores += 1;
+            for (slot, (_, v)) in sums.iter_mut().zip(&vars) {
+                if let Some(g) = store.get(v) {
+                    *slot = Some(match slot.take() {
+                        Some(s) => (s + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+            Ok(())
+        },
+    )
+    .unwrap();
+    let n_blocks = pre.model.info().num_layers;
+    assert_eq!(stores, if checkpointing { n_blocks + 1 } else { 1 });
+    let grads = sums
+        .into_iter()
+        .map(|g| {
+            g.expect("every adapter tensor gets a gradient")
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        })
+        .collect();
+    let pos = rng.map(|r| r.into_inner().unwrap().get_word_pos());
+    (grads, value, pos)
+}
+
+#[test]
+fn checkpointed_gradients_equal_the_whole_backward() {
+    for m in FAMILIES {
+        // f64: equal to 1e-12, with and without dropout (the recompute draws the same masks
+        // and leaves the generator where a whole pass leaves it).
+        let pre = load(m, DType::F64);
+        for (p, seed) in [(0.0, None), (0.3, Some(5))] {
+            let adapter = adapter_with_nonzero_b(&pre, p);
+            let (whole, lw, pw) = grads_of(&pre, &adapter, false, seed);
+            let (ckpt, lc, pc) = grads_of(&pre, &adapter, true, seed);
+            assert!((lw - lc).abs() <= 1e-12 * lw.abs().max(1.0), "{m}: loss {lw} vs {lc}");
+            assert_eq!(pw, pc, "{m}: dropout generator position");
+            let mut worst = 0f64;
+            for (a, b) in whole.iter().zip(&ckpt) {
+                for (x, y) in a.iter().zip(b) {
+                    worst = worst.max((x - y).abs() / x.abs().max(1.0));
+                }
+            }
+            assert!(worst <= 1e-12, "{m} p={p}: gradients differ by {worst:e}");
+        }
+        // f32: within rounding.
+        let pre = load(m, DType::F32);
+        let adapter = adapter_with_nonzero_b(&pre, 0.0);
+        let (whole, _, _) = grads_of(&pre, &adapter, false, None);
+        let (ckpt, _, _) = grads_of(&pre, &adapter, true, None);
+        for (a, b) in whole.iter().zip(&ckpt) {
+            let scale = a.iter().fold(0f64, |s, x| s.max(x.abs())).max(1e-6);
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-4 * scale, "{m} f32: {x} vs {y}");
+            }
+        }
+    }
+}

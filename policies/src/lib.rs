@@ -5,6 +5,7 @@
 //! pass ([`ForwardCtx`]), so the reference model is the same base tensors with no adapter.
 
 pub mod chat_template;
+pub mod backward;
 pub mod ctx;
 pub mod device;
 pub mod error;

@@ -84,6 +84,19 @@ pub fn token_logprobs(
         )?);
     }
     let hidden = model.forward_hidden(input, ctx, None)?;
+    next_token_logprobs(model, input, &hidden, ctx, temperature)
+}
+
+/// [`token_logprobs`] from the final hidden states `[b, t, H]` of `input` (a caller that runs
+/// the forward itself, e.g. with activation checkpointing, `crate::backward`).
+pub fn next_token_logprobs(
+    model: &dyn CausalLm,
+    input: &BatchInput,
+    hidden: &Tensor,
+    ctx: &ForwardCtx,
+    temperature: f64,
+) -> Result<Tensor> {
+    let t = input.seq_len();
     let hidden = hidden.narrow(1, 0, t - 1)?;
     let targets = input.ids.narrow(1, 1, t - 1)?;
     Ok(score_hidden(model, &hidden, &targets, ctx, temperature, Entropy::Skip)?.logp)

@@ -189,6 +189,9 @@ pub struct TrainingSection {
     pub output_dir: PathBuf,
     /// Stop after this many consecutive updates skipped for a non-finite loss or gradient.
     pub max_bad_steps: u64,
+    /// Per-block activation recompute in every training pass (transformers'
+    /// `gradient_checkpointing`): only block inputs are kept through the forward.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainingSection {
@@ -216,6 +219,7 @@ impl Default for TrainingSection {
             save_total_limit: None,
             output_dir: PathBuf::from("runs/sft"),
             max_bad_steps: 5,
+            gradient_checkpointing: false,
         }
     }
 }

@@ -115,6 +115,23 @@ pub fn score(
     want_entropy: Entropy,
 ) -> Result<Scored> {
     let hidden = model.forward_hidden(input, ctx, None)?;
+    score_hidden_states(model, ctx, &hidden, input, p_len, r_len, temperature, head, want_entropy)
+}
+
+/// [`score`] from the final hidden states of `input` (a caller that runs the forward itself,
+/// e.g. with activation checkpointing).
+#[allow(clippy::too_many_arguments)]
+pub fn score_hidden_states(
+    model: &dyn CausalLm,
+    ctx: &ForwardCtx,
+    hidden: &Tensor,
+    input: &BatchInput,
+    p_len: usize,
+    r_len: usize,
+    temperature: f64,
+    head: Option<&ValueHead>,
+    want_entropy: Entropy,
+) -> Result<Scored> {
     // The state at position P−1+t predicts response token t.
     let h = hidden.narrow(1, p_len - 1, r_len)?;
     let targets = input.ids.narrow(1, p_len, r_len)?;

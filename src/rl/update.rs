@@ -5,7 +5,7 @@
 use super::algorithm::{AlgorithmSpec, KlPlacement};
 use super::experience::{to_rows, Actors, Experience};
 use super::losses::{agg_weights, policy_loss, value_loss, weighted_sum, ClipParams};
-use super::rollout::{critic_values, score};
+use super::rollout::score_hidden_states;
 use super::shaping::{mean, Shaped};
 use crate::config::rl::RlConfig;
 use crate::train::update::{skipped_cause, Updater};
@@ -15,6 +15,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rlft_policies::logprobs::Entropy;
+use rlft_policies::backward::backward_from_hidden;
 use rlft_policies::ForwardCtx;
 use std::ops::AddAssign;
 use std::sync::Mutex;
@@ -175,6 +176,7 @@ fn mini_batch_update(
     } else {
         Entropy::Skip
     };
+    let checkpointing = t.gradient_checkpointing;
     for micro in m.chunks(t.per_device_train_batch_size) {
         let input = ro.input(micro, &dev)?;
         let lens: Vec<usize> = micro.iter().map(|&i| x.lens[i]).collect();
@@ -188,79 +190,122 @@ fn mini_batch_update(
         );
         let w = Tensor::from_vec(w, (micro.len(), width), &dev)?;
         let mask = ro.mask(micro, &dev)?;
-        let policy_ctx = ForwardCtx::train(Some(actors.policy), plan.dropout);
-        let sc = score(
-            actors.model,
-            &policy_ctx,
-            &input,
-            ro.p_len,
-            width,
-            plan.cfg.generation.temperature,
-            actors.shared_head(),
-            want_entropy,
-        )?;
-        let old = if x.logp_old.is_empty() {
-            // One update per step: its own log-probs are the old ones.
-            out.logp_from_update.extend(to_rows(&sc.logp, &lens)?);
-            sc.logp.detach()
-        } else {
-            rows_tensor(micro, &x.logp_old, width, &dev)?
-        };
-        // Clipped surrogate: −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A), ρ = exp(logp − logp_old).
+        let old_given = (!x.logp_old.is_empty())
+            .then(|| rows_tensor(micro, &x.logp_old, width, &dev))
+            .transpose()?;
         let adv = rows_tensor(micro, &shaped.advantages, width, &dev)?;
-        let (pg, clipped) = policy_loss(&sc.logp, &old, &adv, &plan.clip)?;
-        let pg_loss = weighted_sum(&pg, &w)?;
-        let mut loss = pg_loss.clone();
-        if let (Some(h), Some(vold), Some(ret)) = (actors.value_head, &x.values, &shaped.returns) {
-            let v = match actors.critic {
-                Some(c) => critic_values(
+        let value_targets = match (&x.values, &shaped.returns) {
+            (Some(v), Some(ret)) => Some((
+                rows_tensor(micro, v, width, &dev)?,
+                rows_tensor(micro, ret, width, &dev)?,
+            )),
+            _ => None,
+        };
+        let logp_ref = match x.logp_ref.as_ref() {
+            Some(lr) if plan.spec.kl == KlPlacement::InLoss && plan.beta > 0.0 => {
+                Some(rows_tensor(micro, lr, width, &dev)?)
+            }
+            _ => None,
+        };
+        // The policy's loss terms, from its final hidden states.
+        let policy_ctx = ForwardCtx::train(Some(actors.policy), plan.dropout);
+        let mut terms = None;
+        backward_from_hidden::<anyhow::Error>(
+            actors.model,
+            &input,
+            &policy_ctx,
+            checkpointing,
+            &mut |hidden| {
+                let sc = score_hidden_states(
                     actors.model,
-                    &ForwardCtx::train(Some(c), plan.dropout),
+                    &policy_ctx,
+                    hidden,
                     &input,
                     ro.p_len,
                     width,
-                    h,
-                )?,
-                None => sc.values.clone().expect("shared head gives values"),
-            };
-            let (vf, vclipped) = value_loss(
-                &v,
-                &rows_tensor(micro, vold, width, &dev)?,
-                &rows_tensor(micro, ret, width, &dev)?,
-                r.cliprange_value,
+                    plan.cfg.generation.temperature,
+                    actors.shared_head(),
+                    want_entropy,
+                )?;
+                let old = old_given.clone().unwrap_or_else(|| sc.logp.detach());
+                // Clipped surrogate: −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A), ρ = exp(logp − logp_old).
+                let (pg, clipped) = policy_loss(&sc.logp, &old, &adv, &plan.clip)?;
+                let pg_loss = weighted_sum(&pg, &w)?;
+                let mut loss = pg_loss.clone();
+                let mut vf = None;
+                if let (Some(v), Some((vold, ret))) = (&sc.values, &value_targets) {
+                    let (vf_t, vclipped) = value_loss(v, vold, ret, r.cliprange_value)?;
+                    let vf_loss = weighted_sum(&vf_t, &w)?;
+                    loss = (loss + (&vf_loss * r.vf_coef)?)?;
+                    vf = Some((vf_loss.detach(), vclipped));
+                }
+                let mut kl_loss = None;
+                if let Some(lref) = &logp_ref {
+                    // k3 = exp(logr) − 1 − logr, logr = logp_ref − logp.
+                    let logr = (lref - &sc.logp)?;
+                    let k3 = ((logr.exp()? - 1.0)? - &logr)?;
+                    let l = weighted_sum(&k3, &w)?;
+                    loss = (loss + (&l * plan.beta)?)?;
+                    kl_loss = Some(l.detach());
+                }
+                if let (Some(h), true) = (&sc.entropy, r.entropy_coef > 0.0) {
+                    let e = weighted_sum(h, &w)?;
+                    loss = (loss - (e * r.entropy_coef)?)?;
+                }
+                terms = Some(PolicyTerms {
+                    logp: sc.logp.detach(),
+                    old,
+                    pg_loss: pg_loss.detach(),
+                    clipped,
+                    vf,
+                    kl_loss,
+                    entropy: sc.entropy.map(|h| h.detach()),
+                });
+                Ok(loss)
+            },
+            &mut |grads| acc.add(updater.params(), grads),
+        )?;
+        let p = terms.expect("the loss closure ran");
+        // A separate critic: the value loss from its own hidden states.
+        if let (Some(c), Some(h), Some((vold, ret))) = (actors.critic, actors.value_head, &value_targets) {
+            let critic_ctx = ForwardCtx::train(Some(c), plan.dropout);
+            let mut vf = None;
+            backward_from_hidden::<anyhow::Error>(
+                actors.model,
+                &input,
+                &critic_ctx,
+                checkpointing,
+                &mut |hidden| {
+                    let v = h.forward(&hidden.narrow(1, ro.p_len - 1, width)?, true)?;
+                    let (vf_t, vclipped) = value_loss(&v, vold, ret, r.cliprange_value)?;
+                    let vf_loss = weighted_sum(&vf_t, &w)?;
+                    vf = Some((vf_loss.detach(), vclipped));
+                    Ok((vf_loss * r.vf_coef)?)
+                },
+                &mut |grads| acc.add(updater.params(), grads),
             )?;
-            let vf_loss = weighted_sum(&vf, &w)?;
+            let (vf_loss, vclipped) = vf.expect("the loss closure ran");
             s.vf_loss += vf_loss.to_scalar::<f32>()? as f64;
             vcf += (vclipped * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
-            loss = (loss + (vf_loss * r.vf_coef)?)?;
         }
-        if plan.spec.kl == KlPlacement::InLoss && plan.beta > 0.0 {
-            let lref = rows_tensor(
-                micro,
-                x.logp_ref.as_ref().expect("reference computed when β > 0"),
-                width,
-                &dev,
-            )?;
-            // k3 = exp(logr) − 1 − logr, logr = logp_ref − logp.
-            let logr = (lref - &sc.logp)?;
-            let k3 = ((logr.exp()? - 1.0)? - &logr)?;
-            let kl_loss = weighted_sum(&k3, &w)?;
-            s.kl_loss += kl_loss.to_scalar::<f32>()? as f64;
-            loss = (loss + (kl_loss * plan.beta)?)?;
+        if let Some((vf_loss, vclipped)) = &p.vf {
+            s.vf_loss += vf_loss.to_scalar::<f32>()? as f64;
+            vcf += (vclipped * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
         }
-        if let Some(h) = &sc.entropy {
-            ent += (h.detach() * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
-            if r.entropy_coef > 0.0 {
-                let e = weighted_sum(h, &w)?;
-                loss = (loss - (e * r.entropy_coef)?)?;
-            }
+        if let Some(l) = &p.kl_loss {
+            s.kl_loss += l.to_scalar::<f32>()? as f64;
         }
-        let grads = loss.backward()?;
-        acc.add(updater.params(), &grads)?;
-        s.pg_loss += pg_loss.to_scalar::<f32>()? as f64;
-        let diff = (sc.logp.detach() - &old)?;
+        if let Some(h) = &p.entropy {
+            ent += (h * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        if x.logp_old.is_empty() {
+            // One update per step: its own log-probs are the old ones.
+            out.logp_from_update.extend(to_rows(&p.logp, &lens)?);
+        }
+        s.pg_loss += p.pg_loss.to_scalar::<f32>()? as f64;
+        let diff = (&p.logp - &p.old)?;
         akl += ((diff.sqr()? * &mask)?.sum_all()?.to_scalar::<f32>()? as f64) * 0.5;
-        cf += (clipped * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
+        cf += (p.clipped * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
         let ratio = diff.exp()?;
         rsum += (&ratio * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
         if out.first_ratio.is_empty() {
@@ -287,6 +332,18 @@ fn mini_batch_update(
     s.entropy = ent / tok;
     s.grad_norm = update.grad_norm;
     Ok(s)
+}
+
+/// What one micro-batch's policy pass leaves for the statistics (all detached).
+struct PolicyTerms {
+    logp: Tensor,
+    old: Tensor,
+    pg_loss: Tensor,
+    clipped: Tensor,
+    /// Shared critic: the value loss and its clip mask.
+    vf: Option<(Tensor, Tensor)>,
+    kl_loss: Option<Tensor>,
+    entropy: Option<Tensor>,
 }
 
 fn rows_tensor(rows: &[usize], data: &[Vec<f64>], width: usize, dev: &Device) -> Result<Tensor> {

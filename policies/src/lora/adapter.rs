@@ -36,7 +36,7 @@ impl LoraModule {
         let (a, b) = (ctx.param(self.a.as_tensor()), ctx.param(self.b.as_tensor()));
         let mut x = x.to_dtype(a.dtype())?;
         if let Some(mask) = ctx.dropout_mask(p, x.elem_count()) {
-            let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+            let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
             x = (x * mask)?;
         }
         let xa = crate::ops::gemm::bmm(&x, &a.t()?)?;
