@@ -186,8 +186,12 @@ impl Stage for SftStage<'_> {
             .per_device_train_batch_size
             .min(self.train.len())
             .max(1);
+        let model = self.pre.model.as_ref();
+        let ckpt = self.cfg.training.gradient_checkpointing;
+        let bytes = |c| memory::training_bytes(model, micro, longest, trainable_params, c);
         vec![MemoryNeed {
-            bytes: memory::training_bytes(self.pre.model.as_ref(), micro, longest, trainable_params),
+            bytes: bytes(ckpt),
+            with_checkpointing: (!ckpt).then(|| bytes(true)),
             what: format!("a micro-batch of {micro} × {longest} tokens"),
             lower: "training.per_device_train_batch_size (raise gradient_accumulation_steps to keep the effective batch) or model.max_seq_len".into(),
         }]

@@ -241,14 +241,18 @@ impl Stage for RlStage<'_> {
         let seq = self.prompts.iter().map(|p| p.ids.len()).max().unwrap_or(1)
             + self.cfg.generation.max_new_tokens;
         let mb = t.per_device_train_batch_size;
+        let ckpt = t.gradient_checkpointing;
+        let training = |c| memory::training_bytes(model, mb, seq, trainable_params, c);
         vec![
             MemoryNeed {
                 bytes: memory::generation_bytes(model, r.batch_size, seq),
+                with_checkpointing: None,
                 what: format!("generating {} rollouts of up to {seq} tokens", r.batch_size),
                 lower: "rl.batch_size or generation.max_new_tokens".into(),
             },
             MemoryNeed {
-                bytes: memory::training_bytes(model, mb, seq, trainable_params),
+                bytes: training(ckpt),
+                with_checkpointing: (!ckpt).then(|| training(true)),
                 what: format!("a training micro-batch of {mb} × {seq} tokens"),
                 lower: "training.per_device_train_batch_size (more rl.num_mini_batches keep the step the same size), generation.max_new_tokens or model.max_seq_len".into(),
             },

@@ -15,17 +15,38 @@ pub const LIMIT_ENV: &str = "RLFT_MEMORY_LIMIT_MB";
 /// per token and layer, every linear layer's input and output, about six hidden-size
 /// vectors (norms, residuals, RoPE) and one attention-probability row per head
 /// (`seq` entries; heads ≈ hidden / 64), plus logits, log-softmax and their gradient over
-/// the vocabulary; all f32. A lower bound: candle's temporaries come on top.
-pub fn training_bytes(model: &dyn CausalLm, batch: usize, seq: usize, trainable: usize) -> u64 {
+/// the vocabulary; all f32. With `checkpointing`, the layers keep only their input (one
+/// hidden-size vector each) and one layer's full set is alive at a time, in the recompute.
+/// A lower bound: candle's temporaries come on top.
+pub fn training_bytes(
+    model: &dyn CausalLm,
+    batch: usize,
+    seq: usize,
+    trainable: usize,
+    checkpointing: bool,
+) -> u64 {
     let info = model.info();
-    let widths: usize = model
+    let head = model
+        .linears()
+        .iter()
+        .filter(|l| l.path == info.output_head)
+        .map(|l| l.in_features() + l.out_features())
+        .sum::<usize>();
+    let blocks: usize = model
         .linears()
         .iter()
         .map(|l| l.in_features() + l.out_features())
-        .sum();
+        .sum::<usize>()
+        - head;
     let heads = (info.hidden_size / 64).max(1);
-    let per_token =
-        widths + info.num_layers * (6 * info.hidden_size + heads * seq) + 3 * info.vocab_size;
+    let layers = info.num_layers.max(1);
+    let per_layer = blocks / layers + 6 * info.hidden_size + heads * seq;
+    let kept = if checkpointing {
+        layers * info.hidden_size + per_layer
+    } else {
+        layers * per_layer
+    };
+    let per_token = kept + head + 3 * info.vocab_size;
     // Trainable values, their gradients and AdamW's two moments.
     (4 * (batch * seq * per_token + 4 * trainable)) as u64
 }
@@ -87,16 +108,42 @@ fn gib(b: u64) -> String {
 
 /// Fails when `need` bytes exceed what is available; `what` describes the batch and
 /// `lower` names the settings that shrink it.
-pub fn check(device: &Device, need: u64, what: &str, lower: &str) -> Result<()> {
+/// `with_checkpointing`: the need with `training.gradient_checkpointing` on, when it is off;
+/// the refusal suggests it when that would fit.
+pub fn check(
+    device: &Device,
+    need: u64,
+    with_checkpointing: Option<u64>,
+    what: &str,
+    lower: &str,
+) -> Result<()> {
     if !matches!(device, Device::Cpu) {
         return Ok(());
     }
-    let Some(avail) = available_bytes() else {
-        return Ok(());
-    };
+    match available_bytes() {
+        Some(avail) => check_against(avail, need, with_checkpointing, what, lower),
+        None => Ok(()),
+    }
+}
+
+/// [`check`] against `avail` bytes.
+fn check_against(
+    avail: u64,
+    need: u64,
+    with_checkpointing: Option<u64>,
+    what: &str,
+    lower: &str,
+) -> Result<()> {
     if need > avail {
+        let ckpt = match with_checkpointing {
+            Some(c) if c <= avail => format!(
+                ", or set training.gradient_checkpointing = true (about {} then)",
+                gib(c)
+            ),
+            _ => String::new(),
+        };
         bail!(
-            "{what} needs about {} of memory but only {} is available; lower {lower}",
+            "{what} needs about {} of memory but only {} is available; lower {lower}{ckpt}",
             gib(need),
             gib(avail)
         );
@@ -124,6 +171,20 @@ mod tests {
     }
 
     #[test]
+    fn the_refusal_suggests_checkpointing_when_it_would_fit() {
+        let mib = 1 << 20;
+        let e = check_against(100 * mib, 150 * mib, Some(80 * mib), "a batch", "the batch")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lower the batch, or set training.gradient_checkpointing = true"), "{e}");
+        let e = check_against(100 * mib, 150 * mib, Some(120 * mib), "a batch", "the batch")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("gradient_checkpointing"), "it would not fit: {e}");
+        assert!(check_against(100 * mib, 50 * mib, None, "a batch", "the batch").is_ok());
+    }
+
+    #[test]
     fn proc_values_are_read() {
         let total = proc_kb("/proc/meminfo", "MemTotal:").unwrap();
         let avail = proc_kb("/proc/meminfo", "MemAvailable:").unwrap();
@@ -139,11 +200,17 @@ mod tests {
         // Per layer: q 64→64, k 64→32, v 64→32, o 64→64, gate/up 64→128, down 128→64;
         // lm_head 64→512.
         let per_layer = 128 + 96 + 96 + 128 + 192 + 192 + 192;
-        let widths = 2 * per_layer + 576;
         let (b, t) = (4, 10);
-        let per_token = widths + 2 * (6 * 64 + t) + 3 * 512;
+        let layer = per_layer + 6 * 64 + t;
+        let per_token = 2 * layer + 576 + 3 * 512;
         assert_eq!(
-            training_bytes(m.as_ref(), b, t, 100),
+            training_bytes(m.as_ref(), b, t, 100, false),
+            (4 * (b * t * per_token + 400)) as u64
+        );
+        // Checkpointed: each layer keeps its 64-wide input; one layer's set is alive.
+        let per_token = 2 * 64 + layer + 576 + 3 * 512;
+        assert_eq!(
+            training_bytes(m.as_ref(), b, t, 100, true),
             (4 * (b * t * per_token + 400)) as u64
         );
         // KV: 2 layers × (32 + 32) per token.
@@ -153,8 +220,8 @@ mod tests {
         );
         // Grows linearly in the batch.
         assert_eq!(
-            training_bytes(m.as_ref(), 2 * b, t, 0),
-            2 * training_bytes(m.as_ref(), b, t, 0)
+            training_bytes(m.as_ref(), 2 * b, t, 0, false),
+            2 * training_bytes(m.as_ref(), b, t, 0, false)
         );
     }
 }

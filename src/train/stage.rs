@@ -61,6 +61,8 @@ impl Resume {
 /// A memory requirement checked before the first step.
 pub struct MemoryNeed {
     pub bytes: u64,
+    /// The need with `training.gradient_checkpointing`, where it is off and would lower it.
+    pub with_checkpointing: Option<u64>,
     /// What needs it ("a micro-batch of 8 × 128 tokens").
     pub what: String,
     /// The settings that lower it.
@@ -173,7 +175,7 @@ pub fn run(
     let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
     super::check_disk_space(&t.output_dir, n_params)?;
     for need in stage.memory_needs(n_params) {
-        super::memory::check(device, need.bytes, &need.what, &need.lower)?;
+        super::memory::check(device, need.bytes, need.with_checkpointing, &need.what, &need.lower)?;
     }
     // 3. The schedule and the run folder.
     let (per_epoch, per_step) = stage.batches();
