@@ -100,6 +100,14 @@ pub trait CausalLm: Send + Sync {
     /// Output head: `[.., hidden]` → logits `[.., vocab]` in the model dtype.
     fn logits(&self, hidden: &Tensor, ctx: &ForwardCtx) -> Result<Tensor>;
 
+    /// The linear layer [`CausalLm::logits`] is, when it is exactly `head.forward(hidden)`
+    /// (no soft-capping or scaling after it): log-probs can then be computed from its weight a
+    /// chunk of rows at a time (`ops::head_logprob`). `None` (the default) keeps
+    /// `logits` as the only way through the head.
+    fn output_head(&self) -> Option<&Linear> {
+        None
+    }
+
     /// Every linear layer (LoRA candidates), in a stable order.
     fn linears(&self) -> Vec<&Linear>;
     fn linears_mut(&mut self) -> Vec<&mut Linear>;

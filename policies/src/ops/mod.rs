@@ -4,6 +4,7 @@
 
 pub mod bridge;
 pub mod gemm;
+pub mod head_logprob;
 pub mod logprob;
 pub mod matmul;
 pub mod norm;
@@ -23,6 +24,7 @@ pub fn compute_dtype(dtype: DType) -> DType {
     }
 }
 
+pub use head_logprob::{head_logprobs, FrozenHead};
 pub use logprob::{entropy, gather_logprobs};
 pub use matmul::frozen_matmul_t;
 pub use norm::{layer_norm, rms_norm};

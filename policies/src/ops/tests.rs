@@ -168,3 +168,110 @@ fn frozen_matmul_f32_training_path() {
         assert!(g.get(&w).is_none());
     }
 }
+
+/// The unchunked reference of `head_logprobs`: the whole logits, candle's ops throughout.
+fn head_reference(h: &Tensor, w: &Tensor, b: &Tensor, y: &Tensor, tau: f64) -> (Tensor, Tensor) {
+    let z = (h.matmul(&w.t().unwrap()).unwrap().broadcast_add(b).unwrap() / tau).unwrap();
+    let lp = candle_nn::ops::log_softmax(&z, D::Minus1)
+        .unwrap()
+        .gather(&y.unsqueeze(1).unwrap(), 1)
+        .unwrap()
+        .squeeze(1)
+        .unwrap();
+    (lp, entropy(&z).unwrap())
+}
+
+/// Chunked log-probs and entropy against the whole logits in f64, chunks that divide
+/// nothing (7 rows over 23), one row, one chunk, more rows than there are; τ ≠ 1 and a bias;
+/// the gradient of `Σ r·lp` (and of `Σ r·[lp, H]` for the entropy bonus) w.r.t. the hidden
+/// states, and none for the head.
+#[test]
+fn head_logprobs_chunked_match_whole_logits() {
+    use crate::logprobs::Entropy;
+    let (n, hsz, v, tau) = (23, 12, 37, 0.7);
+    let w = randn(&[v, hsz]);
+    let bias = Tensor::randn(0f64, 1.0, v, &Device::Cpu).unwrap();
+    let ys: Vec<u32> = (0..n as u32).map(|i| (i * 11 + 3) % v as u32).collect();
+    let y = Tensor::new(ys.as_slice(), &Device::Cpu).unwrap();
+    let head = FrozenHead {
+        weight: w.as_tensor().clone(),
+        bias: Some(bias.clone()),
+        tau,
+    };
+    for rows in [7, 1, 23, 100] {
+        let h = randn(&[n, hsz]);
+        let (lp_ref, h_ref) = head_reference(&h, w.as_tensor(), &bias, &y, tau);
+        let (lp, ent) = head_logprobs(&h, &y, &head, rows, Entropy::Skip).unwrap();
+        assert!(ent.is_none());
+        check(&format!("head lp, {rows} rows"), &lp, &lp_ref, &[&h]);
+        let g = lp.sum_all().unwrap().backward().unwrap();
+        assert!(
+            g.get(&w).is_none(),
+            "the frozen head must receive no gradient"
+        );
+
+        let (lp, ent) = head_logprobs(&h, &y, &head, rows, Entropy::Metric).unwrap();
+        let ent = ent.unwrap();
+        assert!(
+            max_diff(&ent, &h_ref) < 1e-10,
+            "entropy metric, {rows} rows"
+        );
+        assert!(!ent.track_op(), "a metric entropy is detached");
+        check(
+            &format!("head lp (metric), {rows} rows"),
+            &lp,
+            &lp_ref,
+            &[&h],
+        );
+
+        let (lp, ent) = head_logprobs(&h, &y, &head, rows, Entropy::Loss).unwrap();
+        let fast = Tensor::stack(&[&lp, &ent.unwrap()], 1).unwrap();
+        let slow = Tensor::stack(&[&lp_ref, &h_ref], 1).unwrap();
+        check(
+            &format!("head lp + entropy loss, {rows} rows"),
+            &fast,
+            &slow,
+            &[&h],
+        );
+    }
+}
+
+/// The f32 path (gemm's products, f32 row passes) against the f64 reference, within
+/// rounding, values and input gradients.
+#[test]
+fn head_logprobs_f32_within_rounding() {
+    use crate::logprobs::Entropy;
+    let (n, hsz, v, tau) = (23, 40, 300, 1.3);
+    let h64 = randn(&[n, hsz]);
+    let w64 = Tensor::randn(0f64, 0.3, (v, hsz), &Device::Cpu).unwrap();
+    let b64 = Tensor::zeros(v, DType::F64, &Device::Cpu).unwrap();
+    let ys: Vec<u32> = (0..n as u32).map(|i| (i * 37 + 5) % v as u32).collect();
+    let y = Tensor::new(ys.as_slice(), &Device::Cpu).unwrap();
+    let (lp_ref, h_ref) = head_reference(&h64, &w64, &b64, &y, tau);
+    let r = Tensor::randn(0f64, 1.0, (n, 2), &Device::Cpu).unwrap();
+    let slow = Tensor::stack(&[&lp_ref, &h_ref], 1).unwrap();
+    let want = project(&slow, &r)
+        .backward()
+        .unwrap()
+        .get(&h64)
+        .unwrap()
+        .clone();
+    let f32_ = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let h = Var::from_tensor(&f32_(&h64)).unwrap();
+    let head = FrozenHead {
+        weight: f32_(&w64),
+        bias: None,
+        tau,
+    };
+    let (lp, ent) = head_logprobs(&h, &y, &head, 7, Entropy::Loss).unwrap();
+    let fast = Tensor::stack(&[&lp, &ent.unwrap()], 1).unwrap();
+    let f64_ = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    assert!(
+        max_diff(&f64_(&fast), &slow) < 1e-4,
+        "{}",
+        max_diff(&f64_(&fast), &slow)
+    );
+    let g = project(&fast, &f32_(&r)).backward().unwrap();
+    let got = f64_(g.get(&h).unwrap());
+    assert!(max_diff(&got, &want) < 1e-4, "{}", max_diff(&got, &want));
+}

@@ -187,6 +187,10 @@ impl CausalLm for Gpt2 {
         Ok(self.lm_head.forward(hidden, ctx)?)
     }
 
+    fn output_head(&self) -> Option<&Linear> {
+        Some(&self.lm_head)
+    }
+
     fn linears(&self) -> Vec<&Linear> {
         parts::linears(self.parts())
     }

@@ -178,6 +178,10 @@ impl CausalLm for RotaryDecoder {
         }
     }
 
+    fn output_head(&self) -> Option<&Linear> {
+        self.lm_head.as_ref()
+    }
+
     fn linears(&self) -> Vec<&Linear> {
         parts::linears(self.parts())
     }

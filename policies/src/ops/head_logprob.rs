@@ -1,0 +1,267 @@
+//! Log-probs of chosen tokens (and the entropy) straight from hidden states and a frozen
+//! output head, a chunk of rows at a time, so the `[N, V]` logits never exist whole — in
+//! the forward or in the backward (the idea of Liger's fused linear cross-entropy and of
+//! cut cross-entropy). Per chunk `c` of rows, with `p = softmax(z)`:
+//!
+//! `z = (h_c Wᵀ + b) / τ`, `lse = logsumexp(z)`, `lp = z[y] − lse`, `H = −Σ p (z − lse)`;
+//!
+//! backward, given `g = dL/dlp` and `g_H = dL/dH` per row, `z` recomputed from the saved
+//! `h_c` and `W`: `dz = (g (onehot(y) − p) − g_H p (z − lse + H)) / τ`, `dh_c = dz W`.
+//! `W` and `b` are frozen: they get no gradient.
+//!
+//! CPU only (the row-wise passes read the chunk's logits in place); the products run in the
+//! model's dtype by [`super::gemm::matmul`], the rest in f32 (f64 for an f64 model).
+
+use super::bridge::{bridge1, Backward1};
+use crate::logprobs::Entropy;
+use candle_core::{DType, Result, Storage, Tensor, WithDType};
+use rayon::prelude::*;
+
+/// A chunk's logits are at most this many bytes (in f32): 64 MiB.
+pub const CHUNK_BYTES: usize = 64 << 20;
+
+/// Rows per chunk for a vocabulary of `vocab`: as many as keep a chunk within
+/// [`CHUNK_BYTES`] (110 rows at V = 151,936; 524 at 32,000; 32,768 at 512), at least one.
+pub fn chunk_rows(vocab: usize) -> usize {
+    (CHUNK_BYTES / (4 * vocab.max(1))).max(1)
+}
+
+/// The head as the op sees it: `weight` [V, H], `bias` [V], both frozen; `tau` > 0.
+#[derive(Clone)]
+pub struct FrozenHead {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub tau: f64,
+}
+
+/// `hidden` [N, H] (tracked or not), `targets` [N] u32 → `lp` [N] and, when asked, `H` [N],
+/// in the compute dtype; gradients reach `hidden` only (and from `H` only for
+/// [`Entropy::Loss`]). `chunk_rows` rows per chunk (any ≥ 1; see [`chunk_rows`]).
+pub fn head_logprobs(
+    hidden: &Tensor,
+    targets: &Tensor,
+    head: &FrozenHead,
+    rows: usize,
+    want: Entropy,
+) -> Result<(Tensor, Option<Tensor>)> {
+    match super::compute_dtype(hidden.dtype()) {
+        DType::F64 => run::<f64>(hidden, targets, head, rows, want),
+        _ => run::<f32>(hidden, targets, head, rows, want),
+    }
+}
+
+/// The float types the row-wise passes run in.
+trait Real: WithDType + std::ops::Neg<Output = Self> {
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+}
+
+impl Real for f32 {
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+}
+
+impl Real for f64 {
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+}
+
+/// What the backward needs besides `W`: the detached rows, the targets, the per-row `lse`
+/// and (for a differentiable entropy) `H`.
+struct Saved<T> {
+    h: Tensor,
+    y: Vec<u32>,
+    head: FrozenHead,
+    rows: usize,
+    lse: Vec<T>,
+    ent: Option<Vec<T>>,
+}
+
+fn run<T: Real>(
+    hidden: &Tensor,
+    targets: &Tensor,
+    head: &FrozenHead,
+    rows: usize,
+    want: Entropy,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let h = hidden.detach().contiguous()?;
+    let n = h.dim(0)?;
+    let vocab = head.weight.dim(0)?;
+    let y: Vec<u32> = targets.flatten_all()?.to_vec1()?;
+    if y.len() != n {
+        candle_core::bail!("head_logprobs: {} targets for {n} rows", y.len());
+    }
+    if let Some(&bad) = y.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("head_logprobs: target {bad} outside the vocabulary of {vocab}");
+    }
+    let with_h = want != Entropy::Skip;
+    let inv_tau = T::from_f64(1.0 / head.tau);
+    let (mut lse, mut lp) = (vec![T::zero(); n], vec![T::zero(); n]);
+    let mut ent = vec![T::zero(); if with_h { n } else { 0 }];
+    for s in (0..n).step_by(rows.max(1)) {
+        let m = rows.max(1).min(n - s);
+        let z = chunk_logits::<T>(&h, head, s, m)?;
+        let (zs, zl) = z.storage_and_layout();
+        let Storage::Cpu(cpu) = &*zs else {
+            candle_core::bail!("head_logprobs: CPU tensors only");
+        };
+        let zv = &cpu.as_slice::<T>()?[zl.start_offset()..zl.start_offset() + m * vocab];
+        let (lse_c, lp_c) = (&mut lse[s..s + m], &mut lp[s..s + m]);
+        let ent_c: &mut [T] = if with_h { &mut ent[s..s + m] } else { &mut [] };
+        let row = |i: usize| row_forward(&zv[i * vocab..(i + 1) * vocab], inv_tau, y[s + i]);
+        if with_h {
+            (lse_c, lp_c, ent_c)
+                .into_par_iter()
+                .enumerate()
+                .for_each(|(i, (l, p, e))| (*l, *p, *e) = row(i));
+        } else {
+            (lse_c, lp_c)
+                .into_par_iter()
+                .enumerate()
+                .for_each(|(i, (l, p))| (*l, *p, _) = row(i));
+        }
+    }
+    let dev = h.device().clone();
+    let lp_t = Tensor::from_vec(lp, n, &dev)?;
+    let ent_t = with_h
+        .then(|| Tensor::from_vec(ent.clone(), n, &dev))
+        .transpose()?;
+    let saved = Saved {
+        h,
+        y,
+        head: head.clone(),
+        rows: rows.max(1),
+        lse,
+        ent: (want == Entropy::Loss).then_some(ent),
+    };
+    match (want, ent_t) {
+        (Entropy::Loss, Some(e)) => {
+            // One op with both outputs, so the backward sees both upstream gradients.
+            let both = Tensor::stack(&[&lp_t, &e], 1)?;
+            let out = bridge1(hidden, both, HeadBwd(saved))?;
+            Ok((
+                out.narrow(1, 0, 1)?.squeeze(1)?,
+                Some(out.narrow(1, 1, 1)?.squeeze(1)?),
+            ))
+        }
+        (_, e) => Ok((bridge1(hidden, lp_t, HeadBwd(saved))?, e)),
+    }
+}
+
+/// `h[s..s+m] Wᵀ + b` in the model's dtype, then in the compute dtype `T`: [m, V],
+/// contiguous (not yet tempered).
+fn chunk_logits<T: Real>(h: &Tensor, head: &FrozenHead, s: usize, m: usize) -> Result<Tensor> {
+    let mut z = super::gemm::matmul(&h.narrow(0, s, m)?, &head.weight, true)?;
+    if let Some(b) = &head.bias {
+        z = z.broadcast_add(b)?;
+    }
+    z.to_dtype(T::DTYPE)?.contiguous()
+}
+
+/// One row of untempered logits `z` → (`lse`, `lp`, `H`) of `softmax(z·inv_tau)`;
+/// the order of operations is candle's `log_sum_exp` and `log_softmax`.
+fn row_forward<T: Real>(z: &[T], inv_tau: T, y: u32) -> (T, T, T) {
+    let max = z.iter().fold(T::from_f64(f64::NEG_INFINITY), |a, &v| {
+        if v * inv_tau > a {
+            v * inv_tau
+        } else {
+            a
+        }
+    });
+    let sum = z
+        .iter()
+        .fold(T::zero(), |a, &v| a + (v * inv_tau - max).exp());
+    let lse = sum.ln() + max;
+    let lp = z[y as usize] * inv_tau - lse;
+    let ent = -z.iter().fold(T::zero(), |a, &v| {
+        let l = v * inv_tau - lse;
+        a + l.exp() * l
+    });
+    (lse, lp, ent)
+}
+
+struct HeadBwd<T>(Saved<T>);
+
+impl<T: Real> Backward1 for HeadBwd<T> {
+    fn name(&self) -> &'static str {
+        "head-logprob-bridge"
+    }
+
+    /// `grad`: [N] (for `lp`) or [N, 2] (for `lp` and `H`) → `dh` [N, H].
+    fn backward(&self, grad: &Tensor) -> Result<Tensor> {
+        let sv = &self.0;
+        let n = sv.y.len();
+        let g: Vec<T> = grad.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1()?;
+        let stride = g.len() / n.max(1);
+        let vocab = sv.head.weight.dim(0)?;
+        let inv_tau = T::from_f64(1.0 / sv.head.tau);
+        let mut parts = Vec::new();
+        for s in (0..n).step_by(sv.rows) {
+            let m = sv.rows.min(n - s);
+            let z = chunk_logits::<T>(&sv.h, &sv.head, s, m)?;
+            let mut dz: Vec<T> = vec![T::zero(); m * vocab];
+            {
+                let (zs, zl) = z.storage_and_layout();
+                let Storage::Cpu(cpu) = &*zs else {
+                    candle_core::bail!("head_logprobs: CPU tensors only");
+                };
+                let zv = &cpu.as_slice::<T>()?[zl.start_offset()..zl.start_offset() + m * vocab];
+                dz.par_chunks_mut(vocab).enumerate().for_each(|(i, d)| {
+                    let r = s + i;
+                    let (gh, ent) = match &sv.ent {
+                        Some(e) if stride == 2 => (g[2 * r + 1], e[r]),
+                        _ => (T::zero(), T::zero()),
+                    };
+                    row_backward(
+                        &zv[i * vocab..(i + 1) * vocab],
+                        d,
+                        inv_tau,
+                        sv.y[r],
+                        (sv.lse[r], ent),
+                        (g[stride * r], gh),
+                    );
+                });
+            }
+            let dz = Tensor::from_vec(dz, (m, vocab), sv.h.device())?.to_dtype(sv.h.dtype())?;
+            parts.push(super::gemm::matmul(&dz, &sv.head.weight, false)?);
+        }
+        if parts.is_empty() {
+            return sv.h.zeros_like();
+        }
+        Tensor::cat(&parts, 0)
+    }
+}
+
+/// `d[k] = (g (1[k = y] − p_k) − g_H p_k (l_k + H)) · inv_tau` with `l = z·inv_tau − lse`,
+/// `p = exp(l)`; without an entropy gradient, the order of `gather_logprobs`'s backward.
+fn row_backward<T: Real>(
+    z: &[T],
+    d: &mut [T],
+    inv_tau: T,
+    y: u32,
+    (lse, ent): (T, T),
+    (g, gh): (T, T),
+) {
+    let with_h = gh != T::zero();
+    for (dk, &v) in d.iter_mut().zip(z) {
+        let l = v * inv_tau - lse;
+        let p = l.exp();
+        let mut x = -(p * g);
+        if with_h {
+            x -= gh * p * (l + ent);
+        }
+        *dk = x;
+    }
+    d[y as usize] += g;
+    for dk in d.iter_mut() {
+        *dk *= inv_tau;
+    }
+}
