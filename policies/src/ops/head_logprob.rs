@@ -7,7 +7,8 @@
 //!
 //! backward, given `g = dL/dlp` and `g_H = dL/dH` per row, `z` recomputed from the saved
 //! `h_c` and `W`: `dz = (g (onehot(y) − p) − g_H p (z − lse + H)) / τ`, `dh_c = dz W`.
-//! `W` and `b` are frozen: they get no gradient.
+//! `W` and `b` are frozen: they get no gradient. When all rows fit in one chunk, that chunk's
+//! logits (≤ [`CHUNK_BYTES`]) are kept for the backward instead of recomputed.
 //!
 //! CPU only (the row-wise passes read the chunk's logits in place); the products run in the
 //! model's dtype by [`super::gemm::matmul`], the rest in f32 (f64 for an f64 model).
@@ -75,9 +76,10 @@ impl Real for f64 {
 }
 
 /// What the backward needs besides `W`: the detached rows, the targets, the per-row `lse`
-/// and (for a differentiable entropy) `H`.
+/// and (for a differentiable entropy) `H`; the logits when there was only one chunk.
 struct Saved<T> {
     h: Tensor,
+    kept: Option<Tensor>,
     y: Vec<u32>,
     head: FrozenHead,
     rows: usize,
@@ -106,9 +108,13 @@ fn run<T: Real>(
     let inv_tau = T::from_f64(1.0 / head.tau);
     let (mut lse, mut lp) = (vec![T::zero(); n], vec![T::zero(); n]);
     let mut ent = vec![T::zero(); if with_h { n } else { 0 }];
+    let mut kept = None;
     for s in (0..n).step_by(rows.max(1)) {
         let m = rows.max(1).min(n - s);
         let z = chunk_logits::<T>(&h, head, s, m)?;
+        if m == n {
+            kept = Some(z.clone());
+        }
         let (zs, zl) = z.storage_and_layout();
         let Storage::Cpu(cpu) = &*zs else {
             candle_core::bail!("head_logprobs: CPU tensors only");
@@ -136,6 +142,7 @@ fn run<T: Real>(
         .transpose()?;
     let saved = Saved {
         h,
+        kept,
         y,
         head: head.clone(),
         rows: rows.max(1),
@@ -206,7 +213,10 @@ impl<T: Real> Backward1 for HeadBwd<T> {
         let mut parts = Vec::new();
         for s in (0..n).step_by(sv.rows) {
             let m = sv.rows.min(n - s);
-            let z = chunk_logits::<T>(&sv.h, &sv.head, s, m)?;
+            let z = match &sv.kept {
+                Some(z) => z.clone(),
+                None => chunk_logits::<T>(&sv.h, &sv.head, s, m)?,
+            };
             let mut dz: Vec<T> = vec![T::zero(); m * vocab];
             {
                 let (zs, zl) = z.storage_and_layout();

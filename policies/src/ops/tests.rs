@@ -182,7 +182,9 @@ fn head_reference(h: &Tensor, w: &Tensor, b: &Tensor, y: &Tensor, tau: f64) -> (
 }
 
 /// Chunked log-probs and entropy against the whole logits in f64, chunks that divide
-/// nothing (7 rows over 23), one row, one chunk, more rows than there are; τ ≠ 1 and a bias;
+/// nothing (7 rows over 23) and of one row (the backward recomputes their logits), one
+/// chunk of all rows and a size above the row count (the one chunk's logits are kept);
+/// τ ≠ 1 and a bias;
 /// the gradient of `Σ r·lp` (and of `Σ r·[lp, H]` for the entropy bonus) w.r.t. the hidden
 /// states, and none for the head.
 #[test]
@@ -237,7 +239,7 @@ fn head_logprobs_chunked_match_whole_logits() {
 }
 
 /// The f32 path (gemm's products, f32 row passes) against the f64 reference, within
-/// rounding, values and input gradients.
+/// rounding, values and input gradients; recomputed (7 rows a chunk) and kept (one chunk).
 #[test]
 fn head_logprobs_f32_within_rounding() {
     use crate::logprobs::Entropy;
@@ -263,15 +265,14 @@ fn head_logprobs_f32_within_rounding() {
         bias: None,
         tau,
     };
-    let (lp, ent) = head_logprobs(&h, &y, &head, 7, Entropy::Loss).unwrap();
-    let fast = Tensor::stack(&[&lp, &ent.unwrap()], 1).unwrap();
     let f64_ = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-    assert!(
-        max_diff(&f64_(&fast), &slow) < 1e-4,
-        "{}",
-        max_diff(&f64_(&fast), &slow)
-    );
-    let g = project(&fast, &f32_(&r)).backward().unwrap();
-    let got = f64_(g.get(&h).unwrap());
-    assert!(max_diff(&got, &want) < 1e-4, "{}", max_diff(&got, &want));
+    for rows in [7, n] {
+        let (lp, ent) = head_logprobs(&h, &y, &head, rows, Entropy::Loss).unwrap();
+        let fast = Tensor::stack(&[&lp, &ent.unwrap()], 1).unwrap();
+        let err = max_diff(&f64_(&fast), &slow);
+        assert!(err < 1e-4, "{rows} rows: values differ by {err}");
+        let g = project(&fast, &f32_(&r)).backward().unwrap();
+        let err = max_diff(&f64_(g.get(&h).unwrap()), &want);
+        assert!(err < 1e-4, "{rows} rows: gradients differ by {err}");
+    }
 }
