@@ -5,12 +5,60 @@
 //!
 //! It is differentiable to the adapter (and to any trainable base weight) when the context
 //! records gradients.
+//!
+//! When the head is a frozen base weight on the CPU in f32 (or f64) — no LoRA module on it,
+//! not trained — the steps after `hidden` run a chunk of rows at a time
+//! ([`crate::ops::head_logprob`]: the backward recomputes each chunk's logits, or keeps the
+//! one chunk's when all rows fit in one), so the `[b·n, V]` logits never exist whole beyond
+//! a chunk's 64 MiB. Otherwise (an adapter on the head, a trainable head, bf16/f16, CUDA) the
+//! whole logits are computed as before. [`set_head_chunks`] overrides the choice per thread.
 
 use crate::ctx::ForwardCtx;
 use crate::error::Result;
 use crate::families::{BatchInput, CausalLm};
+use crate::linear::Linear;
+use crate::ops::head_logprob::{chunk_rows, head_logprobs, FrozenHead};
 use crate::ops::{entropy, gather_logprobs};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
+use std::cell::Cell;
+
+/// How [`score_hidden`] goes through a frozen head (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadChunks {
+    /// Chunks of [`chunk_rows`]`(V)` rows (logits ≤ 64 MiB a chunk) where the head allows.
+    Auto,
+    /// Chunks of this many rows where the head allows (tests: a size that divides nothing).
+    Rows(usize),
+    /// Always the whole logits (the reference the chunked path is tested against).
+    Off,
+}
+
+thread_local! {
+    static HEAD_CHUNKS: Cell<HeadChunks> = const { Cell::new(HeadChunks::Auto) };
+}
+
+/// Sets how [`score_hidden`] computes the head on this thread; returns the previous setting.
+pub fn set_head_chunks(c: HeadChunks) -> HeadChunks {
+    HEAD_CHUNKS.with(|h| h.replace(c))
+}
+
+/// The head when the chunked path applies to it: a frozen weight (and bias) without a LoRA
+/// module, on the CPU, in f32 or f64 like `hidden`.
+fn frozen_head<'m>(
+    model: &'m dyn CausalLm,
+    hidden: &Tensor,
+    ctx: &ForwardCtx,
+) -> Option<&'m Linear> {
+    let head = model.output_head()?;
+    let trained = |t: &Tensor| ctx.grad && t.is_variable();
+    let adapted = ctx.adapter.is_some_and(|a| a.module(&head.path).is_some());
+    let supported = hidden.device().is_cpu()
+        && matches!(hidden.dtype(), DType::F32 | DType::F64)
+        && head.weight.dtype() == hidden.dtype();
+    let ok =
+        supported && !adapted && !trained(&head.weight) && !head.bias.as_ref().is_some_and(trained);
+    ok.then_some(head)
+}
 
 /// The temperature log-probs are computed at: sampling at `temperature` draws from
 /// softmax(logits / τ); greedy decoding (τ = 0) is scored at τ = 1.
@@ -50,9 +98,27 @@ pub fn score_hidden(
     temperature: f64,
     want_entropy: Entropy,
 ) -> Result<TokenScores> {
-    let (b, n, _) = hidden.dims3()?;
-    let mut logits = model.logits(hidden, ctx)?;
+    let (b, n, hsz) = hidden.dims3()?;
     let tau = scoring_temperature(temperature);
+    let chunks = HEAD_CHUNKS.with(Cell::get);
+    if let (Some(head), false) = (frozen_head(model, hidden, ctx), chunks == HeadChunks::Off) {
+        let rows = match chunks {
+            HeadChunks::Rows(r) => r.max(1),
+            _ => chunk_rows(head.out_features()),
+        };
+        let head = FrozenHead {
+            weight: head.weight.detach(),
+            bias: head.bias.as_ref().map(Tensor::detach),
+            tau,
+        };
+        let flat = hidden.reshape((b * n, hsz))?;
+        let (lp, ent) = head_logprobs(&flat, &targets.flatten_all()?, &head, rows, want_entropy)?;
+        return Ok(TokenScores {
+            logp: lp.reshape((b, n))?,
+            entropy: ent.map(|e| e.reshape((b, n))).transpose()?,
+        });
+    }
+    let mut logits = model.logits(hidden, ctx)?;
     if tau != 1.0 {
         logits = (logits / tau)?;
     }
@@ -101,3 +167,6 @@ pub fn next_token_logprobs(
     let targets = input.ids.narrow(1, 1, t - 1)?;
     Ok(score_hidden(model, &hidden, &targets, ctx, temperature, Entropy::Skip)?.logp)
 }
+
+#[cfg(test)]
+mod tests;
