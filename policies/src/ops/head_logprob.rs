@@ -122,15 +122,18 @@ fn run<T: Real>(
         let zv = &cpu.as_slice::<T>()?[zl.start_offset()..zl.start_offset() + m * vocab];
         let (lse_c, lp_c) = (&mut lse[s..s + m], &mut lp[s..s + m]);
         let ent_c: &mut [T] = if with_h { &mut ent[s..s + m] } else { &mut [] };
-        let row = |i: usize| row_forward(&zv[i * vocab..(i + 1) * vocab], inv_tau, y[s + i]);
+        let row =
+            |i: usize| row_forward(&zv[i * vocab..(i + 1) * vocab], inv_tau, y[s + i], with_h);
         if with_h {
             (lse_c, lp_c, ent_c)
                 .into_par_iter()
+                .with_min_len(rows_per_task(vocab))
                 .enumerate()
                 .for_each(|(i, (l, p, e))| (*l, *p, *e) = row(i));
         } else {
             (lse_c, lp_c)
                 .into_par_iter()
+                .with_min_len(rows_per_task(vocab))
                 .enumerate()
                 .for_each(|(i, (l, p))| (*l, *p, _) = row(i));
         }
@@ -173,26 +176,33 @@ fn chunk_logits<T: Real>(h: &Tensor, head: &FrozenHead, s: usize, m: usize) -> R
     z.to_dtype(T::DTYPE)?.contiguous()
 }
 
-/// One row of untempered logits `z` → (`lse`, `lp`, `H`) of `softmax(z·inv_tau)`;
-/// the order of operations is candle's `log_sum_exp` and `log_softmax`.
-fn row_forward<T: Real>(z: &[T], inv_tau: T, y: u32) -> (T, T, T) {
-    let max = z.iter().fold(T::from_f64(f64::NEG_INFINITY), |a, &v| {
-        if v * inv_tau > a {
-            v * inv_tau
-        } else {
-            a
-        }
-    });
+/// One row of untempered logits `z` → (`lse`, `lp`, `H` when `with_h`, else 0) of
+/// `softmax(z·inv_tau)`; the order of operations is candle's `log_sum_exp` and
+/// `log_softmax` (`max(z·c) = max(z)·c` exactly for `c` > 0).
+fn row_forward<T: Real>(z: &[T], inv_tau: T, y: u32, with_h: bool) -> (T, T, T) {
+    let zmax = z.iter().fold(
+        T::from_f64(f64::NEG_INFINITY),
+        |a, &v| if v > a { v } else { a },
+    );
+    let max = zmax * inv_tau;
     let sum = z
         .iter()
         .fold(T::zero(), |a, &v| a + (v * inv_tau - max).exp());
     let lse = sum.ln() + max;
     let lp = z[y as usize] * inv_tau - lse;
+    if !with_h {
+        return (lse, lp, T::zero());
+    }
     let ent = -z.iter().fold(T::zero(), |a, &v| {
         let l = v * inv_tau - lse;
         a + l.exp() * l
     });
     (lse, lp, ent)
+}
+
+/// Rows per rayon task: about 64k logits, so small chunks do not pay for many tasks.
+fn rows_per_task(vocab: usize) -> usize {
+    (65_536 / vocab.max(1)).max(1)
 }
 
 struct HeadBwd<T>(Saved<T>);
@@ -224,21 +234,24 @@ impl<T: Real> Backward1 for HeadBwd<T> {
                     candle_core::bail!("head_logprobs: CPU tensors only");
                 };
                 let zv = &cpu.as_slice::<T>()?[zl.start_offset()..zl.start_offset() + m * vocab];
-                dz.par_chunks_mut(vocab).enumerate().for_each(|(i, d)| {
-                    let r = s + i;
-                    let (gh, ent) = match &sv.ent {
-                        Some(e) if stride == 2 => (g[2 * r + 1], e[r]),
-                        _ => (T::zero(), T::zero()),
-                    };
-                    row_backward(
-                        &zv[i * vocab..(i + 1) * vocab],
-                        d,
-                        inv_tau,
-                        sv.y[r],
-                        (sv.lse[r], ent),
-                        (g[stride * r], gh),
-                    );
-                });
+                dz.par_chunks_mut(vocab)
+                    .with_min_len(rows_per_task(vocab))
+                    .enumerate()
+                    .for_each(|(i, d)| {
+                        let r = s + i;
+                        let (gh, ent) = match &sv.ent {
+                            Some(e) if stride == 2 => (g[2 * r + 1], e[r]),
+                            _ => (T::zero(), T::zero()),
+                        };
+                        row_backward(
+                            &zv[i * vocab..(i + 1) * vocab],
+                            d,
+                            inv_tau,
+                            sv.y[r],
+                            (sv.lse[r], ent),
+                            (g[stride * r], gh),
+                        );
+                    });
             }
             let dz = Tensor::from_vec(dz, (m, vocab), sv.h.device())?.to_dtype(sv.h.dtype())?;
             parts.push(super::gemm::matmul(&dz, &sv.head.weight, false)?);
