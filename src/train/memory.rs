@@ -5,7 +5,8 @@
 //! out-of-memory error, naming the allocation).
 
 use anyhow::{bail, Result};
-use rlft_policies::candle_core::Device;
+use rlft_policies::candle_core::{DType, Device};
+use rlft_policies::ops::head_logprob::chunk_rows;
 use rlft_policies::CausalLm;
 
 /// Overrides the detected available memory (MiB): for a machine shared with other jobs.
@@ -15,7 +16,7 @@ pub const LIMIT_ENV: &str = "RLFT_MEMORY_LIMIT_MB";
 /// per token and layer, every linear layer's input and output, about six hidden-size
 /// vectors (norms, residuals, RoPE) and one attention-probability row per head
 /// (`seq` entries; heads ≈ hidden / 64), plus logits, log-softmax and their gradient over
-/// the vocabulary; all f32. With `checkpointing`, the layers keep only their input (one
+/// the vocabulary (one chunk of rows where the head is chunked); all f32. With `checkpointing`, the layers keep only their input (one
 /// hidden-size vector each) and one layer's full set is alive at a time, in the recompute.
 /// A lower bound: candle's temporaries come on top.
 pub fn training_bytes(
@@ -46,9 +47,19 @@ pub fn training_bytes(
     } else {
         layers * per_layer
     };
-    let per_token = kept + head + 3 * info.vocab_size;
+    let tokens = batch * seq;
+    // Logits, their softmax and gradient: over every token, or, where the head is computed in
+    // chunks of rows (a frozen head on the CPU in f32/f64, `ops::head_logprob`), over one
+    // chunk at a time.
+    let chunked = info.device.is_cpu() && matches!(info.dtype, DType::F32 | DType::F64);
+    let logit_rows = if chunked {
+        tokens.min(chunk_rows(info.vocab_size))
+    } else {
+        tokens
+    };
+    let floats = tokens * (kept + head) + 3 * logit_rows * info.vocab_size;
     // Trainable values, their gradients and AdamW's two moments.
-    (4 * (batch * seq * per_token + 4 * trainable)) as u64
+    (4 * (floats + 4 * trainable)) as u64
 }
 
 /// Bytes of the KV cache and last-step logits when generating `batch` rows of `seq` tokens.
@@ -161,7 +172,6 @@ fn check_against(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rlft_policies::candle_core::DType;
 
     fn tiny() -> Box<dyn CausalLm> {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
@@ -218,6 +228,9 @@ mod tests {
             generation_bytes(m.as_ref(), b, t),
             (4 * b * (t * 128 + 1024)) as u64
         );
+        // At a real vocabulary the logits are one chunk of rows, not every token's.
+        let rows = chunk_rows(151_936);
+        assert!(rows * 151_936 * 4 <= 64 << 20 && rows >= 64);
         // Grows linearly in the batch.
         assert_eq!(
             training_bytes(m.as_ref(), 2 * b, t, 0, false),
