@@ -53,6 +53,59 @@ pub fn peak_rss_mb() -> Option<f64> {
     crate::train::memory::proc_kb("/proc/self/status", "VmHWM:").map(|kb| kb as f64 / 1024.0)
 }
 
+/// What the machine's other processes took while a workload ran, in cores: all CPUs' busy
+/// time (`/proc/stat`) less this process's own, over the wall time. Above ~0.2 on a
+/// 2-core machine the figures are contended (the PyTorch twin reports the same key).
+pub struct Contention {
+    started: Instant,
+    busy: Option<f64>,
+    own: f64,
+}
+
+fn busy_s() -> Option<f64> {
+    let line = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<f64> = line
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if v.len() < 8 {
+        return None;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((v.iter().sum::<f64>() - v[3] - v[4]) / tick)
+}
+
+fn own_cpu_s() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let t = |x: libc::timeval| x.tv_sec as f64 + x.tv_usec as f64 * 1e-6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+impl Contention {
+    pub fn start() -> Contention {
+        Contention {
+            started: Instant::now(),
+            busy: busy_s(),
+            own: own_cpu_s(),
+        }
+    }
+
+    pub fn other_cores(&self) -> Option<f64> {
+        let wall = self.started.elapsed().as_secs_f64();
+        let other = busy_s()? - self.busy? - (own_cpu_s() - self.own);
+        Some((other / wall.max(1e-9)).max(0.0))
+    }
+}
+
 fn random_ids(rng: &mut ChaCha8Rng, b: usize, t: usize, vocab: usize) -> Vec<Vec<u32>> {
     (0..b)
         .map(|_| (0..t).map(|_| rng.random_range(3..vocab as u32)).collect())
@@ -368,6 +421,7 @@ pub fn run_one(job: &Job, work: &Path) -> Result<Value> {
         Some(m) => m.clone(),
         None => ensure_model(shape, work)?,
     };
+    let contention = Contention::start();
     let reps = job.steps.unwrap_or(if job.size.is_some() { 3 } else { 5 });
     // Frozen base: the forward's 2·P·tokens and the backward's input gradients (another
     // 2·P·tokens); attention scores and the LoRA matmuls are left out.
@@ -416,6 +470,9 @@ pub fn run_one(job: &Job, work: &Path) -> Result<Value> {
         v["params"] = json!(params);
     }
     v["peak_rss_mb"] = json!(peak_rss_mb());
+    v["other_procs_cpu_cores"] = json!(contention
+        .other_cores()
+        .map(|c| (c * 100.0).round() / 100.0));
     v["device"] = json!(job.device);
     v["shape"] = json!(job
         .model
