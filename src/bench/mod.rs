@@ -1,8 +1,12 @@
 //! `rlft bench`: the speed workloads measured against the PyTorch/TRL peer
-//! (docs/performance.md). Every workload runs on the "small" Llama built in memory from a
-//! seed (hidden 256, 4 layers, 8 heads, 4 KV heads, intermediate 688, vocab 512) with LoRA
-//! r=4, α=8 on q_proj, v_proj, in f32. `--shape gpu` runs W1 and W2 on the GPU-sized Llama
+//! (docs/performance.md). W1–W4 run on the "small" Llama built in memory from a seed
+//! (hidden 256, 4 layers, 8 heads, 4 KV heads, intermediate 688, vocab 512) with LoRA r=4,
+//! α=8 on q_proj, v_proj, in f32. `--shape gpu` runs W1 and W2 on the GPU-sized Llama
 //! (hidden 1024, 8 layers, 16 heads, intermediate 2816, vocab 32000) instead.
+//!
+//! `--shape qwen2.5-0.5b` (or a model's `config.json`, or `--model DIR`) runs issue 13's
+//! real-size workloads ([`scale`]): W5, an SFT step with LoRA on every linear layer, and
+//! W6, KV-cached sampling, in f32 and bf16.
 
 use crate::config::{self, rl::RlConfig};
 use anyhow::{bail, Context, Result};
@@ -18,88 +22,15 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-const TOKENIZER_JSON: &str = include_str!("../../tests/fixtures/_tokenizer/tokenizer.json");
-const TOKENIZER_CONFIG: &str =
-    include_str!("../../tests/fixtures/_tokenizer/tokenizer_config.json");
+mod scale;
+mod shape;
 
-/// The bench model's dimensions.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Shape {
-    pub name: &'static str,
-    pub hidden: usize,
-    pub layers: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub intermediate: usize,
-    pub vocab: usize,
-    /// Default (B, T) of W1 and (B, new tokens) of W2 at this shape.
-    pub w1: (usize, usize),
-    pub w2: (usize, usize),
-}
-
-pub const SMALL: Shape = Shape {
-    name: "small",
-    hidden: 256,
-    layers: 4,
-    heads: 8,
-    kv_heads: 4,
-    intermediate: 688,
-    vocab: 512,
-    w1: (8, 64),
-    w2: (8, 64),
-};
-
-/// The GPU-sized shape of issue 7 (KV heads = heads / 2, as in the small one).
-pub const GPU: Shape = Shape {
-    name: "gpu",
-    hidden: 1024,
-    layers: 8,
-    heads: 16,
-    kv_heads: 8,
-    intermediate: 2816,
-    vocab: 32000,
-    w1: (8, 256),
-    w2: (64, 128),
-};
-
-impl Shape {
-    pub fn parse(s: &str) -> Result<Shape> {
-        match s {
-            "small" => Ok(SMALL),
-            "gpu" => Ok(GPU),
-            _ => bail!("unknown shape `{s}`; expected small or gpu"),
-        }
-    }
-
-    /// Parameters of every linear layer incl. lm_head (not the embedding).
-    pub fn linear_params(&self) -> usize {
-        let head_dim = self.hidden / self.heads;
-        let kv = self.kv_heads * head_dim;
-        let attn = 2 * self.hidden * self.hidden + 2 * self.hidden * kv;
-        let mlp = 3 * self.hidden * self.intermediate;
-        self.layers * (attn + mlp) + self.hidden * self.vocab
-    }
-}
+pub use scale::{w5, w5_lora, w6, CHECKPOINTING_UNAVAILABLE, GRADIENT_CHECKPOINTING};
+pub use shape::{model_dir, qwen2_config, Dims, Shape, BUILT_IN};
 
 /// Writes the small Llama (seeded random weights) with the 512-token fixture tokenizer.
 pub fn small_model(dir: &Path) -> Result<()> {
-    bench_model(dir, &SMALL)
-}
-
-/// Writes a bench Llama of `shape` (seeded random weights) with the fixture tokenizer (the
-/// workloads feed token ids directly, so the tokenizer's smaller vocabulary does not matter).
-pub fn bench_model(dir: &Path, shape: &Shape) -> Result<()> {
-    let cfg = json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": shape.hidden,
-        "intermediate_size": shape.intermediate, "num_hidden_layers": shape.layers, "num_attention_heads": shape.heads,
-        "num_key_value_heads": shape.kv_heads, "vocab_size": shape.vocab, "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": false,
-        "hidden_act": "silu", "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0
-    });
-    rlft_policies::init::write_random_llama(&cfg, &dir.join("config.json"), 0, dir)?;
-    std::fs::write(dir.join("tokenizer.json"), TOKENIZER_JSON)?;
-    std::fs::write(dir.join("tokenizer_config.json"), TOKENIZER_CONFIG)?;
-    Ok(())
+    Shape::small().write_model(dir)
 }
 
 fn lora() -> LoraConfig {
@@ -120,6 +51,59 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Peak resident memory of this process (VmHWM), MB.
 pub fn peak_rss_mb() -> Option<f64> {
     crate::train::memory::proc_kb("/proc/self/status", "VmHWM:").map(|kb| kb as f64 / 1024.0)
+}
+
+/// What the machine's other processes took while a workload ran, in cores: all CPUs' busy
+/// time (`/proc/stat`) less this process's own, over the wall time. Above ~0.2 on a
+/// 2-core machine the figures are contended (the PyTorch twin reports the same key).
+pub struct Contention {
+    started: Instant,
+    busy: Option<f64>,
+    own: f64,
+}
+
+fn busy_s() -> Option<f64> {
+    let line = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<f64> = line
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if v.len() < 8 {
+        return None;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((v.iter().sum::<f64>() - v[3] - v[4]) / tick)
+}
+
+fn own_cpu_s() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let t = |x: libc::timeval| x.tv_sec as f64 + x.tv_usec as f64 * 1e-6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+impl Contention {
+    pub fn start() -> Contention {
+        Contention {
+            started: Instant::now(),
+            busy: busy_s(),
+            own: own_cpu_s(),
+        }
+    }
+
+    pub fn other_cores(&self) -> Option<f64> {
+        let wall = self.started.elapsed().as_secs_f64();
+        let other = busy_s()? - self.busy? - (own_cpu_s() - self.own);
+        Some((other / wall.max(1e-9)).max(0.0))
+    }
 }
 
 fn random_ids(rng: &mut ChaCha8Rng, b: usize, t: usize, vocab: usize) -> Vec<Vec<u32>> {
@@ -244,7 +228,7 @@ pub fn rl_step(dir: &Path, work: &Path, grpo: bool, steps: usize, device: &str) 
     let prompts = work.join("prompts.jsonl");
     let pre = Pretrained::load(dir, DType::F32, &Device::Cpu)?;
     let mut rng = ChaCha8Rng::seed_from_u64(2);
-    let rows: String = random_ids(&mut rng, 64, 6, SMALL.vocab)
+    let rows: String = random_ids(&mut rng, 64, 6, pre.model.info().vocab_size)
         .iter()
         .map(|ids| {
             format!(
@@ -326,11 +310,93 @@ pub fn rl_step(dir: &Path, work: &Path, grpo: bool, steps: usize, device: &str) 
 #[derive(Clone, Debug)]
 pub struct Job {
     pub workload: String,
-    /// (B, T) for W1, (B, new tokens) for W2; the shape's defaults when absent.
+    /// (B, T) for W1 and W5, (B, new tokens) for W2 and W6; the shape's defaults when absent.
     pub size: Option<(usize, usize)>,
     pub shape: Shape,
+    /// A model folder to load instead of the shape's random model (`--model DIR`).
+    pub model: Option<PathBuf>,
     pub dtype: String,
     pub device: String,
+    /// W5 with gradient checkpointing.
+    pub checkpointing: bool,
+    /// Measured steps (calls for W2/W6); each workload's default when absent.
+    pub steps: Option<usize>,
+}
+
+impl Job {
+    pub fn new(workload: &str, shape: Shape, dtype: &str, device: &str) -> Job {
+        Job {
+            workload: workload.into(),
+            size: None,
+            shape,
+            model: None,
+            dtype: dtype.into(),
+            device: device.into(),
+            checkpointing: false,
+            steps: None,
+        }
+    }
+
+    /// This job's `rlft bench` arguments (for a child process).
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = ["bench", "--workload", &self.workload, "--json"]
+            .map(String::from)
+            .into();
+        a.extend([
+            "--device".into(),
+            self.device.clone(),
+            "--dtype".into(),
+            self.dtype.clone(),
+        ]);
+        match &self.model {
+            Some(m) => a.extend(["--model".into(), m.display().to_string()]),
+            None => a.extend(["--shape".into(), self.shape.name.clone()]),
+        }
+        if let Some((b, t)) = self.size {
+            a.extend([
+                "--batch".into(),
+                b.to_string(),
+                "--len".into(),
+                t.to_string(),
+            ]);
+        }
+        if let Some(n) = self.steps {
+            a.extend(["--steps".into(), n.to_string()]);
+        }
+        if self.checkpointing {
+            a.push("--gradient-checkpointing".into());
+        }
+        a
+    }
+}
+
+/// Shapes past this many parameters get their random model written by a child process,
+/// so that writing it does not count in the workload's peak memory.
+const WRITE_IN_PROCESS_BELOW: usize = 50_000_000;
+
+/// The folder of `shape`'s random model under `work`, written first if it is not there.
+pub fn ensure_model(shape: &Shape, work: &Path) -> Result<PathBuf> {
+    let dir = model_dir(work, shape);
+    if dir.join("model.safetensors").is_file() {
+        return Ok(dir);
+    }
+    if shape.param_count() < WRITE_IN_PROCESS_BELOW {
+        shape.write_model(&dir)?;
+        return Ok(dir);
+    }
+    let o = std::process::Command::new(std::env::current_exe()?)
+        .args(["bench", "--shape", &shape.name, "--write-model"])
+        .arg(&dir)
+        .output()
+        .context("writing the bench model in a child process")?;
+    if !o.status.success() {
+        bail!(
+            "writing the {} model: {}",
+            shape.name,
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok(dir)
 }
 
 /// Runs one workload in this process and adds its peak memory.
@@ -338,26 +404,36 @@ pub fn run_one(job: &Job, work: &Path) -> Result<Value> {
     let dev = rlft_policies::device::parse_device(&job.device)?;
     let dtype = rlft_policies::device::parse_dtype(&job.dtype)?;
     let shape = &job.shape;
-    if ["W3", "W4"].contains(&job.workload.as_str())
-        && (shape.name != SMALL.name || dtype != DType::F32)
-    {
+    let w = job.workload.as_str();
+    if ["W3", "W4"].contains(&w) && (shape.name != "small" || dtype != DType::F32) {
         bail!("W3 and W4 run at the small shape in f32 only");
     }
-    let dir = work.join(format!("llama-{}", shape.name));
-    if !dir.join("model.safetensors").is_file() {
-        bench_model(&dir, shape)?;
+    if !["W1", "W2", "W3", "W4", "W5", "W6"].contains(&w) {
+        bail!("unknown workload `{w}`; expected W1, W2, W3, W4, W5 or W6");
     }
-    let reps = if job.size.is_some() { 3 } else { 5 };
-    let mut v = match job.workload.as_str() {
+    if job.checkpointing && w != "W5" {
+        bail!("--gradient-checkpointing applies to W5 only");
+    }
+    if job.checkpointing && !GRADIENT_CHECKPOINTING {
+        bail!(CHECKPOINTING_UNAVAILABLE);
+    }
+    let dir = match &job.model {
+        Some(m) => m.clone(),
+        None => ensure_model(shape, work)?,
+    };
+    let contention = Contention::start();
+    let reps = job.steps.unwrap_or(if job.size.is_some() { 3 } else { 5 });
+    // Frozen base: the forward's 2·P·tokens and the backward's input gradients (another
+    // 2·P·tokens); attention scores and the LoRA matmuls are left out.
+    let flops = |tokens: usize| {
+        shape
+            .counts()
+            .map(|(_, lin)| 4.0 * lin as f64 * tokens as f64)
+    };
+    let mut v = match w {
         "W1" => {
             let (b, t) = job.size.unwrap_or(shape.w1);
-            let mut v = w1(&dir, b, t, reps, &dev, dtype)?;
-            // Frozen base: the forward's 2·P·tokens and the backward's input gradients
-            // (another 2·P·tokens); attention scores and the LoRA matmuls are left out.
-            let flops = 4.0 * shape.linear_params() as f64 * (b * t) as f64;
-            v["flops_per_step"] = json!(flops);
-            v["tflops"] = json!(flops / v["seconds_per_step"].as_f64().unwrap_or(f64::NAN) / 1e12);
-            v
+            w1(&dir, b, t, reps, &dev, dtype)?
         }
         "W2" => {
             let (b, n) = job.size.unwrap_or(shape.w2);
@@ -365,29 +441,71 @@ pub fn run_one(job: &Job, work: &Path) -> Result<Value> {
         }
         "W3" => rl_step(&dir, work, false, 5, &job.device)?,
         "W4" => rl_step(&dir, work, true, 8, &job.device)?,
-        w => bail!("unknown workload `{w}`; expected W1, W2, W3 or W4"),
+        "W5" => {
+            let (b, t) = job.size.unwrap_or((4, 256));
+            w5(
+                &dir,
+                b,
+                t,
+                1,
+                job.steps.unwrap_or(3),
+                job.checkpointing,
+                &dev,
+                dtype,
+            )?
+        }
+        _ => {
+            let (b, n) = job.size.unwrap_or((8, 64));
+            w6(&dir, b, n, 1, job.steps.unwrap_or(3), &dev, dtype)?
+        }
     };
+    if ["W1", "W5"].contains(&w) {
+        let tokens = v["batch"].as_u64().unwrap_or(0) * v["seq"].as_u64().unwrap_or(0);
+        if let Some(f) = flops(tokens as usize) {
+            v["flops_per_step"] = json!(f);
+            v["tflops"] = json!(f / v["seconds_per_step"].as_f64().unwrap_or(f64::NAN) / 1e12);
+        }
+    }
+    if let Some((params, _)) = shape.counts() {
+        v["params"] = json!(params);
+    }
     v["peak_rss_mb"] = json!(peak_rss_mb());
+    v["other_procs_cpu_cores"] = json!(contention
+        .other_cores()
+        .map(|c| (c * 100.0).round() / 100.0));
     v["device"] = json!(job.device);
-    v["shape"] = json!(shape.name);
+    v["shape"] = json!(job
+        .model
+        .as_ref()
+        .map_or(shape.name.clone(), |m| m.display().to_string()));
+    v["model_type"] = json!(shape.model_type());
     v["dtype"] = json!(job.dtype);
+    v["impl"] = json!("rlft");
     Ok(v)
 }
 
 /// Runs each workload in a child process (so peak memory is its own) and collects the lines.
+/// A W5 row with checkpointing in a build without it comes back as
+/// `{"workload": "W5", "skipped": "…"}`.
 pub fn run_all(exe: &Path, work: &Path, jobs: &[Job]) -> Result<Vec<Value>> {
     std::fs::create_dir_all(work)?;
     let mut out = Vec::new();
     for job in jobs {
         let w = &job.workload;
-        let mut cmd = std::process::Command::new(exe);
-        cmd.args(["bench", "--workload", w, "--json", "--device", &job.device])
-            .args(["--shape", job.shape.name, "--dtype", &job.dtype, "--work"])
-            .arg(work);
-        if let Some((b, t)) = job.size {
-            cmd.args(["--batch", &b.to_string(), "--len", &t.to_string()]);
+        if job.checkpointing && !GRADIENT_CHECKPOINTING {
+            out.push(
+                json!({"workload": w, "dtype": job.dtype, "gradient_checkpointing": true,
+                            "skipped": CHECKPOINTING_UNAVAILABLE}),
+            );
+            continue;
         }
-        let o = cmd
+        if job.model.is_none() {
+            ensure_model(&job.shape, work)?;
+        }
+        let o = std::process::Command::new(exe)
+            .args(job.args())
+            .arg("--work")
+            .arg(work)
             .output()
             .with_context(|| format!("running workload {w}"))?;
         if !o.status.success() {

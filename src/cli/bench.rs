@@ -1,7 +1,8 @@
-//! `rlft bench`: speed workloads W1–W4 (docs/performance.md).
+//! `rlft bench`: speed workloads W1–W4 on small models and W5–W6 at real size
+//! (docs/performance.md).
 
 use crate::bench::{default_work, run_all, run_one, Job, Shape};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -12,10 +13,10 @@ pub struct Args {
     /// Also show how W1 and W2 grow with T (64…1024) and B (1…64).
     #[arg(long)]
     pub sweep: bool,
-    /// Run only this workload, in this process (W1, W2, W3, W4).
+    /// Run only this workload, in this process (W1, W2, W3, W4, W5, W6).
     #[arg(long)]
     pub workload: Option<String>,
-    /// With --workload W1/W2: batch and length (T for W1, new tokens for W2).
+    /// With --workload: batch and length (T for W1 and W5, new tokens for W2 and W6).
     #[arg(long)]
     pub batch: Option<usize>,
     #[arg(long)]
@@ -23,13 +24,29 @@ pub struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Model shape: small (hidden 256, 4 layers; all workloads) or gpu (hidden 1024,
-    /// 8 layers, vocab 32000; W1 at B=8 T=256 and W2 at B=64 × 128 new tokens).
-    #[arg(long, default_value = "small")]
-    pub shape: String,
-    /// Weight dtype: f32, bf16 or f16 (W1 and W2; LoRA weights stay f32).
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    /// Model shape: small (hidden 256, 4 layers; W1–W4, the default), gpu (hidden 1024,
+    /// 8 layers, vocab 32000; W1 at B=8 T=256 and W2 at B=64 × 128 new tokens),
+    /// qwen2.5-0.5b (Qwen2.5-0.5B's exact shape, 494 M parameters; W5 and W6), or a path to
+    /// a model's config.json (a random model of that config; W5 and W6).
+    #[arg(long)]
+    pub shape: Option<String>,
+    /// Load this model folder instead of a random one (W5 and W6 by default).
+    #[arg(long, conflicts_with = "shape")]
+    pub model: Option<PathBuf>,
+    /// Weight dtype: f32, bf16 or f16 (LoRA weights stay f32). Default f32; at real size
+    /// the suite runs f32 and bf16 unless this is given.
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// W5 with gradient checkpointing (per-block recompute).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// Measured steps (W1, W5) or generate calls (W2, W6), after the warm-up.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Write the shape's random model (config.json, model.safetensors, tokenizer) to this
+    /// folder and exit: the folder the PyTorch twin and `--model` load.
+    #[arg(long)]
+    pub write_model: Option<PathBuf>,
     /// Scratch folder (the small model, RL runs).
     #[arg(long)]
     pub work: Option<PathBuf>,
@@ -47,34 +64,85 @@ fn fmt(v: &serde_json::Value) -> String {
 
 pub fn run(args: Args) -> Result<()> {
     let work = args.work.clone().unwrap_or_else(default_work);
-    let shape = Shape::parse(&args.shape)?;
-    rlft_policies::device::parse_dtype(&args.dtype)?;
-    let job = |w: &str, size: Option<(usize, usize)>| Job {
-        workload: w.into(),
-        size,
-        shape,
-        dtype: args.dtype.clone(),
-        device: args.device.clone(),
+    let shape = match &args.model {
+        Some(dir) => Shape::of_model_dir(dir)?,
+        None => Shape::parse(args.shape.as_deref().unwrap_or("small"))?,
+    };
+    if let Some(dir) = &args.write_model {
+        if args.model.is_some() {
+            bail!(
+                "--write-model writes a random model of --shape; --model names one already written"
+            );
+        }
+        shape.write_model(dir)?;
+        println!("{}", dir.display());
+        return Ok(());
+    }
+    if let Some(d) = &args.dtype {
+        rlft_policies::device::parse_dtype(d)?;
+    }
+    let job = |w: &str, dtype: &str| Job {
+        size: args.batch.zip(args.len),
+        model: args.model.clone(),
+        checkpointing: args.gradient_checkpointing,
+        steps: args.steps,
+        ..Job::new(w, shape.clone(), dtype, &args.device)
     };
     if let Some(w) = &args.workload {
-        let v = run_one(&job(w, args.batch.zip(args.len)), &work)?;
+        let v = run_one(&job(w, args.dtype.as_deref().unwrap_or("f32")), &work)?;
         println!("{v}");
         return Ok(());
     }
-    let small_f32 = shape == crate::bench::SMALL && args.dtype == "f32";
-    let workloads: &[&str] = if small_f32 {
-        &["W1", "W2", "W3", "W4"]
-    } else {
-        &["W1", "W2"]
-    };
-    let mut list: Vec<Job> = workloads.iter().map(|w| job(w, None)).collect();
-    if args.sweep {
-        for t in [64, 128, 256, 512, 1024] {
-            list.push(job("W1", Some((8, t))));
+    let real_size = args.model.is_some() || !["small", "gpu"].contains(&shape.name.as_str());
+    let mut list: Vec<Job> = Vec::new();
+    if real_size {
+        if args.sweep {
+            bail!("--sweep is for the small and gpu shapes");
         }
-        for b in [1, 8, 32, 64] {
-            list.push(job("W1", Some((b, 64))));
-            list.push(job("W2", Some((b, 64))));
+        let dtypes: Vec<&str> = match &args.dtype {
+            Some(d) => vec![d.as_str()],
+            None => vec!["f32", "bf16"],
+        };
+        let ckpt: &[bool] = if args.gradient_checkpointing {
+            &[true]
+        } else {
+            &[false, true]
+        };
+        for d in &dtypes {
+            for &c in ckpt {
+                list.push(Job {
+                    checkpointing: c,
+                    ..job("W5", d)
+                });
+            }
+        }
+        for d in &dtypes {
+            list.push(Job {
+                checkpointing: false,
+                ..job("W6", d)
+            });
+        }
+    } else {
+        let dtype = args.dtype.as_deref().unwrap_or("f32");
+        let workloads: &[&str] = if shape.name == "small" && dtype == "f32" {
+            &["W1", "W2", "W3", "W4"]
+        } else {
+            &["W1", "W2"]
+        };
+        let plain = |w: &str, size: Option<(usize, usize)>| Job {
+            size,
+            checkpointing: false,
+            ..job(w, dtype)
+        };
+        list.extend(workloads.iter().map(|w| plain(w, None)));
+        if args.sweep {
+            for t in [64, 128, 256, 512, 1024] {
+                list.push(plain("W1", Some((8, t))));
+            }
+            for b in [1, 8, 32, 64] {
+                list.push(plain("W1", Some((b, 64))));
+                list.push(plain("W2", Some((b, 64))));
+            }
         }
     }
     let rows = run_all(&std::env::current_exe()?, &work, &list)?;
@@ -85,10 +153,21 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<5} {:>6} {:>6} {:>12} {:>12} {:>12} {:>10}  phases (s)",
-        "load", "B", "T", "s/step", "tokens/s", "samples/s", "peak MB"
+        "{:<5} {:<5} {:>6} {:>6} {:>12} {:>12} {:>12} {:>10}  phases (s)",
+        "load", "dtype", "B", "T", "s/step", "tokens/s", "samples/s", "peak MB"
     );
     for r in rows {
+        let name = r["workload"].as_str().unwrap_or("?");
+        let dtype = r["dtype"].as_str().unwrap_or("?");
+        let ckpt = if r["gradient_checkpointing"] == true {
+            "checkpointing; "
+        } else {
+            ""
+        };
+        if let Some(why) = r.get("skipped").and_then(|v| v.as_str()) {
+            println!("{name:<5} {dtype:<5} {ckpt}skipped: {why}");
+            continue;
+        }
         let phases = r
             .get("phases")
             .and_then(|p| p.as_object())
@@ -104,8 +183,7 @@ pub fn run(args: Args) -> Result<()> {
             .map(|v| format!("unmerged {} tok/s", fmt(v)))
             .unwrap_or_default();
         println!(
-            "{:<5} {:>6} {:>6} {:>12} {:>12} {:>12} {:>10}  {phases}{extra}",
-            r["workload"].as_str().unwrap_or("?"),
+            "{name:<5} {dtype:<5} {:>6} {:>6} {:>12} {:>12} {:>12} {:>10}  {ckpt}{phases}{extra}",
             r.get("batch").map(|v| v.to_string()).unwrap_or("8".into()),
             r.get("seq")
                 .or(r.get("new_tokens"))

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Issue 13's real-size comparison in one run: rlft and its PyTorch twin (scripts/scale_bench.py,
+# transformers + PEFT) on the SAME model folder, one process at a time, on an otherwise idle machine.
+# The folder (Qwen2.5-0.5B's exact shape, 494 M random parameters, f32, 2 GB) is written once by
+# `rlft bench --shape qwen2.5-0.5b --write-model`; pass MODEL_DIR to measure another folder instead.
+#
+# usage: scripts/side_by_side_scale.sh PEER_VENV [WORK] [MODEL_DIR]
+#   PEER_VENV  a venv with torch, transformers, peft (e.g. from ../shared/peer/setup.sh)
+#   WORK       scratch folder (default: $TMPDIR/rlft-scale); the model and the JSON lines go here
+# env: ROWS   the rows to run (default: all), from W5-f32 W5-bf16 W5-f32-gc W5-bf16-gc W6-f32 W6-bf16
+#      STEPS  measured steps / generate calls per row after one warm-up (default 3)
+#      QUIET_WAIT  before each process wait up to this many seconds for 10 quiet seconds (< 0.15
+#             cores busy machine-wide; for a shared machine; default 0: start at once)
+# Prints one JSON line per measurement (also kept in WORK/side_by_side_scale.jsonl), then a table.
+# A row rlft cannot run in this build (gradient checkpointing) is recorded as skipped.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+VENV="${1:?usage: side_by_side_scale.sh PEER_VENV [WORK] [MODEL_DIR]}"
+PY="$VENV/bin/python"
+WORK="${2:-${TMPDIR:-/tmp}/rlft-scale}"
+MODEL="${3:-$WORK/qwen2.5-0.5b}"
+STEPS="${STEPS:-3}"
+ROWS="${ROWS:-W5-f32 W5-bf16 W5-f32-gc W5-bf16-gc W6-f32 W6-bf16}"
+OUT="$WORK/side_by_side_scale.jsonl"
+mkdir -p "$WORK"
+cargo build --release -q || exit 1
+RLFT=./target/release/rlft
+if [ ! -f "$MODEL/model.safetensors" ]; then
+    $RLFT bench --shape qwen2.5-0.5b --write-model "$MODEL" >&2 || exit 1
+fi
+: > "$OUT"
+emit() { # ROW LINE: tag a JSON line with its row, print it and keep it
+    local line="{\"row\": \"$1\", \"loadavg_before\": $2, ${3#\{}"
+    echo "$line"; echo "$line" >> "$OUT"
+}
+quiet() { # wait (up to QUIET_WAIT s) until 10 s pass with under 0.15 cores busy
+    [ "${QUIET_WAIT:-0}" -gt 0 ] || return 0
+    local t0=$SECONDS busy
+    while [ $((SECONDS - t0)) -lt "$QUIET_WAIT" ]; do
+        busy=$($PY -c '
+import os, time
+def b():
+    v = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
+    return sum(v) - v[3] - v[4]
+a = b(); time.sleep(10); print((b() - a) / os.sysconf("SC_CLK_TCK") / 10)')
+        $PY -c "import sys; sys.exit(0 if $busy < 0.15 else 1)" && return 0
+        echo "waiting for a quiet machine ($busy cores busy)" >&2
+    done
+}
+for row in $ROWS; do
+    IFS=- read -r w dtype gc <<< "$row"
+    rargs=(bench --workload "$w" --dtype "$dtype" --model "$MODEL" --steps "$STEPS" --json --work "$WORK")
+    pargs=("$MODEL" --workload "$w" --dtype "$dtype" --steps "$STEPS")
+    if [ "$gc" = gc ]; then rargs+=(--gradient-checkpointing); pargs+=(--gc); fi
+    quiet; load=$(cut -d' ' -f1 /proc/loadavg)
+    if line=$($RLFT "${rargs[@]}" 2>"$WORK/rlft.err" | tail -1) && [ -n "$line" ]; then
+        emit "$row" "$load" "$line"
+    else
+        why=$(grep -o 'gradient checkpointing is not available in this build' "$WORK/rlft.err" | head -1)
+        [ -z "$why" ] && { echo "rlft $row failed:" >&2; cat "$WORK/rlft.err" >&2; why="failed"; }
+        emit "$row" "$load" "{\"impl\": \"rlft\", \"workload\": \"$w\", \"dtype\": \"$dtype\", \"skipped\": \"$why\"}"
+    fi
+    quiet; load=$(cut -d' ' -f1 /proc/loadavg)
+    if line=$($PY scripts/scale_bench.py "${pargs[@]}" 2>"$WORK/torch.err" | tail -1) && [ -n "$line" ]; then
+        emit "$row" "$load" "$line"
+    else
+        echo "pytorch $row failed:" >&2; tail -5 "$WORK/torch.err" >&2
+    fi
+done
+$PY - "$OUT" <<'EOF'
+import json, sys
+rows = {}
+for l in open(sys.argv[1]):
+    v = json.loads(l)
+    rows.setdefault(v["row"], {})[v["impl"]] = v
+def cell(v, key):
+    if v is None: return "–"
+    if "skipped" in v: return "skipped"
+    x = v[key]
+    return f"{x:.2f}" if key == "seconds_per_step" else f"{x:.1f}"
+print()
+print("| row | rlft | PyTorch | rlft / PyTorch | peak RSS rlft | peak RSS PyTorch | RSS ratio | other CPU (cores) |")
+print("|---|---|---|---|---|---|---|---|")
+for name, r in rows.items():
+    a, b = r.get("rlft"), r.get("pytorch")
+    w5 = name.startswith("W5")
+    key, unit = ("seconds_per_step", "s/step") if w5 else ("tokens_per_s", "new tokens/s")
+    ok = a and b and "skipped" not in a
+    ratio = f"{a[key] / b[key]:.2f}× {'time' if w5 else 'speed'}" if ok else "–"
+    rss = lambda v: f"{v['peak_rss_mb'] / 1024:.2f} GB" if v and "peak_rss_mb" in v else "–"
+    rr = f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}" if ok else "–"
+    oc = lambda v: f"{v['other_procs_cpu_cores']:.2f}" if v and v.get("other_procs_cpu_cores") is not None else "–"
+    print(f"| {name} ({unit}) | {cell(a, key)} | {cell(b, key)} | {ratio} | {rss(a)} | {rss(b)} | {rr} | {oc(a)} / {oc(b)} |")
+EOF

@@ -1,0 +1,229 @@
+//! Issue 13's real-size workloads, on any shape (by default Qwen2.5-0.5B's):
+//!
+//! - **W5**, one SFT step: forward + backward of the token-mean NLL over B × T tokens (the
+//!   SFT loss, [`crate::sft::nll_sum`]) and AdamW on the LoRA parameters (r=16, α=32, every
+//!   linear layer but the head), as `rlft sft` takes it; B=4, T=256 by default.
+//! - **W6**, generation: B=8 prompts of 16 random tokens, 64 new tokens each, sampling at
+//!   temperature 1 with the KV cache, the base model (no adapter, as transformers'
+//!   `generate` on the plain model); new tokens per second.
+//!
+//! `scripts/scale_bench.py` is the PyTorch twin (transformers + PEFT) and
+//! `scripts/side_by_side_scale.sh` runs both on the same model folder.
+
+use crate::train::optimizer::{Optimizer, OptimizerKind};
+use anyhow::{bail, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rlft_policies::{
+    generate, Adapter, BatchInput, CausalLm, ForwardCtx, GenerationConfig, LoraConfig, Pretrained,
+    SamplingParams, Targets,
+};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Instant;
+
+use super::{median, random_ids};
+
+/// W6's prompt length.
+pub const W6_PROMPT_LEN: usize = 16;
+
+/// W5's adapter: r=16, α=32 on every linear layer but the head (PEFT's "all-linear").
+pub fn w5_lora() -> LoraConfig {
+    LoraConfig {
+        r: 16,
+        lora_alpha: 32.0,
+        lora_dropout: 0.0,
+        target_modules: Targets::all_linear(),
+        ..LoraConfig::default()
+    }
+}
+
+// ─── Gradient checkpointing plugs in here (issue 13) ────────────────────────────────────
+//
+// Per-block recompute (`training.gradient_checkpointing`) is being built elsewhere. When it
+// lands: set `GRADIENT_CHECKPOINTING` to true and make `checkpointed_loss_and_grads` call
+// it (the SFT loss of `input` weighted by `w`, divided by `n`, and its gradients). Nothing
+// else in the bench changes: `--gradient-checkpointing` and the suite's checkpointing rows
+// already come through here.
+
+/// Whether this build can run W5 with gradient checkpointing.
+pub const GRADIENT_CHECKPOINTING: bool = false;
+
+pub const CHECKPOINTING_UNAVAILABLE: &str = "gradient checkpointing is not available in this build";
+
+fn checkpointed_loss_and_grads(
+    _model: &dyn CausalLm,
+    _input: &BatchInput,
+    _w: &Tensor,
+    _n: usize,
+    _ctx: &ForwardCtx,
+) -> Result<(Tensor, GradStore)> {
+    bail!(CHECKPOINTING_UNAVAILABLE)
+}
+
+// ────────────────────────────────────────────────────────────────────────────────────────
+
+/// The token-mean SFT loss and its gradients; the forward's seconds when it is a phase of
+/// its own (not with checkpointing, where the backward recomputes it).
+fn loss_and_grads(
+    model: &dyn CausalLm,
+    input: &BatchInput,
+    w: &Tensor,
+    n: usize,
+    ctx: &ForwardCtx,
+    checkpointing: bool,
+) -> Result<(Tensor, GradStore, Option<f64>)> {
+    if checkpointing {
+        let (loss, g) = checkpointed_loss_and_grads(model, input, w, n, ctx)?;
+        return Ok((loss, g, None));
+    }
+    let dev = &model.info().device;
+    let t0 = Instant::now();
+    let loss = (crate::sft::nll_sum(model, input, w, ctx)? / n.max(1) as f64)?;
+    dev.synchronize()?;
+    let fwd = t0.elapsed().as_secs_f64();
+    let grads = loss.backward()?;
+    Ok((loss, grads, Some(fwd)))
+}
+
+/// W5: `warmup` + `steps` SFT steps of B × T random tokens; the median of the measured ones.
+#[allow(clippy::too_many_arguments)]
+pub fn w5(
+    dir: &Path,
+    b: usize,
+    t: usize,
+    warmup: usize,
+    steps: usize,
+    checkpointing: bool,
+    dev: &Device,
+    dtype: DType,
+) -> Result<Value> {
+    if checkpointing && !GRADIENT_CHECKPOINTING {
+        bail!(CHECKPOINTING_UNAVAILABLE);
+    }
+    if t < 2 {
+        bail!("W5 needs sequences of at least 2 tokens");
+    }
+    let t_load = Instant::now();
+    let pre = Pretrained::load(dir, dtype, dev)?;
+    let model = pre.model.as_ref();
+    let vocab = model.info().vocab_size;
+    let adapter = Adapter::new(model, w5_lora(), 0)?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let params = adapter.named_vars();
+    let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+    // torch.optim.AdamW's defaults (the twin's optimizer), lr 1e-4.
+    let mut opt = Optimizer::new(
+        OptimizerKind::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+        params.clone(),
+    );
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let rows = random_ids(&mut rng, b, t, vocab);
+    let input = BatchInput::left_padded(&rows, 0, dev)?;
+    let n = b * (t - 1);
+    let w = Tensor::ones((b, t - 1), DType::F32, dev)?;
+    let ctx = ForwardCtx::train(Some(&adapter), None);
+    let (mut total, mut tf, mut tb, mut to) = (vec![], vec![], vec![], vec![]);
+    let mut last_loss = f64::NAN;
+    for i in 0..warmup + steps {
+        let t0 = Instant::now();
+        let (loss, grads, fwd) = loss_and_grads(model, &input, &w, n, &ctx, checkpointing)?;
+        dev.synchronize()?;
+        let t1 = Instant::now();
+        let g: Vec<Tensor> = params
+            .iter()
+            .map(|(_, v)| match grads.get(v) {
+                Some(g) => Ok(g.clone()),
+                None => v.as_tensor().zeros_like(),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        opt.apply(&g, 1e-4)?;
+        dev.synchronize()?;
+        let t2 = Instant::now();
+        last_loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if i >= warmup {
+            total.push((t2 - t0).as_secs_f64());
+            if let Some(f) = fwd {
+                tf.push(f);
+                tb.push((t1 - t0).as_secs_f64() - f);
+            }
+            to.push((t2 - t1).as_secs_f64());
+        }
+    }
+    if total.is_empty() {
+        bail!("W5 needs at least one measured step");
+    }
+    let s = median(total.clone());
+    let mut phases = json!({"adamw": median(to)});
+    if !tf.is_empty() {
+        phases["forward"] = json!(median(tf));
+        phases["backward"] = json!(median(tb));
+    }
+    Ok(json!({
+        "workload": "W5", "seconds_per_step": s, "tokens_per_s": (b * t) as f64 / s,
+        "samples_per_s": b as f64 / s, "steps_s": total, "phases": phases, "batch": b, "seq": t,
+        "gradient_checkpointing": checkpointing, "trainable_params": trainable,
+        "loss": last_loss, "load_s": load_s,
+    }))
+}
+
+/// W6: B prompts of 16 random tokens, `new` sampled tokens each with the KV cache, the base
+/// model; `warmup` calls, then the median of `reps`.
+#[allow(clippy::too_many_arguments)]
+pub fn w6(
+    dir: &Path,
+    b: usize,
+    new: usize,
+    warmup: usize,
+    reps: usize,
+    dev: &Device,
+    dtype: DType,
+) -> Result<Value> {
+    let t_load = Instant::now();
+    let pre = Pretrained::load(dir, dtype, dev)?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let model = pre.model.as_ref();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let prompts = random_ids(&mut rng, b, W6_PROMPT_LEN, model.info().vocab_size);
+    let mut times = Vec::new();
+    for i in 0..warmup + reps {
+        let cfg = GenerationConfig {
+            max_new_tokens: new,
+            sampling: SamplingParams {
+                temperature: 1.0,
+                top_k: None,
+                top_p: None,
+            },
+            seed: i as u64,
+            stop_ids: vec![],
+            pad_id: 0,
+            use_cache: true,
+        };
+        let t0 = Instant::now();
+        let g = generate(model, None, &prompts, &cfg)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let made: usize = g.iter().map(|x| x.completion_ids.len()).sum();
+        if made != b * new {
+            bail!("W6 made {made} tokens, expected {}", b * new);
+        }
+        if i >= warmup {
+            times.push(secs);
+        }
+    }
+    if times.is_empty() {
+        bail!("W6 needs at least one measured call");
+    }
+    let s = median(times.clone());
+    Ok(json!({
+        "workload": "W6", "seconds_per_step": s, "tokens_per_s": (b * new) as f64 / s,
+        "samples_per_s": b as f64 / s, "ms_per_decode_step": 1000.0 * s / new as f64,
+        "steps_s": times, "batch": b, "prompt_len": W6_PROMPT_LEN, "new_tokens": new, "load_s": load_s,
+    }))
+}
