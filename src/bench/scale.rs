@@ -12,8 +12,9 @@
 
 use crate::train::optimizer::{Optimizer, OptimizerKind};
 use anyhow::{bail, Result};
-use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor};
+use crate::train::grads::GradAccumulator;
+use candle_core::{DType, Device, Tensor, Var};
+use rlft_policies::backward::backward_from_hidden;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rlft_policies::{
@@ -40,33 +41,14 @@ pub fn w5_lora() -> LoraConfig {
     }
 }
 
-// ─── Gradient checkpointing plugs in here (issue 13) ────────────────────────────────────
-//
-// Per-block recompute (`training.gradient_checkpointing`) is being built elsewhere. When it
-// lands: set `GRADIENT_CHECKPOINTING` to true and make `checkpointed_loss_and_grads` call
-// it (the SFT loss of `input` weighted by `w`, divided by `n`, and its gradients). Nothing
-// else in the bench changes: `--gradient-checkpointing` and the suite's checkpointing rows
-// already come through here.
-
 /// Whether this build can run W5 with gradient checkpointing.
-pub const GRADIENT_CHECKPOINTING: bool = false;
+pub const GRADIENT_CHECKPOINTING: bool = true;
 
 pub const CHECKPOINTING_UNAVAILABLE: &str = "gradient checkpointing is not available in this build";
 
-fn checkpointed_loss_and_grads(
-    _model: &dyn CausalLm,
-    _input: &BatchInput,
-    _w: &Tensor,
-    _n: usize,
-    _ctx: &ForwardCtx,
-) -> Result<(Tensor, GradStore)> {
-    bail!(CHECKPOINTING_UNAVAILABLE)
-}
-
-// ────────────────────────────────────────────────────────────────────────────────────────
-
-/// The token-mean SFT loss and its gradients; the forward's seconds when it is a phase of
-/// its own (not with checkpointing, where the backward recomputes it).
+/// The token-mean SFT loss and its gradients, as `rlft sft` computes them
+/// ([`backward_from_hidden`], whole or with per-block recompute); the forward's seconds
+/// when it is a phase of its own (not with checkpointing, where the backward recomputes it).
 fn loss_and_grads(
     model: &dyn CausalLm,
     input: &BatchInput,
@@ -74,18 +56,30 @@ fn loss_and_grads(
     n: usize,
     ctx: &ForwardCtx,
     checkpointing: bool,
-) -> Result<(Tensor, GradStore, Option<f64>)> {
-    if checkpointing {
-        let (loss, g) = checkpointed_loss_and_grads(model, input, w, n, ctx)?;
-        return Ok((loss, g, None));
-    }
+    params: &[(String, Var)],
+) -> Result<(f64, Vec<Tensor>, Option<f64>)> {
     let dev = &model.info().device;
+    let mut acc = GradAccumulator::new(params.len());
+    let mut loss = f64::NAN;
     let t0 = Instant::now();
-    let loss = (crate::sft::nll_sum(model, input, w, ctx)? / n.max(1) as f64)?;
-    dev.synchronize()?;
-    let fwd = t0.elapsed().as_secs_f64();
-    let grads = loss.backward()?;
-    Ok((loss, grads, Some(fwd)))
+    let mut fwd = None;
+    backward_from_hidden::<anyhow::Error>(
+        model,
+        input,
+        ctx,
+        checkpointing,
+        &mut |hidden| {
+            let l = (crate::sft::nll_from_hidden(model, input, hidden, w, ctx)? / n.max(1) as f64)?;
+            loss = l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            dev.synchronize()?;
+            if !checkpointing {
+                fwd = Some(t0.elapsed().as_secs_f64());
+            }
+            Ok(l)
+        },
+        &mut |grads| acc.add(params, grads),
+    )?;
+    Ok((loss, acc.finish(params)?, fwd))
 }
 
 /// W5: `warmup` + `steps` SFT steps of B × T random tokens; the median of the measured ones.
@@ -134,20 +128,13 @@ pub fn w5(
     let mut last_loss = f64::NAN;
     for i in 0..warmup + steps {
         let t0 = Instant::now();
-        let (loss, grads, fwd) = loss_and_grads(model, &input, &w, n, &ctx, checkpointing)?;
+        let (loss, g, fwd) = loss_and_grads(model, &input, &w, n, &ctx, checkpointing, &params)?;
         dev.synchronize()?;
         let t1 = Instant::now();
-        let g: Vec<Tensor> = params
-            .iter()
-            .map(|(_, v)| match grads.get(v) {
-                Some(g) => Ok(g.clone()),
-                None => v.as_tensor().zeros_like(),
-            })
-            .collect::<candle_core::Result<_>>()?;
         opt.apply(&g, 1e-4)?;
         dev.synchronize()?;
         let t2 = Instant::now();
-        last_loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        last_loss = loss;
         if i >= warmup {
             total.push((t2 - t0).as_secs_f64());
             if let Some(f) = fwd {
