@@ -9,6 +9,11 @@
 #   WORK       scratch folder (default: $TMPDIR/rlft-scale); the model and the JSON lines go here
 # env: ROWS   the rows to run (default: all), from W5-f32 W5-bf16 W5-f32-gc W5-bf16-gc W6-f32 W6-bf16
 #      STEPS  measured steps / generate calls per row after one warm-up (default 3)
+#      SIDES  which sides to run (default: "rlft pytorch")
+#      PT_BF16_STEPS  measured steps of the PyTorch bf16 rows, without a warm-up (default: STEPS after
+#             one warm-up). PyTorch's bf16 GEMM on an AVX2-only CPU (no AVX-512-BF16/AMX) is ~7x slower
+#             than its f32 one: a W5 bf16 step takes many minutes there.
+#      TIMEOUT  seconds each process may run (default 0: no limit); a timed-out one is recorded as skipped
 #      QUIET_WAIT  before each process wait up to this many seconds for 10 quiet seconds (< 0.15
 #             cores busy machine-wide; for a shared machine; default 0: start at once)
 # Prints one JSON line per measurement (also kept in WORK/side_by_side_scale.jsonl), then a table.
@@ -22,6 +27,8 @@ MODEL="${3:-$WORK/qwen2.5-0.5b}"
 STEPS="${STEPS:-3}"
 ROWS="${ROWS:-W5-f32 W5-bf16 W5-f32-gc W5-bf16-gc W6-f32 W6-bf16}"
 OUT="$WORK/side_by_side_scale.jsonl"
+SIDES="${SIDES:-rlft pytorch}"
+TIMEOUT="${TIMEOUT:-0}"
 mkdir -p "$WORK"
 cargo build --release -q || exit 1
 RLFT=./target/release/rlft
@@ -51,44 +58,23 @@ for row in $ROWS; do
     IFS=- read -r w dtype gc <<< "$row"
     rargs=(bench --workload "$w" --dtype "$dtype" --model "$MODEL" --steps "$STEPS" --json --work "$WORK")
     pargs=("$MODEL" --workload "$w" --dtype "$dtype" --steps "$STEPS")
+    if [ "$dtype" = bf16 ] && [ -n "${PT_BF16_STEPS:-}" ]; then
+        pargs=("$MODEL" --workload "$w" --dtype "$dtype" --steps "$PT_BF16_STEPS" --warmup 0)
+    fi
     if [ "$gc" = gc ]; then rargs+=(--gradient-checkpointing); pargs+=(--gc); fi
-    quiet; load=$(cut -d' ' -f1 /proc/loadavg)
-    if line=$($RLFT "${rargs[@]}" 2>"$WORK/rlft.err" | tail -1) && [ -n "$line" ]; then
-        emit "$row" "$load" "$line"
-    else
-        why=$(grep -o 'gradient checkpointing is not available in this build' "$WORK/rlft.err" | head -1)
-        [ -z "$why" ] && { echo "rlft $row failed:" >&2; cat "$WORK/rlft.err" >&2; why="failed"; }
-        emit "$row" "$load" "{\"impl\": \"rlft\", \"workload\": \"$w\", \"dtype\": \"$dtype\", \"skipped\": \"$why\"}"
-    fi
-    quiet; load=$(cut -d' ' -f1 /proc/loadavg)
-    if line=$($PY scripts/scale_bench.py "${pargs[@]}" 2>"$WORK/torch.err" | tail -1) && [ -n "$line" ]; then
-        emit "$row" "$load" "$line"
-    else
-        echo "pytorch $row failed:" >&2; tail -5 "$WORK/torch.err" >&2
-    fi
+    for side in $SIDES; do
+        if [ "$side" = rlft ]; then cmd=($RLFT "${rargs[@]}"); else cmd=($PY scripts/scale_bench.py "${pargs[@]}"); fi
+        quiet
+        load=$(cut -d' ' -f1 /proc/loadavg)
+        line=$(timeout "$TIMEOUT" "${cmd[@]}" 2>"$WORK/$side.err" | tail -1); rc=$?
+        if [ -n "$line" ] && [ "${line:0:1}" = "{" ]; then
+            emit "$row" "$load" "$line"
+            continue
+        fi
+        why=$(grep -o 'gradient checkpointing is not available in this build' "$WORK/$side.err" | head -1)
+        [ "$rc" = 124 ] && why="timed out after $TIMEOUT s"
+        if [ -z "$why" ]; then echo "$side $row failed:" >&2; tail -5 "$WORK/$side.err" >&2; why="failed"; fi
+        emit "$row" "$load" "{\"impl\": \"$side\", \"workload\": \"$w\", \"dtype\": \"$dtype\", \"skipped\": \"$why\"}"
+    done
 done
-$PY - "$OUT" <<'EOF'
-import json, sys
-rows = {}
-for l in open(sys.argv[1]):
-    v = json.loads(l)
-    rows.setdefault(v["row"], {})[v["impl"]] = v
-def cell(v, key):
-    if v is None: return "–"
-    if "skipped" in v: return "skipped"
-    x = v[key]
-    return f"{x:.2f}" if key == "seconds_per_step" else f"{x:.1f}"
-print()
-print("| row | rlft | PyTorch | rlft / PyTorch | peak RSS rlft | peak RSS PyTorch | RSS ratio | other CPU (cores) |")
-print("|---|---|---|---|---|---|---|---|")
-for name, r in rows.items():
-    a, b = r.get("rlft"), r.get("pytorch")
-    w5 = name.startswith("W5")
-    key, unit = ("seconds_per_step", "s/step") if w5 else ("tokens_per_s", "new tokens/s")
-    ok = a and b and "skipped" not in a
-    ratio = f"{a[key] / b[key]:.2f}× {'time' if w5 else 'speed'}" if ok else "–"
-    rss = lambda v: f"{v['peak_rss_mb'] / 1024:.2f} GB" if v and "peak_rss_mb" in v else "–"
-    rr = f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}" if ok else "–"
-    oc = lambda v: f"{v['other_procs_cpu_cores']:.2f}" if v and v.get("other_procs_cpu_cores") is not None else "–"
-    print(f"| {name} ({unit}) | {cell(a, key)} | {cell(b, key)} | {ratio} | {rss(a)} | {rss(b)} | {rr} | {oc(a)} / {oc(b)} |")
-EOF
+$PY scripts/scale_table.py "$OUT"
