@@ -376,7 +376,14 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftOutcome> {
         last_loss: f64::NAN,
         last_eval: None,
     };
-    let out = stage::run(&mut stage, t, &config_json, resume.as_ref(), &device, opts.quiet)?;
+    let out = stage::run(
+        &mut stage,
+        t,
+        &config_json,
+        resume.as_ref(),
+        &device,
+        opts.quiet,
+    )?;
     let secs = stage.started.elapsed().as_secs_f64().max(1e-9);
     Ok(SftOutcome {
         output: out.output,

@@ -279,7 +279,10 @@ fn checkpointed_gradients_equal_the_whole_backward() {
             let adapter = adapter_with_nonzero_b(&pre, p);
             let (whole, lw, pw) = grads_of(&pre, &adapter, false, seed);
             let (ckpt, lc, pc) = grads_of(&pre, &adapter, true, seed);
-            assert!((lw - lc).abs() <= 1e-12 * lw.abs().max(1.0), "{m}: loss {lw} vs {lc}");
+            assert!(
+                (lw - lc).abs() <= 1e-12 * lw.abs().max(1.0),
+                "{m}: loss {lw} vs {lc}"
+            );
             assert_eq!(pw, pc, "{m}: dropout generator position");
             let mut worst = 0f64;
             for (a, b) in whole.iter().zip(&ckpt) {

@@ -6,11 +6,11 @@ mod common;
 use common::*;
 use rlft::config::{self, rl::RlConfig};
 use rlft::policies::candle_core::{DType, Device};
+use rlft::policies::logprobs::Entropy;
 use rlft::policies::{
     generate, Adapter, ForwardCtx, Generation, GenerationConfig, Pretrained, SamplingParams,
 };
 use rlft::rewards::default_registry;
-use rlft::policies::logprobs::Entropy;
 use rlft::rl::rollout::{score, Rollouts};
 use rlft::rl::trainer::{run, RunOptions};
 use std::path::Path;
@@ -210,11 +210,18 @@ fn grpo_and_rloo_rewards_rise() {
 /// Every step's line carries the policy's mean entropy over the sampled tokens, whatever
 /// `entropy_coef` is (0 here): positive, and at most log(vocab).
 fn assert_positive_entropy(m: &[serde_json::Value], alg: &str) {
-    let lines: Vec<&serde_json::Value> = m.iter().filter(|r| !r["objective/scores"].is_null()).collect();
+    let lines: Vec<&serde_json::Value> = m
+        .iter()
+        .filter(|r| !r["objective/scores"].is_null())
+        .collect();
     assert!(!lines.is_empty());
     for r in lines {
         let h = r["objective/entropy"].as_f64().unwrap_or(f64::NAN);
-        assert!(h > 0.0 && h <= (512f64).ln() + 1e-6, "{alg} step {}: entropy {h}", r["step"]);
+        assert!(
+            h > 0.0 && h <= (512f64).ln() + 1e-6,
+            "{alg} step {}: entropy {h}",
+            r["step"]
+        );
     }
 }
 
@@ -301,7 +308,10 @@ fn rl_lora_dropout_trains_differently_and_resumes_bit_identically() {
         sets.extend(extra);
         let cfg = config(&tmp.0, "ppo", &sets);
         if let Some(src) = resume_from {
-            copy_tree(&src.join("out/checkpoint-2"), &tmp.0.join("out/checkpoint-2"));
+            copy_tree(
+                &src.join("out/checkpoint-2"),
+                &tmp.0.join("out/checkpoint-2"),
+            );
         }
         let opts = RunOptions {
             resume: resume_from.map(|_| "latest".into()),
@@ -322,13 +332,22 @@ fn rl_lora_dropout_trains_differently_and_resumes_bit_identically() {
             .find_map(|r| r["check/first_ratio_exactly_one"].as_bool())
             .unwrap()
     };
-    assert!(ratio_one(&dir_off.0), "without dropout the first ratio is exactly 1");
+    assert!(
+        ratio_one(&dir_off.0),
+        "without dropout the first ratio is exactly 1"
+    );
     // (With dropout the first ratio is 1 too: LoRA's B starts at zero, so no mask matters
     // before the first update.)
     let (_, resumed_on) = run_with("rl-dropout-on-resumed", &on, Some(&dir_on.0));
-    assert!(resumed_on == with_dropout, "resume with dropout is not bit-identical");
+    assert!(
+        resumed_on == with_dropout,
+        "resume with dropout is not bit-identical"
+    );
     let (_, resumed_off) = run_with("rl-dropout-off-resumed", &[], Some(&dir_off.0));
-    assert!(resumed_off == without, "resume without dropout is not bit-identical");
+    assert!(
+        resumed_off == without,
+        "resume without dropout is not bit-identical"
+    );
 }
 
 /// Every tensor of a safetensors file, flattened to f64.
@@ -371,7 +390,10 @@ fn rl_gradient_checkpointing_matches_keeping_activations_and_resumes_exactly() {
         sets.push(&ckpt);
         let cfg = config(&tmp.0, "ppo", &sets);
         if let Some(src) = resume_from {
-            copy_tree(&src.join("out/checkpoint-1"), &tmp.0.join("out/checkpoint-1"));
+            copy_tree(
+                &src.join("out/checkpoint-1"),
+                &tmp.0.join("out/checkpoint-1"),
+            );
         }
         let opts = RunOptions {
             resume: resume_from.map(|_| "latest".into()),
@@ -384,12 +406,18 @@ fn rl_gradient_checkpointing_matches_keeping_activations_and_resumes_exactly() {
     let whole = run_with("rl-ckpt-off", false, None);
     let ckpt = run_with("rl-ckpt-on", true, None);
     for f in files {
-        let (a, b) = (tensors(&whole.0.join("out").join(f)), tensors(&ckpt.0.join("out").join(f)));
+        let (a, b) = (
+            tensors(&whole.0.join("out").join(f)),
+            tensors(&ckpt.0.join("out").join(f)),
+        );
         assert_eq!(a.len(), b.len());
         for ((name, x), (_, y)) in a.iter().zip(&b) {
             let scale = x.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-6);
             let worst = x.iter().zip(y).fold(0f64, |m, (p, q)| m.max((p - q).abs()));
-            assert!(worst <= 1e-3 * scale, "{f} {name}: differs by {worst:e} (scale {scale:e})");
+            assert!(
+                worst <= 1e-3 * scale,
+                "{f} {name}: differs by {worst:e} (scale {scale:e})"
+            );
         }
     }
     let resumed = run_with("rl-ckpt-on-resumed", true, Some(&ckpt.0));

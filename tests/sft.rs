@@ -279,11 +279,22 @@ fn resuming_after_an_interruption_is_bit_identical() {
 /// Every tensor of a safetensors file, flattened to f64.
 fn tensors(path: &Path) -> Vec<(String, Vec<f64>)> {
     use rlft::policies::candle_core::{DType, Device};
-    let mut all: Vec<(String, Vec<f64>)> = rlft::policies::candle_core::safetensors::load(path, &Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .map(|(k, t)| (k, t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()))
-        .collect();
+    let mut all: Vec<(String, Vec<f64>)> =
+        rlft::policies::candle_core::safetensors::load(path, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| {
+                (
+                    k,
+                    t.to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap(),
+                )
+            })
+            .collect();
     all.sort_by(|a, b| a.0.cmp(&b.0));
     all
 }
@@ -305,7 +316,11 @@ fn gradient_checkpointing_trains_as_keeping_the_activations() {
             .iter()
             .filter_map(|r| r["train/loss"].as_f64())
             .collect();
-        (tensors(&out.output.join("adapter_model.safetensors")), losses, tmp)
+        (
+            tensors(&out.output.join("adapter_model.safetensors")),
+            losses,
+            tmp,
+        )
     };
     let (whole, loss_w, _a) = run_with("ckpt-off", false);
     let (ckpt, loss_c, _b) = run_with("ckpt-on", true);
@@ -318,7 +333,10 @@ fn gradient_checkpointing_trains_as_keeping_the_activations() {
     for ((name, a), (_, b)) in whole.iter().zip(&ckpt) {
         let scale = a.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-6);
         let worst = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
-        assert!(worst <= 1e-4 * scale, "{name}: differs by {worst:e} (scale {scale:e})");
+        assert!(
+            worst <= 1e-4 * scale,
+            "{name}: differs by {worst:e} (scale {scale:e})"
+        );
         moved = moved.max(scale);
     }
     assert!(moved > 0.0, "the adapter trained");

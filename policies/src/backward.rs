@@ -45,7 +45,10 @@ pub fn backward_from_hidden<E: From<PolicyError> + From<candle_core::Error>>(
         grad: false,
         ..grad_ctx
     };
-    let rng_pos = || ctx.dropout_rng.map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).get_word_pos());
+    let rng_pos = || {
+        ctx.dropout_rng
+            .map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).get_word_pos())
+    };
     let (x0, pass) = model.embed(input, &plain, None)?;
     let n = model.num_blocks();
     let (mut inputs, mut positions) = (Vec::with_capacity(n), Vec::with_capacity(n));
@@ -68,7 +71,9 @@ pub fn backward_from_hidden<E: From<PolicyError> + From<candle_core::Error>>(
     for i in (0..n).rev() {
         let x_i = Var::from_tensor(&inputs[i])?;
         if let (Some(rng), Some(pos)) = (ctx.dropout_rng, positions[i]) {
-            rng.lock().unwrap_or_else(|e| e.into_inner()).set_word_pos(pos);
+            rng.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_word_pos(pos);
         }
         let y = model.block_forward(i, x_i.as_tensor(), &pass, &grad_ctx, None)?;
         let store = (y * &g)?.sum_all()?.backward()?;
@@ -82,7 +87,9 @@ pub fn backward_from_hidden<E: From<PolicyError> + From<candle_core::Error>>(
         on_grads(&(x0 * &g)?.sum_all()?.backward()?)?;
     }
     if let (Some(rng), Some(pos)) = (ctx.dropout_rng, after_head) {
-        rng.lock().unwrap_or_else(|e| e.into_inner()).set_word_pos(pos);
+        rng.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_word_pos(pos);
     }
     Ok(())
 }

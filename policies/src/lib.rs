@@ -4,8 +4,8 @@
 //! One loaded model serves every role: the active adapter is passed with each forward
 //! pass ([`ForwardCtx`]), so the reference model is the same base tensors with no adapter.
 
-pub mod chat_template;
 pub mod backward;
+pub mod chat_template;
 pub mod ctx;
 pub mod device;
 pub mod error;

@@ -10,13 +10,13 @@
 //! `scripts/scale_bench.py` is the PyTorch twin (transformers + PEFT) and
 //! `scripts/side_by_side_scale.sh` runs both on the same model folder.
 
+use crate::train::grads::GradAccumulator;
 use crate::train::optimizer::{Optimizer, OptimizerKind};
 use anyhow::{bail, Result};
-use crate::train::grads::GradAccumulator;
 use candle_core::{DType, Device, Tensor, Var};
-use rlft_policies::backward::backward_from_hidden;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rlft_policies::backward::backward_from_hidden;
 use rlft_policies::{
     generate, Adapter, BatchInput, CausalLm, ForwardCtx, GenerationConfig, LoraConfig, Pretrained,
     SamplingParams, Targets,

@@ -159,10 +159,10 @@ fn explain(msg: &str) -> String {
         return msg;
     };
     let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
-    if let Some((_, now)) = MOVED
-        .iter()
-        .find(|(old, _)| old.rsplit('.').next() == Some(unknown) && msg.contains(&format!("in `{}`", old.split('.').next().unwrap_or(""))))
-    {
+    if let Some((_, now)) = MOVED.iter().find(|(old, _)| {
+        old.rsplit('.').next() == Some(unknown)
+            && msg.contains(&format!("in `{}`", old.split('.').next().unwrap_or("")))
+    }) {
         return format!("{msg}; it is now `{now}`");
     }
     match closest(unknown, &candidates) {

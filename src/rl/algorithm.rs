@@ -97,14 +97,20 @@ mod tests {
         let mut cfg = RlConfig::default();
         let ppo = AlgorithmSpec::of(&cfg);
         assert!(ppo.needs_critic && ppo.kl == KlPlacement::InReward);
-        assert!(ppo.needs_reference(0.0), "PPO's reward always has the KL term");
+        assert!(
+            ppo.needs_reference(0.0),
+            "PPO's reward always has the KL term"
+        );
         cfg.rl.algorithm = Algorithm::Grpo;
         let grpo = AlgorithmSpec::of(&cfg);
         assert_eq!(grpo.kl_estimator, KlEstimator::K3);
         assert!(!grpo.needs_reference(0.0) && grpo.needs_reference(0.04));
         cfg.rl.num_ppo_epochs = 1;
         assert!(grpo.old_logprobs_from_update(&cfg, false));
-        assert!(!grpo.old_logprobs_from_update(&cfg, true), "dropout: the update's pass differs");
+        assert!(
+            !grpo.old_logprobs_from_update(&cfg, true),
+            "dropout: the update's pass differs"
+        );
         cfg.rl.algorithm = Algorithm::Rloo;
         let rloo = AlgorithmSpec::of(&cfg);
         assert!(!rloo.needs_critic && rloo.advantages == AdvantageKind::LeaveOneOut);

@@ -82,7 +82,10 @@ pub fn collect(
     let mut timing = Timing::default();
     let model = actors.model;
     let dev = model.info().device.clone();
-    let (g, mb) = (cfg.rl.num_generations, cfg.training.per_device_train_batch_size);
+    let (g, mb) = (
+        cfg.rl.num_generations,
+        cfg.training.per_device_train_batch_size,
+    );
     let temperature = cfg.generation.temperature;
     // Each prompt repeated num_generations times (consecutive groups).
     let prompt_index: Vec<usize> = req

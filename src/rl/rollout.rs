@@ -115,7 +115,17 @@ pub fn score(
     want_entropy: Entropy,
 ) -> Result<Scored> {
     let hidden = model.forward_hidden(input, ctx, None)?;
-    score_hidden_states(model, ctx, &hidden, input, p_len, r_len, temperature, head, want_entropy)
+    score_hidden_states(
+        model,
+        ctx,
+        &hidden,
+        input,
+        p_len,
+        r_len,
+        temperature,
+        head,
+        want_entropy,
+    )
 }
 
 /// [`score`] from the final hidden states of `input` (a caller that runs the forward itself,

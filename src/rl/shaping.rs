@@ -79,9 +79,8 @@ pub fn shape(spec: &AlgorithmSpec, r: &RlSection, beta: f64, x: ShapeInputs) -> 
     let n = x.lens.len();
     let kl = token_kl(spec.kl_estimator, x.lens, x.logp_old, x.logp_ref);
     let mask: Vec<Vec<bool>> = x.lens.iter().map(|&l| vec![true; l]).collect();
-    let per_token = |a: &[f64]| -> Vec<Vec<f64>> {
-        x.lens.iter().zip(a).map(|(&l, &v)| vec![v; l]).collect()
-    };
+    let per_token =
+        |a: &[f64]| -> Vec<Vec<f64>> { x.lens.iter().zip(a).map(|(&l, &v)| vec![v; l]).collect() };
     let (advantages, returns) = match spec.advantages {
         AdvantageKind::Gae => {
             // Per-token reward: r_t = −β·KL_t, plus the score on the last token.

@@ -207,7 +207,14 @@ impl RlStage<'_> {
         };
         let model = self.pre.model.as_ref();
         let tok = &self.pre.tokenizer;
-        Ok(Some(evaluate(model, Some(&self.policy), tok, ep, &self.rewards, self.cfg)?))
+        Ok(Some(evaluate(
+            model,
+            Some(&self.policy),
+            tok,
+            ep,
+            &self.rewards,
+            self.cfg,
+        )?))
     }
 }
 
@@ -342,7 +349,8 @@ impl Stage for RlStage<'_> {
         if old_from_update {
             // The step's KL, from the log-probs the update computed.
             x.logp_old = std::mem::take(&mut trained.logp_from_update);
-            shaped.kl = shaping::token_kl(spec.kl_estimator, &x.lens, &x.logp_old, x.logp_ref.as_ref());
+            shaped.kl =
+                shaping::token_kl(spec.kl_estimator, &x.lens, &x.logp_old, x.logp_ref.as_ref());
         }
         // 4. The KL controller, metrics and the rollout log.
         self.kl_ctl.update(shaped.mean_kl(), x.rollouts.len());
@@ -489,7 +497,14 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
         eval_before: None,
         eval_after: None,
     };
-    let out = stage::run(&mut stage, t, &config_json, resume.as_ref(), &device, opts.quiet)?;
+    let out = stage::run(
+        &mut stage,
+        t,
+        &config_json,
+        resume.as_ref(),
+        &device,
+        opts.quiet,
+    )?;
     Ok(RlOutcome {
         output: out.output,
         steps: out.steps,

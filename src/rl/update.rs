@@ -14,8 +14,8 @@ use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rlft_policies::logprobs::Entropy;
 use rlft_policies::backward::backward_from_hidden;
+use rlft_policies::logprobs::Entropy;
 use rlft_policies::ForwardCtx;
 use std::ops::AddAssign;
 use std::sync::Mutex;
@@ -267,7 +267,9 @@ fn mini_batch_update(
         )?;
         let p = terms.expect("the loss closure ran");
         // A separate critic: the value loss from its own hidden states.
-        if let (Some(c), Some(h), Some((vold, ret))) = (actors.critic, actors.value_head, &value_targets) {
+        if let (Some(c), Some(h), Some((vold, ret))) =
+            (actors.critic, actors.value_head, &value_targets)
+        {
             let critic_ctx = ForwardCtx::train(Some(c), plan.dropout);
             let mut vf = None;
             backward_from_hidden::<anyhow::Error>(

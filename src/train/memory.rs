@@ -186,11 +186,23 @@ mod tests {
         let e = check_against(100 * mib, 150 * mib, Some(80 * mib), "a batch", "the batch")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("lower the batch, or set training.gradient_checkpointing = true"), "{e}");
-        let e = check_against(100 * mib, 150 * mib, Some(120 * mib), "a batch", "the batch")
-            .unwrap_err()
-            .to_string();
-        assert!(!e.contains("gradient_checkpointing"), "it would not fit: {e}");
+        assert!(
+            e.contains("lower the batch, or set training.gradient_checkpointing = true"),
+            "{e}"
+        );
+        let e = check_against(
+            100 * mib,
+            150 * mib,
+            Some(120 * mib),
+            "a batch",
+            "the batch",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            !e.contains("gradient_checkpointing"),
+            "it would not fit: {e}"
+        );
         assert!(check_against(100 * mib, 50 * mib, None, "a batch", "the batch").is_ok());
     }
 

@@ -150,7 +150,10 @@ pub fn run(
     let name = stage.name();
     let params = stage.params();
     // 1. Resume: optimizer state, step, data and dropout positions.
-    let mut updater = Updater::new(Optimizer::new(t.optimizer_kind(), params.clone()), t.max_grad_norm);
+    let mut updater = Updater::new(
+        Optimizer::new(t.optimizer_kind(), params.clone()),
+        t.max_grad_norm,
+    );
     let dropout_rng = Mutex::new(ChaCha8Rng::seed_from_u64(t.seed.wrapping_add(1)));
     let (mut step, mut position) = (0u64, 0u64);
     if let Some(r) = resume {
@@ -175,7 +178,13 @@ pub fn run(
     let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
     super::check_disk_space(&t.output_dir, n_params)?;
     for need in stage.memory_needs(n_params) {
-        super::memory::check(device, need.bytes, need.with_checkpointing, &need.what, &need.lower)?;
+        super::memory::check(
+            device,
+            need.bytes,
+            need.with_checkpointing,
+            &need.what,
+            &need.lower,
+        )?;
     }
     // 3. The schedule and the run folder.
     let (per_epoch, per_step) = stage.batches();
@@ -236,7 +245,11 @@ pub fn run(
         // after too many bad steps (then with the last good state).
         let too_many_bad = bad_steps >= t.max_bad_steps.max(1);
         let stop = super::interrupt::requested() && step < total_steps;
-        if (t.save_steps > 0 && step % t.save_steps == 0) || step == total_steps || stop || too_many_bad {
+        if (t.save_steps > 0 && step % t.save_steps == 0)
+            || step == total_steps
+            || stop
+            || too_many_bad
+        {
             let dir = save(&*stage, step, position, &updater)?;
             if too_many_bad {
                 telemetry::finish_progress();

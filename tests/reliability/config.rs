@@ -157,5 +157,8 @@ bad_input!(zero_save_total_limit, |d| case(
 bad_input!(rl_eval_steps_moved_to_training, |d| case(
     "rl.eval_steps (one eval_steps: training.eval_steps)",
     ppo(&out(d), &[s("rl.eval_steps=5")]),
-    &["unknown field `eval_steps`", "it is now `training.eval_steps`"],
+    &[
+        "unknown field `eval_steps`",
+        "it is now `training.eval_steps`"
+    ],
 ));
