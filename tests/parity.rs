@@ -181,3 +181,36 @@ fn bf16_and_f16_stay_close_to_f32() {
         }
     }
 }
+
+/// On the CPU a bf16/f16 model keeps its matrices (linear weights, embeddings) in half
+/// precision, its vectors in f32, and computes in f32: its log-probs equal, to f32
+/// rounding, those of the f32 model whose matrices were rounded to that dtype.
+#[test]
+fn half_precision_weights_compute_in_f32() {
+    for m in FAMILIES {
+        let r = reference(m);
+        let case = &r["lora"]["outputs"][1];
+        let ids = u32s(&case["input_ids"]);
+        for dt in [DType::BF16, DType::F16] {
+            let mut half = load(m, dt);
+            assert_eq!(half.model.info().dtype, DType::F32, "{m} {dt:?}");
+            assert_eq!(half.model.info().weight_dtype, dt);
+            for (name, t) in half.model.params_mut() {
+                let want = if t.rank() >= 2 { dt } else { DType::F32 };
+                assert_eq!(t.dtype(), want, "{m} {dt:?} {name}");
+            }
+            let mut rounded = load(m, DType::F32);
+            for (_, t) in rounded.model.params_mut() {
+                if t.rank() >= 2 {
+                    *t = t.to_dtype(dt).unwrap().to_dtype(DType::F32).unwrap();
+                }
+            }
+            rounded.model.sync_tied();
+            let (ah, ar) = (load_adapter(m, &half), load_adapter(m, &rounded));
+            let got = score(half.model.as_ref(), Some(&ah), &[ids.clone()], 0, 1.0).unwrap();
+            let want = score(rounded.model.as_ref(), Some(&ar), &[ids.clone()], 0, 1.0).unwrap();
+            let err = max_abs_diff(&got[0], &want[0]);
+            assert!(err < 1e-5, "{m} {dt:?}: {err}");
+        }
+    }
+}

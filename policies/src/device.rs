@@ -38,3 +38,14 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         ))),
     }
 }
+
+/// The dtype a model whose weights are in `dtype` computes in on `device`: on the CPU a
+/// bf16/f16 model stores its matrices in half precision and runs in f32 (the CPU has no
+/// fast half-precision arithmetic besides widening loads; `ops::half_weight`); on a GPU
+/// everything runs in the weights' dtype.
+pub fn activation_dtype(dtype: DType, device: &Device) -> DType {
+    match dtype {
+        DType::BF16 | DType::F16 if device.is_cpu() => DType::F32,
+        d => d,
+    }
+}

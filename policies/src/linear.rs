@@ -79,11 +79,14 @@ pub struct Embedding {
 }
 
 impl Embedding {
-    /// `ids`: [b, t] u32 → [b, t, hidden].
+    /// `ids`: [b, t] u32 → [b, t, hidden], in the activation dtype (a half-precision table
+    /// on the CPU is widened row by row here).
     pub fn forward(&self, ids: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        ctx.param(&self.weight)
+        let w = &self.weight;
+        ctx.param(w)
             .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(crate::device::activation_dtype(w.dtype(), w.device()))?
             .reshape((b, t, ()))
     }
 }

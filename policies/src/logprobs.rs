@@ -10,7 +10,8 @@
 //! not trained — the steps after `hidden` run a chunk of rows at a time
 //! ([`crate::ops::head_logprob`]: the backward recomputes each chunk's logits, or keeps the
 //! one chunk's when all rows fit in one), so the `[b·n, V]` logits never exist whole beyond
-//! a chunk's 64 MiB. Otherwise (an adapter on the head, a trainable head, bf16/f16, CUDA) the
+//! a chunk's 64 MiB (a bf16/f16 head on the CPU too: f32 hidden states, `ops::half_weight`).
+//! Otherwise (an adapter on the head, a trainable head, CUDA) the
 //! whole logits are computed as before. [`set_head_chunks`] overrides the choice per thread.
 
 use crate::ctx::ForwardCtx;
@@ -52,9 +53,11 @@ fn frozen_head<'m>(
     let head = model.output_head()?;
     let trained = |t: &Tensor| ctx.grad && t.is_variable();
     let adapted = ctx.adapter.is_some_and(|a| a.module(&head.path).is_some());
+    let w = &head.weight;
     let supported = hidden.device().is_cpu()
         && matches!(hidden.dtype(), DType::F32 | DType::F64)
-        && head.weight.dtype() == hidden.dtype();
+        && (w.dtype() == hidden.dtype()
+            || hidden.dtype() == DType::F32 && matches!(w.dtype(), DType::BF16 | DType::F16));
     let ok =
         supported && !adapted && !trained(&head.weight) && !head.bias.as_ref().is_some_and(trained);
     ok.then_some(head)

@@ -17,15 +17,18 @@ pub fn layer_index(name: &str) -> Option<usize> {
 }
 
 /// Replaces every parameter for which `select(name)` holds by a variable and returns them,
-/// named as Hugging Face names them. The others stay frozen (no gradient work).
+/// named as Hugging Face names them. The others stay frozen (no gradient work). Variables
+/// are in the activation dtype: a CPU bf16 model trains f32 copies of what it trains (the
+/// master weights of mixed precision) and keeps the frozen rest in bf16.
 pub fn make_trainable(
     model: &mut dyn CausalLm,
     select: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<(String, Var)>> {
+    let dtype = model.info().dtype;
     let mut vars = Vec::new();
     for (name, t) in model.params_mut() {
         if select(&name) {
-            let v = Var::from_tensor(t)?;
+            let v = Var::from_tensor(&t.to_dtype(dtype)?)?;
             *t = v.as_tensor().clone();
             vars.push((name, v));
         }
@@ -44,8 +47,11 @@ pub fn last_n_layers(num_layers: usize, n: usize) -> impl Fn(&str) -> bool {
     }
 }
 
-/// All parameters under their Hugging Face names and layouts (Conv1D back to `[in, out]`).
+/// All parameters under their Hugging Face names and layouts (Conv1D back to `[in, out]`),
+/// in the dtype the model was loaded in (`weight_dtype`: a CPU bf16 model's f32 vectors
+/// and trained variables go back to bf16, as transformers would save it).
 pub fn export_weights(model: &mut dyn CausalLm) -> Result<Vec<(String, Tensor)>> {
+    let dtype = model.info().weight_dtype;
     let conv1d: Vec<String> = model
         .linears()
         .iter()
@@ -59,7 +65,7 @@ pub fn export_weights(model: &mut dyn CausalLm) -> Result<Vec<(String, Tensor)>>
         } else {
             t.detach()
         };
-        out.push((name, t));
+        out.push((name, t.to_dtype(dtype)?));
     }
     Ok(out)
 }

@@ -1,39 +1,136 @@
 //! Reading tensors from a Hugging Face folder: `model.safetensors`, or the shards listed by
 //! `model.safetensors.index.json`. Every error names the file and the tensor.
+//!
+//! Tensors are read one at a time with plain file reads, not a memory map: a mapped file's
+//! pages count in the process's resident memory as they are touched, so loading an f32
+//! checkpoint into bf16 would peak at the file's size plus the model's. Read, a tensor's
+//! bytes live only until it is converted.
+//!
+//! Dtypes: matrices (rank ≥ 2: linear weights, embeddings) are stored in the requested
+//! dtype; vectors (norm weights, biases) in the activation dtype, [`activation_dtype`]. On
+//! the CPU a bf16/f16 model keeps its matrices in half precision and computes in f32.
 
+use crate::device::activation_dtype;
 use crate::error::{read_json, PolicyError, Result};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Dtype as StDtype, Metadata};
 use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 pub struct WeightFiles {
     /// One open file per shard.
-    shards: Vec<(PathBuf, MmapedSafetensors)>,
+    shards: Vec<Shard>,
     /// Tensor name → shard index.
     index: HashMap<String, usize>,
     /// Shown in "not found" errors.
     describe: PathBuf,
-    dtype: DType,
+    /// Matrices are stored in this dtype.
+    weights: DType,
+    /// Vectors, and every activation, are in this one.
+    activation: DType,
     device: Device,
 }
 
-fn open_shard(path: &Path) -> Result<MmapedSafetensors> {
+/// One safetensors file: its parsed header and the open file the tensors are read from.
+struct Shard {
+    path: PathBuf,
+    file: Mutex<File>,
+    /// Where the data section starts: 8 + the header's length.
+    data_start: u64,
+    meta: Metadata,
+}
+
+fn open_shard(path: &Path) -> Result<Shard> {
     if !path.is_file() {
         return Err(PolicyError::MissingFile {
             path: path.to_path_buf(),
             what: "safetensors weights".into(),
         });
     }
-    // SAFETY: the file is mapped read-only; rlft never writes to a model folder it reads.
-    unsafe { MmapedSafetensors::new(path) }.map_err(|e| PolicyError::Safetensors {
+    let bad = |msg: String| PolicyError::Safetensors {
         path: path.to_path_buf(),
-        msg: e.to_string(),
+        msg,
+    };
+    let mut file = File::open(path).map_err(|e| PolicyError::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| PolicyError::io(path, e))?.len();
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n).map_err(|_| {
+        bad(format!(
+            "{file_len} bytes: too short for a safetensors header"
+        ))
+    })?;
+    let n = u64::from_le_bytes(n);
+    if n > 100 << 20 || 8 + n > file_len {
+        return Err(bad(format!(
+            "header length {n} does not fit in the file's {file_len} bytes (truncated?)"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| bad(format!("reading the header: {e}")))?;
+    let meta: Metadata =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    let data_start = 8 + n;
+    let data_len = meta.data_len() as u64;
+    if data_start + data_len != file_len {
+        return Err(bad(format!(
+            "the header describes {data_len} bytes of tensor data, the file holds {} \
+             (truncated or not a safetensors file)",
+            file_len - data_start
+        )));
+    }
+    Ok(Shard {
+        path: path.to_path_buf(),
+        file: Mutex::new(file),
+        data_start,
+        meta,
     })
 }
 
+impl Shard {
+    fn names(&self) -> Vec<String> {
+        self.meta.tensors().into_keys().collect()
+    }
+
+    /// Reads tensor `name` in its stored dtype.
+    fn load(&self, name: &str, device: &Device) -> std::result::Result<Tensor, String> {
+        let info = self.meta.info(name).ok_or("not in the header")?;
+        let dtype = match info.dtype {
+            StDtype::F64 => DType::F64,
+            StDtype::F32 => DType::F32,
+            StDtype::BF16 => DType::BF16,
+            StDtype::F16 => DType::F16,
+            StDtype::I64 => DType::I64,
+            StDtype::U32 => DType::U32,
+            StDtype::U8 => DType::U8,
+            other => return Err(format!("unsupported dtype {other:?}")),
+        };
+        let (start, end) = info.data_offsets;
+        let numel: usize = info.shape.iter().product();
+        if end - start != numel * dtype.size_in_bytes() {
+            return Err(format!(
+                "{} bytes for shape {:?} in {dtype:?}",
+                end - start,
+                info.shape
+            ));
+        }
+        let mut bytes = vec![0u8; end - start];
+        {
+            let mut f = self.file.lock().map_err(|_| "file lock poisoned")?;
+            f.seek(SeekFrom::Start(self.data_start + start as u64))
+                .and_then(|_| f.read_exact(&mut bytes))
+                .map_err(|e| format!("reading its bytes: {e}"))?;
+        }
+        Tensor::from_raw_buffer(&bytes, dtype, &info.shape, device).map_err(|e| e.to_string())
+    }
+}
+
 impl WeightFiles {
-    /// Opens the weights of `dir`; tensors are converted to `dtype` on `device`.
+    /// Opens the weights of `dir`; matrices are converted to `dtype` on `device`, vectors to
+    /// its [`activation_dtype`].
     pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
@@ -42,10 +139,10 @@ impl WeightFiles {
         let describe;
         if single.is_file() {
             let st = open_shard(&single)?;
-            for (name, _) in st.tensors() {
+            for name in st.names() {
                 index.insert(name, 0);
             }
-            shards.push((single.clone(), st));
+            shards.push(st);
             describe = single;
         } else if index_path.is_file() {
             let json: serde_json::Value = read_json(&index_path)?;
@@ -60,7 +157,7 @@ impl WeightFiles {
             for f in files {
                 file_idx.insert(f.to_string(), shards.len());
                 let p = dir.join(f);
-                shards.push((p.clone(), open_shard(&p)?));
+                shards.push(open_shard(&p)?);
             }
             for (name, f) in map {
                 let f = f.as_str().ok_or_else(|| {
@@ -86,7 +183,8 @@ impl WeightFiles {
             shards,
             index,
             describe,
-            dtype,
+            weights: dtype,
+            activation: activation_dtype(dtype, device),
             device: device.clone(),
         })
     }
@@ -99,15 +197,30 @@ impl WeightFiles {
         self.index.keys()
     }
 
+    /// The dtype activations (and vectors) are in: what the model computes in.
     pub fn dtype(&self) -> DType {
-        self.dtype
+        self.activation
+    }
+
+    /// The dtype matrices are stored in: what was asked for.
+    pub fn weight_dtype(&self) -> DType {
+        self.weights
+    }
+
+    /// The dtype a tensor of `rank` is kept in.
+    fn dtype_for(&self, rank: usize) -> DType {
+        if rank >= 2 {
+            self.weights
+        } else {
+            self.activation
+        }
     }
 
     pub fn device(&self) -> &Device {
         &self.device
     }
 
-    /// Loads `name`, checks its shape, converts to the model dtype.
+    /// Loads `name`, checks its shape, converts to the dtype of its rank.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.get_raw(name)?;
         if t.dims() != shape {
@@ -118,12 +231,13 @@ impl WeightFiles {
                 expected: shape.to_vec(),
             });
         }
-        Ok(t.to_dtype(self.dtype)?)
+        Ok(t.to_dtype(self.dtype_for(t.rank()))?)
     }
 
-    /// Loads `name` whatever its shape, converted to the model dtype.
+    /// Loads `name` whatever its shape, converted to the dtype of its rank.
     pub fn get_any_shape(&self, name: &str) -> Result<Tensor> {
-        Ok(self.get_raw(name)?.to_dtype(self.dtype)?)
+        let t = self.get_raw(name)?;
+        Ok(t.to_dtype(self.dtype_for(t.rank()))?)
     }
 
     /// The first of `names` present (for checkpoints that differ by a prefix).
@@ -140,7 +254,7 @@ impl WeightFiles {
 
     fn path_of(&self, name: &str) -> PathBuf {
         match self.index.get(name) {
-            Some(&i) => self.shards[i].0.clone(),
+            Some(&i) => self.shards[i].path.clone(),
             None => self.describe.clone(),
         }
     }
@@ -161,10 +275,11 @@ impl WeightFiles {
                 hint,
             });
         };
-        let (path, st) = &self.shards[i];
-        st.load(name, &self.device)
+        let shard = &self.shards[i];
+        shard
+            .load(name, &self.device)
             .map_err(|e| PolicyError::Safetensors {
-                path: path.clone(),
+                path: shard.path.clone(),
                 msg: format!("tensor `{name}`: {e}"),
             })
     }

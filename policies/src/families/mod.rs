@@ -41,7 +41,11 @@ pub struct ModelInfo {
     /// Module path of the output projection (`lm_head`), excluded from `all-linear`.
     pub output_head: String,
     pub tie_word_embeddings: bool,
+    /// What activations are in and the model computes in (f32 on the CPU for a bf16/f16
+    /// model: [`crate::device::activation_dtype`]).
     pub dtype: DType,
+    /// What the matrices (linear weights, embeddings) are stored in: the dtype asked for.
+    pub weight_dtype: DType,
     pub device: Device,
 }
 

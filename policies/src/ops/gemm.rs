@@ -4,7 +4,8 @@
 //! measurements in docs/performance.md: small-model decoding 1,900 → 4,500 tokens/s on one
 //! thread, while a 1024-wide model decodes 1.5× faster on two. So: one thread when the
 //! weight has fewer than `PARALLEL_MIN_WEIGHT` elements, all of them otherwise. Off the
-//! CPU, or for dtypes other than f32, candle's matmul.
+//! CPU, or for dtypes other than f32, candle's matmul; a bf16/f16 weight times f32 inputs on
+//! the CPU goes to [`super::half_weight`].
 
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 
@@ -22,6 +23,9 @@ pub(crate) fn cpu_f32(ts: &[&Tensor]) -> bool {
 
 /// `a · bᵀ` (`transpose_b`) or `a · b`, no gradient: `a` [m, k]; `b` [n, k] or [k, n].
 pub fn matmul(a: &Tensor, b: &Tensor, transpose_b: bool) -> Result<Tensor> {
+    if super::half_weight::applies(a, b) {
+        return super::half_weight::matmul(a, b, transpose_b);
+    }
     if transpose_b {
         if let Some(out) = few_rows(a, b)? {
             return Ok(out);
@@ -78,26 +82,45 @@ pub fn matmul_t_f32(x: &[f32], m: usize, k: usize, w: &Tensor) -> Result<Vec<f32
 /// readable, and `dst` must have room for m·n values.
 unsafe fn gemm_f32(
     dst: *mut f32,
+    mnk: (usize, usize, usize),
+    a: (*const f32, isize, isize),
+    b: (*const f32, isize, isize),
+    parallelism: gemm::Parallelism,
+) {
+    gemm_f32_strided(dst, mnk.1 as isize, false, mnk, a, b, parallelism)
+}
+
+/// `dst = a · b` (or `dst += a · b` with `accumulate`) for a row-major `dst` whose rows are
+/// `dst_rs` apart, `a` and `b` as in [`gemm_f32`].
+///
+/// # Safety
+/// As [`gemm_f32`]; `dst[i·dst_rs + j]` must be writable (and initialized with
+/// `accumulate`) for i < m, j < n.
+pub(super) unsafe fn gemm_f32_strided(
+    dst: *mut f32,
+    dst_rs: isize,
+    accumulate: bool,
     (m, n, k): (usize, usize, usize),
     (a, a_cs, a_rs): (*const f32, isize, isize),
     (b, b_cs, b_rs): (*const f32, isize, isize),
     parallelism: gemm::Parallelism,
 ) {
+    // gemm: dst = alpha·dst + beta·a·b, dst read only when read_dst.
     gemm::gemm(
         m,
         n,
         k,
         dst,
         1,
-        n as isize,
-        false,
+        dst_rs,
+        accumulate,
         a,
         a_cs,
         a_rs,
         b,
         b_cs,
         b_rs,
-        0.0,
+        if accumulate { 1.0 } else { 0.0 },
         1.0,
         false,
         false,
@@ -106,7 +129,7 @@ unsafe fn gemm_f32(
     );
 }
 
-fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+pub(super) fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     if n * k >= PARALLEL_MIN_WEIGHT || m * n * k >= PARALLEL_MIN_MACS {
         match candle_core::utils::get_num_threads() {
             t if t > 1 => gemm::Parallelism::Rayon(t),

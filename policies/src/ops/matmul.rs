@@ -6,9 +6,11 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 /// `x`: [n, in], `w`: [out, in] (not a variable) → [n, out].
 pub fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if x.track_op() && super::gemm::cpu_f32(&[x, w]) && x.rank() == 2 && w.rank() == 2 {
+    let cpu_f32 = x.track_op() && super::gemm::cpu_f32(&[x, w]) && x.rank() == 2 && w.rank() == 2;
+    if cpu_f32 || super::half_weight::applies(x, w) {
         // In training on the CPU the product is the op's own forward: no copy of the
-        // output into the graph, as a bridge would make.
+        // output into the graph, as a bridge would make. A bf16/f16 weight with f32
+        // inputs always takes this op (candle's matmul wants one dtype).
         return x
             .contiguous()?
             .apply_op1(FrozenLinear { w: w.contiguous()? });
@@ -30,7 +32,8 @@ impl Backward1 for FrozenBwd {
     }
 }
 
-/// The CPU f32 frozen linear as a custom op (forward by `gemm::matmul_t_f32`).
+/// The CPU frozen linear as a custom op (forward by `gemm::matmul_t_f32`, or
+/// `half_weight::matmul_t` for a bf16/f16 weight).
 struct FrozenLinear {
     w: Tensor,
 }
@@ -45,7 +48,10 @@ impl CustomOp1 for FrozenLinear {
         };
         let (m, k) = l.shape().dims2()?;
         let x = &xv[l.start_offset()..l.start_offset() + m * k];
-        let out = super::gemm::matmul_t_f32(x, m, k, &self.w)?;
+        let out = match self.w.dtype() {
+            candle_core::DType::F32 => super::gemm::matmul_t_f32(x, m, k, &self.w)?,
+            _ => super::half_weight::matmul_t(x, m, k, &self.w)?,
+        };
         let n = out.len() / m.max(1);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }

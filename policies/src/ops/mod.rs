@@ -4,6 +4,7 @@
 
 pub mod bridge;
 pub mod gemm;
+pub mod half_weight;
 pub mod head_logprob;
 pub mod logprob;
 pub mod matmul;

@@ -118,6 +118,7 @@ impl Gpt2 {
             output_head: "lm_head".into(),
             tie_word_embeddings: true,
             dtype: w.dtype(),
+            weight_dtype: w.weight_dtype(),
             device: w.device().clone(),
         };
         Ok(Self {

@@ -103,6 +103,7 @@ impl RotaryDecoder {
             output_head: "lm_head".into(),
             tie_word_embeddings: spec.tie_word_embeddings,
             dtype: w.dtype(),
+            weight_dtype: w.weight_dtype(),
             device: w.device().clone(),
         };
         Ok(Self {
