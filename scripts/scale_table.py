@@ -31,12 +31,20 @@ def rss(v):
     return f"{v['peak_rss_mb'] / 1024:.2f} GB" if ok(v) else "–"
 
 
+def estimate(v):
+    """rlft's memory estimate (train/memory.rs) against its measured peak, W5 only."""
+    if not ok(v) or v.get("memory_estimate_mb") is None:
+        return "–"
+    e = v["memory_estimate_mb"]
+    return f"{e / 1024:.2f} GB ({(e / v['peak_rss_mb'] - 1) * 100:+.0f}%)"
+
+
 def other(v):
     return f"{v['other_procs_cpu_cores']:.2f}" if ok(v) and v.get("other_procs_cpu_cores") is not None else "–"
 
 
-print("| row | rlft | PyTorch | rlft / PyTorch | peak RSS rlft | peak RSS PyTorch | RSS ratio | other CPU (cores) |")
-print("|---|---|---|---|---|---|---|---|")
+print("| row | rlft | PyTorch | rlft / PyTorch | peak RSS rlft | peak RSS PyTorch | RSS ratio | rlft's estimate (vs its peak) | other CPU (cores) |")
+print("|---|---|---|---|---|---|---|---|---|")
 for name, r in rows.items():
     a, b = r.get("rlft"), r.get("pytorch")
     w5 = name.startswith("W5")
@@ -44,4 +52,4 @@ for name, r in rows.items():
     both = ok(a) and ok(b)
     ratio = f"{a[key] / b[key]:.2f}× {'time' if w5 else 'speed'}" if both else "–"
     rr = f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}" if both else "–"
-    print(f"| {name} ({unit}) | {cell(a, key)} | {cell(b, key)} | {ratio} | {rss(a)} | {rss(b)} | {rr} | {other(a)} / {other(b)} |")
+    print(f"| {name} ({unit}) | {cell(a, key)} | {cell(b, key)} | {ratio} | {rss(a)} | {rss(b)} | {rr} | {estimate(a)} | {other(a)} / {other(b)} |")

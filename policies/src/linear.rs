@@ -31,6 +31,33 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let x2 = x.reshape(((), self.in_features()))?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("linear input has a last dim") = self.out_features();
+        let lora = ctx
+            .adapter
+            .and_then(|a| a.module(&self.path).map(|m| (a, m)));
+        if let Some((adapter, module)) = lora {
+            let (a, b) = (
+                ctx.param(module.a.as_tensor()),
+                ctx.param(module.b.as_tensor()),
+            );
+            if crate::ops::lora_linear::applies(&x2, &self.weight, self.bias.as_ref(), &a, &b) {
+                // One op for base + adapter (ops::lora_linear): one output in the graph.
+                let p = adapter.config.lora_dropout;
+                let mask = ctx.dropout_mask(p, x2.elem_count());
+                let w = self.weight.detach();
+                let y = crate::ops::lora_linear::lora_linear(
+                    &x2,
+                    &w,
+                    self.bias.as_ref(),
+                    &a,
+                    &b,
+                    adapter.scale(),
+                    mask,
+                )?;
+                return y.reshape(out_dims);
+            }
+        }
         let mut y = if self.weight.is_variable() && ctx.grad {
             x2.matmul(&self.weight.t()?)?
         } else {
@@ -40,16 +67,10 @@ impl Linear {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&ctx.param(b))?;
         }
-        if let Some(lora) = ctx
-            .adapter
-            .and_then(|a| a.module(&self.path).map(|m| (a, m)))
-        {
-            let (adapter, module) = lora;
+        if let Some((adapter, module)) = lora {
             let delta = module.delta(&x2, adapter.scale(), adapter.config.lora_dropout, ctx)?;
             y = (y + delta.to_dtype(x.dtype())?)?;
         }
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("linear input has a last dim") = self.out_features();
         y.reshape(out_dims)
     }
 

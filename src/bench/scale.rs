@@ -100,6 +100,8 @@ pub fn w5(
     if t < 2 {
         bail!("W5 needs sequences of at least 2 tokens");
     }
+    let rss_before =
+        crate::train::memory::proc_kb("/proc/self/status", "VmRSS:").unwrap_or(0) << 10;
     let t_load = Instant::now();
     let pre = Pretrained::load(dir, dtype, dev)?;
     let model = pre.model.as_ref();
@@ -108,6 +110,11 @@ pub fn w5(
     let load_s = t_load.elapsed().as_secs_f64();
     let params = adapter.named_vars();
     let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+    // What the memory check would predict for this step: the process before loading, the
+    // weights, and `training_bytes` (activations, logits, trainable state).
+    let estimate = rss_before
+        + crate::train::memory::weight_bytes(model)
+        + crate::train::memory::training_bytes(model, b, t, trainable, checkpointing);
     // torch.optim.AdamW's defaults (the twin's optimizer), lr 1e-4.
     let mut opt = Optimizer::new(
         OptimizerKind::AdamW {
@@ -158,6 +165,7 @@ pub fn w5(
         "samples_per_s": b as f64 / s, "steps_s": total, "phases": phases, "batch": b, "seq": t,
         "gradient_checkpointing": checkpointing, "trainable_params": trainable,
         "loss": last_loss, "load_s": load_s,
+        "memory_estimate_mb": estimate as f64 / (1u64 << 20) as f64,
     }))
 }
 

@@ -12,13 +12,24 @@ use rlft_policies::CausalLm;
 /// Overrides the detected available memory (MiB): for a machine shared with other jobs.
 pub const LIMIT_ENV: &str = "RLFT_MEMORY_LIMIT_MB";
 
-/// Bytes of activations a forward + backward pass keeps for `batch` rows of `seq` tokens:
-/// per token and layer, every linear layer's input and output, about six hidden-size
-/// vectors (norms, residuals, RoPE) and one attention-probability row per head
-/// (`seq` entries; heads ≈ hidden / 64), plus logits, log-softmax and their gradient over
-/// the vocabulary (one chunk of rows where the head is chunked); all f32. With `checkpointing`, the layers keep only their input (one
-/// hidden-size vector each) and one layer's full set is alive at a time, in the recompute.
-/// A lower bound: candle's temporaries come on top.
+/// Bytes of activations a forward + backward pass keeps for `batch` rows of `seq` tokens,
+/// all f32, counted per token and layer as the ops leave them in the graph:
+///
+/// - every linear layer's output once where the LoRA layer is one op (CPU, f32
+///   activations: `ops::lora_linear`), four times where it is composed (base product,
+///   `xa Bᵀ`, its scaled copy, the sum);
+/// - six hidden-size vectors (two norm outputs, two residual sums, the rotated queries, the
+///   attention output), two of the MLP's width (its activation and product), and three
+///   attention rows per head (`seq` entries each: scores, masked scores, probabilities;
+///   heads ≈ hidden / 64);
+///
+/// plus one more layer's worth for the gradients in flight in the backward. With
+/// `checkpointing` the layers keep only their input (one hidden-size vector each) and one
+/// layer's set is alive at a time, twice (the recompute and its gradients). Then the final
+/// norm's output and the logits, their softmax and gradient over the vocabulary (one chunk
+/// of rows where the head is chunked: a frozen head on the CPU, `ops::head_logprob`), and
+/// the trainable values, gradients and AdamW's two moments. Weights: [`weight_bytes`].
+/// Calibrated on W5 (docs/performance.md: within 25% of the measured peak).
 pub fn training_bytes(
     model: &dyn CausalLm,
     batch: usize,
@@ -27,39 +38,58 @@ pub fn training_bytes(
     checkpointing: bool,
 ) -> u64 {
     let info = model.info();
-    let head = model
+    let blocks: Vec<_> = model
         .linears()
-        .iter()
-        .filter(|l| l.path == info.output_head)
-        .map(|l| l.in_features() + l.out_features())
-        .sum::<usize>();
-    let blocks: usize = model
-        .linears()
-        .iter()
-        .map(|l| l.in_features() + l.out_features())
-        .sum::<usize>()
-        - head;
-    let heads = (info.hidden_size / 64).max(1);
+        .into_iter()
+        .filter(|l| l.path != info.output_head)
+        .collect();
     let layers = info.num_layers.max(1);
-    let per_layer = blocks / layers + 6 * info.hidden_size + heads * seq;
+    let h = info.hidden_size;
+    let fused = info.device.is_cpu() && info.dtype == DType::F32;
+    let outputs = blocks.iter().map(|l| l.out_features()).sum::<usize>() / layers;
+    let width = blocks.iter().map(|l| l.out_features()).max().unwrap_or(h);
+    let heads = (h / 64).max(1);
+    let per_layer = outputs * if fused { 1 } else { 4 } + 6 * h + 2 * width + 3 * heads * seq;
     let kept = if checkpointing {
-        layers * info.hidden_size + per_layer
+        layers * h + 2 * per_layer
     } else {
-        layers * per_layer
+        (layers + 1) * per_layer
     };
     let tokens = batch * seq;
-    // Logits, their softmax and gradient: over every token, or, where the head is computed in
-    // chunks of rows (a frozen head on the CPU in f32/f64, `ops::head_logprob`), over one
-    // chunk at a time.
     let chunked = info.device.is_cpu() && matches!(info.dtype, DType::F32 | DType::F64);
     let logit_rows = if chunked {
         tokens.min(chunk_rows(info.vocab_size))
     } else {
         tokens
     };
-    let floats = tokens * (kept + head) + 3 * logit_rows * info.vocab_size;
-    // Trainable values, their gradients and AdamW's two moments.
+    let floats = tokens * (kept + h) + 3 * logit_rows * info.vocab_size;
     (4 * (floats + 4 * trainable)) as u64
+}
+
+/// Bytes of the model's weights as loaded: every linear layer (a tied head shares the
+/// embedding's storage and is counted once, as the head) and the input embeddings when
+/// untied, in their dtypes; norms are negligible. Plus, for half-precision matrices on the
+/// CPU, each thread's widening buffer (`ops::half_weight::BLOCK_ELEMS` f32 values).
+pub fn weight_bytes(model: &dyn CausalLm) -> u64 {
+    let info = model.info();
+    let bytes = |t: &rlft_policies::candle_core::Tensor| t.elem_count() * t.dtype().size_in_bytes();
+    let linears: usize = model
+        .linears()
+        .iter()
+        .map(|l| bytes(&l.weight) + l.bias.as_ref().map_or(0, bytes))
+        .sum();
+    let embed = if info.tie_word_embeddings {
+        0
+    } else {
+        info.vocab_size * info.hidden_size * info.weight_dtype.size_in_bytes()
+    };
+    let scratch = if info.device.is_cpu() && matches!(info.weight_dtype, DType::BF16 | DType::F16) {
+        4 * rlft_policies::ops::half_weight::BLOCK_ELEMS
+            * rlft_policies::candle_core::utils::get_num_threads()
+    } else {
+        0
+    };
+    (linears + embed + scratch) as u64
 }
 
 /// Bytes of the KV cache and last-step logits when generating `batch` rows of `seq` tokens.
@@ -219,22 +249,31 @@ mod tests {
     #[test]
     fn estimates_follow_the_formula() {
         let m = tiny();
-        // Per layer: q 64→64, k 64→32, v 64→32, o 64→64, gate/up 64→128, down 128→64;
-        // lm_head 64→512.
-        let per_layer = 128 + 96 + 96 + 128 + 192 + 192 + 192;
+        // Per layer the outputs of q 64, k 32, v 32, o 64, gate 128, up 128, down 64 (one
+        // each: the fused LoRA layer on the CPU in f32), 6 × 64 hidden-size vectors, 2 × 128
+        // of the MLP's width, 3 attention rows of t for 64/64 = 1 head.
         let (b, t) = (4, 10);
-        let layer = per_layer + 6 * 64 + t;
-        let per_token = 2 * layer + 576 + 3 * 512;
+        let layer = 512 + 6 * 64 + 2 * 128 + 3 * t;
+        // 3 layers' worth (2 kept + 1 in flight), the final norm's 64, 3 × 512 logits.
+        let per_token = 3 * layer + 64;
         assert_eq!(
             training_bytes(m.as_ref(), b, t, 100, false),
-            (4 * (b * t * per_token + 400)) as u64
+            (4 * (b * t * per_token + 3 * b * t * 512 + 400)) as u64
         );
-        // Checkpointed: each layer keeps its 64-wide input; one layer's set is alive.
-        let per_token = 2 * 64 + layer + 576 + 3 * 512;
+        // Checkpointed: each layer keeps its 64-wide input; one layer's set, twice.
+        let per_token = 2 * 64 + 2 * layer + 64;
         assert_eq!(
             training_bytes(m.as_ref(), b, t, 100, true),
-            (4 * (b * t * per_token + 400)) as u64
+            (4 * (b * t * per_token + 3 * b * t * 512 + 400)) as u64
         );
+        // Weights: the linears (lm_head untied: 512 × 64) and the embedding table, f32.
+        let lin = 2 * (64 * 64 + 32 * 64 + 32 * 64 + 64 * 64 + 3 * 128 * 64) + 512 * 64;
+        let embed = if m.info().tie_word_embeddings {
+            0
+        } else {
+            512 * 64
+        };
+        assert_eq!(weight_bytes(m.as_ref()), (4 * (lin + embed)) as u64);
         // KV: 2 layers × (32 + 32) per token.
         assert_eq!(
             generation_bytes(m.as_ref(), b, t),

@@ -7,6 +7,7 @@ pub mod gemm;
 pub mod half_weight;
 pub mod head_logprob;
 pub mod logprob;
+pub mod lora_linear;
 pub mod matmul;
 pub mod norm;
 pub mod rope;

@@ -1,0 +1,278 @@
+//! The LoRA linear layer as one op on the CPU (f32 activations, f32 adapter, a frozen f32 or
+//! bf16/f16 base weight):
+//!
+//! `y = x Wᵀ + b + s · (m ⊙ x) Aᵀ Bᵀ`
+//!
+//! computed as `x Wᵀ`, `+ b`, then `(s · xa) Bᵀ` accumulated into `y` (`xa = (m ⊙ x) Aᵀ`,
+//! [n, r]), so a layer leaves one [n, out] tensor in the graph where the composed ops leave
+//! four (the base product, `xa Bᵀ`, its scaled copy, the sum): at real size those copies are
+//! most of what a forward keeps for its backward. The backward recomputes `xa` and, with
+//! `g = dy B` [n, r]:
+//!
+//! `dx = dy W + s · m ⊙ (g A)`, `dA = s · gᵀ (m ⊙ x)`, `dB = s · dyᵀ xa`.
+//!
+//! `m` is the inverted-dropout keep-mask (entries 0 or 1/(1−p)), drawn by the caller exactly
+//! where the composed path draws it.
+
+use super::gemm::{gemm_f32_strided, matmul, parallelism};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+/// Whether the fused op computes this layer: CPU, `x` [n, in] f32, a frozen base weight
+/// (f32 or bf16/f16) and bias, an f32 adapter.
+pub fn applies(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Tensor) -> bool {
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    cpu_f32(x)
+        && x.rank() == 2
+        && w.device().is_cpu()
+        && w.rank() == 2
+        && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && !w.is_variable()
+        && bias.is_none_or(|b| cpu_f32(b) && !b.is_variable())
+        && cpu_f32(a)
+        && cpu_f32(b)
+}
+
+/// `x` [n, in], `w` [out, in], `bias` [out], `a` [r, in], `b` [out, r], `scale` = α/r,
+/// `mask` [n·in] → `y` [n, out]; gradients reach `x`, `a` and `b` (when they are tracked).
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<Vec<f32>>,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let mask = mask
+        .map(|m| Tensor::from_vec(m, x.shape(), x.device()))
+        .transpose()?;
+    let op = LoraLinear {
+        w: w.contiguous()?,
+        bias: bias.map(|b| b.to_vec1::<f32>()).transpose()?,
+        scale,
+        mask,
+    };
+    x.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+struct LoraLinear {
+    w: Tensor,
+    bias: Option<Vec<f32>>,
+    scale: f64,
+    mask: Option<Tensor>,
+}
+
+/// A contiguous f32 CPU operand's values.
+fn values<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("lora-linear: {what} must be f32");
+    };
+    if !l.is_contiguous() {
+        candle_core::bail!("lora-linear: {what} must be contiguous");
+    }
+    Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = lx.shape().dims2()?;
+        let (r, ka) = la.shape().dims2()?;
+        let (out, rb) = lb.shape().dims2()?;
+        if ka != k || rb != r || self.w.dims() != [out, k] {
+            candle_core::bail!(
+                "lora-linear: x [{n}, {k}], A [{r}, {ka}], B [{out}, {rb}], W {:?}",
+                self.w.dims()
+            );
+        }
+        let (x, a, b) = (
+            values(sx, lx, "x")?,
+            values(sa, la, "A")?,
+            values(sb, lb, "B")?,
+        );
+        // y = x Wᵀ (+ b), by the frozen linear's own kernels.
+        let mut y = match self.w.dtype() {
+            DType::F32 => super::gemm::matmul_t_f32(x, n, k, &self.w)?,
+            _ => super::half_weight::matmul_t(x, n, k, &self.w)?,
+        };
+        if let Some(bias) = &self.bias {
+            for row in y.chunks_exact_mut(out) {
+                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            }
+        }
+        if n == 0 || r == 0 || k == 0 {
+            return Ok((CpuStorage::F32(y), Shape::from((n, out))));
+        }
+        // xa = (m ⊙ x) Aᵀ, scaled by s: [n, r].
+        let masked;
+        let xd = match &self.mask {
+            Some(m) => {
+                let m = m.flatten_all()?.to_vec1::<f32>()?;
+                masked = x.iter().zip(&m).map(|(x, m)| x * m).collect::<Vec<f32>>();
+                &masked[..]
+            }
+            None => x,
+        };
+        let mut xa: Vec<f32> = Vec::with_capacity(n * r);
+        // SAFETY: xd holds n·k values, A r·k (read as Aᵀ: column stride k); xa has room for
+        // n·r, all written (accumulate = false) before set_len.
+        unsafe {
+            gemm_f32_strided(
+                xa.as_mut_ptr(),
+                r as isize,
+                false,
+                (n, r, k),
+                (xd.as_ptr(), 1, k as isize),
+                (a.as_ptr(), k as isize, 1),
+                parallelism(n, r, k),
+            );
+            xa.set_len(n * r);
+        }
+        let s = self.scale as f32;
+        xa.iter_mut().for_each(|v| *v *= s);
+        // y += (s·xa) Bᵀ.
+        // SAFETY: xa holds n·r values, B out·r (read as Bᵀ: column stride r); y holds n·out
+        // initialized values.
+        unsafe {
+            gemm_f32_strided(
+                y.as_mut_ptr(),
+                out as isize,
+                true,
+                (n, out, r),
+                (xa.as_ptr(), 1, r as isize),
+                (b.as_ptr(), r as isize, 1),
+                parallelism(n, out, r),
+            );
+        }
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let wants_dx = x.track_op();
+        let (x, a, b, dy) = (x.detach(), a.detach(), b.detach(), dy.contiguous()?);
+        let xd = match &self.mask {
+            Some(m) => (&x * m)?,
+            None => x.clone(),
+        };
+        let g = matmul(&dy, &b, false)?; // [n, r]
+        let dx = if wants_dx {
+            let mut lora = (matmul(&g, &a, false)? * self.scale)?;
+            if let Some(m) = &self.mask {
+                lora = (lora * m)?;
+            }
+            Some((matmul(&dy, &self.w, false)? + lora)?)
+        } else {
+            None
+        };
+        let da = (matmul(&g.t()?, &xd, false)? * self.scale)?;
+        let xa = matmul(&xd, &a, true)?;
+        let db = (matmul(&dy.t()?, &xa, false)? * self.scale)?;
+        Ok((dx, Some(da), Some(db)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn vals(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// The fused layer against the composed ops it replaces (candle's matmul, broadcast add,
+    /// mask multiply), in values and in the gradients of x, A and B: with and without a bias
+    /// and a dropout mask, an f32 and a bf16 base, few rows (the row-dot path) and many.
+    #[test]
+    fn fused_equals_the_composed_layer() {
+        let dev = Device::Cpu;
+        let (k, out, r, s) = (24, 19, 4, 0.75);
+        for n in [3, 40] {
+            for wdt in [DType::F32, DType::BF16] {
+                for (with_bias, with_mask) in [(false, false), (true, false), (true, true)] {
+                    let w = Tensor::randn(0f32, 1.0, (out, k), &dev)
+                        .unwrap()
+                        .to_dtype(wdt)
+                        .unwrap();
+                    let bias = with_bias.then(|| Tensor::randn(0f32, 1.0, out, &dev).unwrap());
+                    let mask: Option<Vec<f32>> = with_mask.then(|| {
+                        (0..n * k)
+                            .map(|i| if i % 3 == 0 { 0.0 } else { 1.5 })
+                            .collect()
+                    });
+                    let x = Var::randn(0f32, 1.0, (n, k), &dev).unwrap();
+                    let a = Var::randn(0f32, 0.5, (r, k), &dev).unwrap();
+                    let b = Var::randn(0f32, 0.5, (out, r), &dev).unwrap();
+                    let c = Tensor::randn(0f32, 1.0, (n, out), &dev).unwrap();
+                    let grads = |y: &Tensor| {
+                        let g = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+                        [x.as_tensor(), a.as_tensor(), b.as_tensor()]
+                            .map(|v| vals(g.get(v).unwrap()))
+                    };
+                    let fused =
+                        lora_linear(x.as_tensor(), &w, bias.as_ref(), &a, &b, s, mask.clone())
+                            .unwrap();
+                    // The composed reference, on the widened weight.
+                    let w32 = w.to_dtype(DType::F32).unwrap();
+                    let mut y = x.as_tensor().matmul(&w32.t().unwrap()).unwrap();
+                    if let Some(bias) = &bias {
+                        y = y.broadcast_add(bias).unwrap();
+                    }
+                    let xd = match &mask {
+                        Some(m) => (x.as_tensor()
+                            * Tensor::from_vec(m.clone(), (n, k), &dev).unwrap())
+                        .unwrap(),
+                        None => x.as_tensor().clone(),
+                    };
+                    let delta = (xd
+                        .matmul(&a.t().unwrap())
+                        .unwrap()
+                        .matmul(&b.t().unwrap())
+                        .unwrap()
+                        * s)
+                        .unwrap();
+                    let composed = (y + delta).unwrap();
+                    let what = format!("n={n} {wdt:?} bias={with_bias} mask={with_mask}");
+                    assert!(
+                        max_diff(&vals(&fused), &vals(&composed)) < 1e-4,
+                        "{what}: values"
+                    );
+                    for (i, (gf, gc)) in grads(&fused)
+                        .iter()
+                        .zip(grads(&composed).iter())
+                        .enumerate()
+                    {
+                        assert!(max_diff(gf, gc) < 1e-4, "{what}: gradient {i}");
+                    }
+                }
+            }
+        }
+    }
+}
