@@ -225,6 +225,7 @@ fn resuming_after_an_interruption_is_bit_identical() {
             "adapter.lora_dropout=0.1",
             "training.gradient_checkpointing=true",
         ],
+        &["model.dtype=\"bf16\"", "adapter.lora_dropout=0.1"],
     ] {
         let mut sets = vec![
             "training.save_steps=3",
@@ -380,6 +381,74 @@ fn last_n_layers_leaves_the_frozen_layers_bitwise_unchanged() {
     // The written folder is a loadable model.
     let pre = Pretrained::load(&out.output, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(pre.model.info().num_layers, 2);
+}
+
+/// bf16 on the CPU (matrices stored in bf16, f32 compute): LoRA SFT learns as in f32, and
+/// full training keeps f32 master weights and writes a bf16 folder that loads.
+#[test]
+fn bf16_on_the_cpu_learns_and_full_training_writes_bf16() {
+    let tmp = TempDir::new("sft-bf16");
+    let cfg = config(
+        "llama",
+        &tmp.0,
+        &[
+            "training.max_steps=30",
+            "adapter.lora_dropout=0.0",
+            "model.dtype=\"bf16\"",
+        ],
+    );
+    run(&cfg, &quiet()).unwrap();
+    let losses: Vec<f64> = metrics(&tmp.0)
+        .iter()
+        .filter_map(|r| r["train/loss"].as_f64())
+        .collect();
+    let first: f64 = losses[..3].iter().sum::<f64>() / 3.0;
+    let last: f64 = losses[27..].iter().sum::<f64>() / 3.0;
+    assert!(last < first - 1.0, "bf16: loss {first:.3} → {last:.3}");
+
+    let tmp = TempDir::new("full-bf16");
+    let cfg = config(
+        "gpt2",
+        &tmp.0,
+        &[
+            "adapter.trainable=\"full\"",
+            "training.max_steps=3",
+            "training.learning_rate=1e-3",
+            "model.dtype=\"bf16\"",
+        ],
+    );
+    let out = run(&cfg, &quiet()).unwrap();
+    let after = safetensors::load(out.output.join("model.safetensors"), &Device::Cpu).unwrap();
+    for (name, t) in &after {
+        assert_eq!(t.dtype(), DType::BF16, "{name}");
+    }
+    // Against the fixture's own file, rounded to bf16 (same names and layouts).
+    let before =
+        safetensors::load(fixture("gpt2").join("model.safetensors"), &Device::Cpu).unwrap();
+    let flat = |t: &rlft::policies::candle_core::Tensor| {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let changed = after
+        .iter()
+        .filter(|(name, t)| before.get(*name).is_some_and(|b| flat(b) != flat(t)))
+        .count();
+    assert!(changed > 0, "full bf16 training changed no weight");
+    let o = rlft(&[
+        "logprobs",
+        "--model",
+        out.output.to_str().unwrap(),
+        "--text",
+        "12+35=47",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 #[test]
