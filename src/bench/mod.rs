@@ -49,6 +49,26 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Peak resident memory of this process (VmHWM), MB.
+/// The CPU's vector features that decide which kernels run (gemm's and ours), detected
+/// at run time; `avx512bf16` would be the bf16 dot-product instructions, which no kernel of
+/// rlft uses yet (docs/performance.md).
+pub fn cpu_features() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut found = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! probe {
+            ($($f:tt),*) => {$(
+                if std::arch::is_x86_feature_detected!($f) {
+                    found.push($f);
+                }
+            )*};
+        }
+        probe!("avx2", "fma", "f16c", "avx512f", "avx512bf16");
+    }
+    found
+}
+
 pub fn peak_rss_mb() -> Option<f64> {
     crate::train::memory::proc_kb("/proc/self/status", "VmHWM:").map(|kb| kb as f64 / 1024.0)
 }
@@ -470,6 +490,7 @@ pub fn run_one(job: &Job, work: &Path) -> Result<Value> {
         v["params"] = json!(params);
     }
     v["peak_rss_mb"] = json!(peak_rss_mb());
+    v["cpu_features"] = json!(cpu_features());
     v["other_procs_cpu_cores"] = json!(contention
         .other_cores()
         .map(|c| (c * 100.0).round() / 100.0));
