@@ -1,6 +1,7 @@
 //! Datasets: JSONL files read line by line, with errors naming the file, the line and the
 //! field.
 
+pub mod preference;
 pub mod prompts;
 pub mod sft;
 

@@ -127,7 +127,7 @@ fn finish(
 }
 
 /// Validates `field` as a list of `{role, content}` messages.
-fn messages(row: &Row, field: &str) -> Result<Vec<Value>> {
+pub(crate) fn messages(row: &Row, field: &str) -> Result<Vec<Value>> {
     let Some(Value::Array(list)) = row.fields.get(field) else {
         return Err(row.error(field, "expected a list of {role, content} messages"));
     };
