@@ -87,8 +87,14 @@ mod tests {
                         (c[i], p.chosen_ids(), p.chosen.len()),
                         (r[i], p.rejected_ids(), p.rejected.len()),
                     ] {
-                        let lp = generate::score(pre.model.as_ref(), ad, &[ids.clone()], 0, 1.0)
-                            .unwrap();
+                        let lp = generate::score(
+                            pre.model.as_ref(),
+                            ad,
+                            std::slice::from_ref(&ids),
+                            0,
+                            1.0,
+                        )
+                        .unwrap();
                         let tail: f32 = lp[0][lp[0].len() - len..].iter().sum();
                         let want = if average { tail / len as f32 } else { tail };
                         assert!(
