@@ -131,26 +131,20 @@ fn matmul_t_blocks(x: &[f32], m: usize, k: usize, w: &Tensor, block: usize) -> R
         if k == 0 || n == 0 {
             return Ok(vec![0.0; m * n]);
         }
-        let nb = (block / k).clamp(1, n);
         let mut dst: Vec<f32> = Vec::with_capacity(m * n);
-        with_scratch(nb * k, |buf| {
-            for j0 in (0..n).step_by(nb) {
-                let rb = nb.min(n - j0);
-                let blk = &mut buf[..rb * k];
-                rows.widen_par(j0 * k, blk);
-                // SAFETY: x holds m·k values; blk rb·k (read as its transpose: column stride
-                // k); columns j0..j0+rb of the m × n row-major dst are in its capacity.
-                unsafe {
-                    gemm_f32_strided(
-                        dst.as_mut_ptr().add(j0),
-                        n as isize,
-                        false,
-                        (m, rb, k),
-                        (x.as_ptr(), 1, k as isize),
-                        (blk.as_ptr(), k as isize, 1),
-                        parallelism(m, rb, k),
-                    );
-                }
+        widened_blocks(rows, (n, k), block, |j0, rb, blk| {
+            // SAFETY: x holds m·k values; blk rb·k (read as its transpose: column stride
+            // k); columns j0..j0+rb of the m × n row-major dst are in its capacity.
+            unsafe {
+                gemm_f32_strided(
+                    dst.as_mut_ptr().add(j0),
+                    n as isize,
+                    false,
+                    (m, rb, k),
+                    (x.as_ptr(), 1, k as isize),
+                    (blk.as_ptr(), k as isize, 1),
+                    parallelism(m, rb, k),
+                );
             }
         });
         // SAFETY: the blocks wrote every column of every row (read_dst = false).
@@ -175,29 +169,42 @@ fn matmul_n_blocks(a: &[f32], m: usize, n: usize, w: &Tensor, block: usize) -> R
         if k == 0 || n == 0 || m == 0 {
             return Ok(dst);
         }
-        let nb = (block / k).clamp(1, n);
-        with_scratch(nb * k, |buf| {
-            for j0 in (0..n).step_by(nb) {
-                let rb = nb.min(n - j0);
-                let blk = &mut buf[..rb * k];
-                rows.widen_par(j0 * k, blk);
-                // SAFETY: a's columns j0..j0+rb (row stride n) and blk (rb × k, row-major)
-                // are in bounds; dst holds m·k values (read from the second block on).
-                unsafe {
-                    gemm_f32_strided(
-                        dst.as_mut_ptr(),
-                        k as isize,
-                        j0 > 0,
-                        (m, k, rb),
-                        (a.as_ptr().add(j0), 1, n as isize),
-                        (blk.as_ptr(), 1, k as isize),
-                        parallelism(m, k, rb),
-                    );
-                }
+        widened_blocks(rows, (n, k), block, |j0, rb, blk| {
+            // SAFETY: a's columns j0..j0+rb (row stride n) and blk (rb × k, row-major) are
+            // in bounds; dst holds m·k values (read from the second block on).
+            unsafe {
+                gemm_f32_strided(
+                    dst.as_mut_ptr(),
+                    k as isize,
+                    j0 > 0,
+                    (m, k, rb),
+                    (a.as_ptr().add(j0), 1, n as isize),
+                    (blk.as_ptr(), 1, k as isize),
+                    parallelism(m, k, rb),
+                );
             }
         });
         Ok(dst)
     })
+}
+
+/// `f(j0, rb, block)` for consecutive blocks of `rb` rows of the weight [n, k] (n, k > 0),
+/// each widened to f32 into this thread's scratch buffer; at most `block` values a block.
+fn widened_blocks(
+    rows: HalfRows<'_>,
+    (n, k): (usize, usize),
+    block: usize,
+    mut f: impl FnMut(usize, usize, &[f32]),
+) {
+    let nb = (block / k).clamp(1, n);
+    with_scratch(nb * k, |buf| {
+        for j0 in (0..n).step_by(nb) {
+            let rb = nb.min(n - j0);
+            let blk = &mut buf[..rb * k];
+            rows.widen_par(j0 * k, blk);
+            f(j0, rb, blk);
+        }
+    });
 }
 
 /// Runs `f` on the values of a contiguous half-precision CPU weight [n, k].
@@ -242,13 +249,7 @@ mod tests {
         w.to_dtype(DType::F32).unwrap()
     }
 
-    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
-    }
+    use crate::ops::max_abs_diff as max_diff;
 
     /// Both products, both half dtypes, the row-dot (m ≤ 16) and gemm paths, one block and
     /// several (a block smaller than a row included), against the f32 product of the

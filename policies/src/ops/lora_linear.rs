@@ -44,9 +44,9 @@ pub fn lora_linear(
     mask: Option<Vec<f32>>,
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
-    let mask = mask
-        .map(|m| Tensor::from_vec(m, x.shape(), x.device()))
-        .transpose()?;
+    if mask.as_ref().is_some_and(|m| m.len() != x.elem_count()) {
+        candle_core::bail!("lora-linear: a dropout mask of the wrong length");
+    }
     let op = LoraLinear {
         w: w.contiguous()?,
         bias: bias.map(|b| b.to_vec1::<f32>()).transpose()?,
@@ -60,7 +60,8 @@ struct LoraLinear {
     w: Tensor,
     bias: Option<Vec<f32>>,
     scale: f64,
-    mask: Option<Tensor>,
+    /// The keep-mask's values, [n·in] like `x`.
+    mask: Option<Vec<f32>>,
 }
 
 /// A contiguous f32 CPU operand's values.
@@ -119,8 +120,7 @@ impl CustomOp3 for LoraLinear {
         let masked;
         let xd = match &self.mask {
             Some(m) => {
-                let m = m.flatten_all()?.to_vec1::<f32>()?;
-                masked = x.iter().zip(&m).map(|(x, m)| x * m).collect::<Vec<f32>>();
+                masked = x.iter().zip(m).map(|(x, m)| x * m).collect::<Vec<f32>>();
                 &masked[..]
             }
             None => x,
@@ -169,14 +169,19 @@ impl CustomOp3 for LoraLinear {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let wants_dx = x.track_op();
         let (x, a, b, dy) = (x.detach(), a.detach(), b.detach(), dy.contiguous()?);
-        let xd = match &self.mask {
+        let mask = self
+            .mask
+            .as_ref()
+            .map(|m| Tensor::from_slice(m, x.shape(), x.device()))
+            .transpose()?;
+        let xd = match &mask {
             Some(m) => (&x * m)?,
             None => x.clone(),
         };
         let g = matmul(&dy, &b, false)?; // [n, r]
         let dx = if wants_dx {
             let mut lora = (matmul(&g, &a, false)? * self.scale)?;
-            if let Some(m) = &self.mask {
+            if let Some(m) = &mask {
                 lora = (lora * m)?;
             }
             Some((matmul(&dy, &self.w, false)? + lora)?)
@@ -199,13 +204,7 @@ mod tests {
         t.flatten_all().unwrap().to_vec1().unwrap()
     }
 
-    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
-    }
+    use crate::ops::max_abs_diff as max_diff;
 
     /// The fused layer against the composed ops it replaces (candle's matmul, broadcast add,
     /// mask multiply), in values and in the gradients of x, A and B: with and without a bias

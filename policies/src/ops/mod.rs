@@ -33,5 +33,15 @@ pub use norm::{layer_norm, rms_norm};
 pub use rope::rope;
 pub use softmax::softmax_last_dim;
 
+/// The largest |a − b| of two equally long slices (the ops' unit tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 #[cfg(test)]
 mod tests;

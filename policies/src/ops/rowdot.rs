@@ -15,12 +15,9 @@ pub fn rowdot(x: &[f32], w: &[f32], m: usize, n: usize, k: usize, parallel: bool
     assert!(x.len() >= m * k && w.len() >= n * k);
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let dst = SendPtr(out.as_mut_ptr());
-    let column = |j: usize| column(x, &w[j * k..(j + 1) * k], j, (m, n, k), dst);
-    if parallel {
-        (0..n).into_par_iter().for_each(column);
-    } else {
-        (0..n).for_each(column);
-    }
+    for_each_index(n, parallel, |j| {
+        column(x, &w[j * k..(j + 1) * k], j, (m, n, k), dst)
+    });
     // SAFETY: every one of the m·n elements was written above.
     unsafe { out.set_len(m * n) };
     out
@@ -42,24 +39,28 @@ pub fn rowdot_half(
     parallel: bool,
 ) -> Vec<f32> {
     assert!(x.len() >= m * k && w.len() >= n * k);
-    let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    let dst = SendPtr(out.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
     if let Some(kernels) = half_kernels(w) {
         let bits = w.bits();
-        let tile = |t: usize| half_tile(x, bits, t * HALF_TILE_COLS, (m, n, k), dst, kernels);
-        let tiles = n.div_ceil(HALF_TILE_COLS);
-        if parallel {
-            (0..tiles).into_par_iter().for_each(tile);
-        } else {
-            (0..tiles).for_each(tile);
-        }
+        let mut out: Vec<f32> = Vec::with_capacity(m * n);
+        let dst = SendPtr(out.as_mut_ptr());
+        for_each_index(n.div_ceil(HALF_TILE_COLS), parallel, |t| {
+            half_tile(x, bits, t * HALF_TILE_COLS, (m, n, k), dst, kernels)
+        });
         // SAFETY: every one of the m·n elements was written above.
         unsafe { out.set_len(m * n) };
         return out;
     }
-    drop(out);
     rowdot_half_widened(x, w, m, n, k, parallel)
+}
+
+/// `f(0..count)`, split across rayon's threads when `parallel`.
+fn for_each_index(count: usize, parallel: bool, f: impl Fn(usize) + Send + Sync) {
+    if parallel {
+        (0..count).into_par_iter().for_each(f);
+    } else {
+        (0..count).for_each(f);
+    }
 }
 
 /// [`rowdot_half`]'s portable path: blocks of weight rows widened into a buffer per task.
