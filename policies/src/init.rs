@@ -10,7 +10,8 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
 
-fn normal(rng: &mut ChaCha8Rng, n: usize, std: f64) -> Vec<f32> {
+/// `n` draws of N(0, std²) (Box–Muller) from a seeded generator.
+pub fn normal(rng: &mut ChaCha8Rng, n: usize, std: f64) -> Vec<f32> {
     use rand::Rng;
     (0..n)
         .map(|_| {

@@ -73,8 +73,65 @@ pub fn export_weights(model: &mut dyn CausalLm) -> Result<Vec<(String, Tensor)>>
 /// Writes a loadable Hugging Face folder: `model.safetensors` from `model`, and the
 /// configuration and tokenizer files copied from `src_dir`.
 pub fn save_pretrained(model: &mut dyn CausalLm, src_dir: &Path, out_dir: &Path) -> Result<()> {
+    let tensors = export_weights(model)?;
+    write_folder(tensors, src_dir, out_dir, None)
+}
+
+/// Writes `model` with the sequence-classification head `score` `[num_labels, hidden]` as
+/// transformers' `…ForSequenceClassification` folder: the backbone's weights and
+/// `score.weight` (no `lm_head`), `config.json` with that architecture, `num_labels` (as
+/// `id2label`) and a `pad_token_id` (transformers reads each row's score at its last
+/// non-padding token), the tokenizer files as they were.
+pub fn save_pretrained_classifier(
+    model: &mut dyn CausalLm,
+    score: &Tensor,
+    pad_token_id: u32,
+    src_dir: &Path,
+    out_dir: &Path,
+) -> Result<()> {
+    let dtype = model.info().weight_dtype;
+    let mut tensors: Vec<(String, Tensor)> = export_weights(model)?
+        .into_iter()
+        .filter(|(k, _)| k != "lm_head.weight")
+        .collect();
+    tensors.push(("score.weight".into(), score.to_dtype(dtype)?));
+    let labels = score.dim(0)?;
+    let edit = move |cfg: &mut serde_json::Value| {
+        let arch = cfg["architectures"]
+            .get(0)
+            .and_then(|a| a.as_str())
+            .unwrap_or("LlamaForCausalLM")
+            .to_string();
+        let family = arch
+            .strip_suffix("ForCausalLM")
+            .or_else(|| arch.strip_suffix("LMHeadModel"))
+            .or_else(|| arch.strip_suffix("ForSequenceClassification"))
+            .unwrap_or(&arch)
+            .to_string();
+        cfg["architectures"] = serde_json::json!([format!("{family}ForSequenceClassification")]);
+        let id2label: serde_json::Map<String, serde_json::Value> = (0..labels)
+            .map(|i| (i.to_string(), serde_json::json!(format!("LABEL_{i}"))))
+            .collect();
+        let label2id: serde_json::Map<String, serde_json::Value> = (0..labels)
+            .map(|i| (format!("LABEL_{i}"), serde_json::json!(i)))
+            .collect();
+        cfg["id2label"] = id2label.into();
+        cfg["label2id"] = label2id.into();
+        if cfg.get("pad_token_id").map_or(true, |v| v.is_null()) {
+            cfg["pad_token_id"] = serde_json::json!(pad_token_id);
+        }
+    };
+    write_folder(tensors, src_dir, out_dir, Some(&edit))
+}
+
+fn write_folder(
+    tensors: Vec<(String, Tensor)>,
+    src_dir: &Path,
+    out_dir: &Path,
+    edit_config: Option<&dyn Fn(&mut serde_json::Value)>,
+) -> Result<()> {
     std::fs::create_dir_all(out_dir).map_err(|e| PolicyError::io(out_dir, e))?;
-    let tensors: HashMap<String, Tensor> = export_weights(model)?
+    let tensors: HashMap<String, Tensor> = tensors
         .into_iter()
         .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
@@ -95,7 +152,14 @@ pub fn save_pretrained(model: &mut dyn CausalLm, src_dir: &Path, out_dir: &Path)
     ] {
         let s = src_dir.join(f);
         if s.is_file() {
-            let bytes = std::fs::read(&s).map_err(|e| PolicyError::io(&s, e))?;
+            let mut bytes = std::fs::read(&s).map_err(|e| PolicyError::io(&s, e))?;
+            if let (Some(edit), "config.json") = (edit_config, f) {
+                let mut cfg: serde_json::Value = crate::error::read_json(&s)?;
+                edit(&mut cfg);
+                bytes = serde_json::to_string_pretty(&cfg)
+                    .expect("JSON value serialises")
+                    .into_bytes();
+            }
             crate::fsutil::write_atomic(&out_dir.join(f), &bytes)?;
         }
     }

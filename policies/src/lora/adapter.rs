@@ -1,7 +1,7 @@
 //! An adapter is data: a map from module path to its (A, B) pair. Enabling, disabling,
 //! merging and saving are operations on that map; the base weights are never copied.
 
-use super::config::{peft_config_json, read_peft_config, LoraConfig, LoraInit};
+use super::config::{peft_config_json, read_peft_config, LoraConfig, LoraInit, HEAD_MODULES};
 use crate::ctx::ForwardCtx;
 use crate::error::{PolicyError, Result};
 use crate::families::CausalLm;
@@ -48,6 +48,9 @@ impl LoraModule {
 pub struct Adapter {
     pub config: LoraConfig,
     modules: BTreeMap<String, LoraModule>,
+    /// Modules trained in full and saved whole (PEFT's `modules_to_save`): a reward model's
+    /// `score` head `[num_labels, hidden]`, f32. With one, the adapter is PEFT's `SEQ_CLS`.
+    heads: BTreeMap<String, Var>,
 }
 
 /// Adapter weights are f32 (PEFT's `autocast_adapter_dtype`) on an f32/bf16/f16 base, and
@@ -112,7 +115,38 @@ impl Adapter {
                 names.join(", ")
             )));
         }
-        Ok(Self { config, modules })
+        Ok(Self {
+            config,
+            modules,
+            heads: BTreeMap::new(),
+        })
+    }
+
+    /// Adds (or replaces) a head trained in full, e.g. `score`: a sequence-classification
+    /// adapter from then on.
+    pub fn set_head(&mut self, name: &str, weight: Var) -> Result<()> {
+        if !HEAD_MODULES.contains(&name) {
+            return Err(PolicyError::InvalidArgument(format!(
+                "head `{name}`: PEFT saves only {} whole for sequence classification",
+                HEAD_MODULES.join(", ")
+            )));
+        }
+        self.heads.insert(name.to_string(), weight);
+        Ok(())
+    }
+
+    /// A head trained in full (`score`), if the adapter has one.
+    pub fn head(&self, name: &str) -> Option<&Var> {
+        self.heads.get(name)
+    }
+
+    /// `SEQ_CLS` with a head, `CAUSAL_LM` without (PEFT's `task_type`).
+    pub fn task_type(&self) -> &'static str {
+        if self.heads.is_empty() {
+            "CAUSAL_LM"
+        } else {
+            "SEQ_CLS"
+        }
     }
 
     pub fn scale(&self) -> f64 {
@@ -133,6 +167,9 @@ impl Adapter {
         for (path, m) in &self.modules {
             out.push((format!("{PEFT_PREFIX}{path}.lora_A.weight"), m.a.clone()));
             out.push((format!("{PEFT_PREFIX}{path}.lora_B.weight"), m.b.clone()));
+        }
+        for (name, w) in &self.heads {
+            out.push((format!("{PEFT_PREFIX}{name}.weight"), w.clone()));
         }
         out
     }
@@ -162,7 +199,7 @@ impl Adapter {
                 what: "PEFT adapter configuration".into(),
             });
         }
-        let config = read_peft_config(&cfg_path)?;
+        let (config, modules_to_save) = read_peft_config(&cfg_path)?;
         let w_path = dir.join(ADAPTER_WEIGHTS);
         if !w_path.is_file() {
             let what = if dir.join("adapter_model.bin").is_file() {
@@ -192,6 +229,8 @@ impl Adapter {
             msg,
         };
         let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        let mut heads = BTreeMap::new();
+        let hidden = model.info().hidden_size;
         // Sorted, so the first error reported is always the same one.
         let tensors: BTreeMap<String, Tensor> = tensors.into_iter().collect();
         for (key, t) in tensors {
@@ -199,6 +238,24 @@ impl Adapter {
             let rest = norm.strip_prefix(PEFT_PREFIX).ok_or_else(|| {
                 mismatch(format!("key `{key}` does not start with `{PEFT_PREFIX}`"))
             })?;
+            // A head saved whole: `score.weight` (PEFT ≥ 0.14), `score.modules_to_save.weight`
+            // (older PEFT names are normalised the same way).
+            let head = rest
+                .strip_suffix(".weight")
+                .map(|h| h.strip_suffix(".modules_to_save").unwrap_or(h))
+                .filter(|h| modules_to_save.iter().any(|m| m == h));
+            if let Some(h) = head {
+                if t.dims().len() != 2 || t.dims()[1] != hidden {
+                    return Err(PolicyError::ShapeMismatch {
+                        path: w_path.clone(),
+                        key: key.clone(),
+                        got: t.dims().to_vec(),
+                        expected: vec![1, hidden],
+                    });
+                }
+                heads.insert(h.to_string(), Var::from_tensor(&t.to_dtype(DType::F32)?)?);
+                continue;
+            }
             let (path, which) = if let Some(p) = rest.strip_suffix(".lora_A.weight") {
                 (p, 'A')
             } else if let Some(p) = rest.strip_suffix(".lora_B.weight") {
@@ -253,7 +310,19 @@ impl Adapter {
         if modules.is_empty() {
             return Err(mismatch("no LoRA weights in the file".into()));
         }
-        Ok(Self { config, modules })
+        if let Some(m) = modules_to_save
+            .iter()
+            .find(|m| !heads.contains_key(*m) && m.as_str() == "score")
+        {
+            return Err(mismatch(format!(
+                "adapter_config.json lists `{m}` in modules_to_save but the file has no `{PEFT_PREFIX}{m}.weight`"
+            )));
+        }
+        Ok(Self {
+            config,
+            modules,
+            heads,
+        })
     }
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` as PEFT does; each file
@@ -272,7 +341,11 @@ impl Adapter {
             msg: e.to_string(),
         })?;
         std::fs::rename(&tmp, &w_path).map_err(|e| PolicyError::io(&w_path, e))?;
-        let json = peft_config_json(&self.config, self.target_names());
+        let json = peft_config_json(
+            &self.config,
+            self.target_names(),
+            self.heads.keys().cloned().collect(),
+        );
         let text = serde_json::to_string_pretty(&json).expect("JSON value serialises");
         crate::fsutil::write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
     }

@@ -125,7 +125,11 @@ struct PeftConfigIn {
     layers_to_transform: Option<serde_json::Value>,
 }
 
-pub(crate) fn read_peft_config(path: &Path) -> Result<LoraConfig> {
+/// The module names PEFT's SEQ_CLS task saves whole (`modules_to_save`).
+pub const HEAD_MODULES: [&str; 2] = ["score", "classifier"];
+
+/// `adapter_config.json` → the LoRA configuration and the `modules_to_save` names.
+pub(crate) fn read_peft_config(path: &Path) -> Result<(LoraConfig, Vec<String>)> {
     let c: PeftConfigIn = crate::error::read_json(path)?;
     let bad = |key: &str, msg: &str| Err(PolicyError::config(path, key, msg));
     match c.peft_type.as_deref() {
@@ -150,12 +154,29 @@ pub(crate) fn read_peft_config(path: &Path) -> Result<LoraConfig> {
     if c.alpha_pattern.as_ref().is_some_and(|m| !m.is_empty()) {
         return bad("alpha_pattern", "per-module alphas are not supported");
     }
-    if c.modules_to_save.as_ref().is_some_and(|v| !v.is_null()) {
-        return bad(
-            "modules_to_save",
-            "fully trained extra modules are not supported",
-        );
-    }
+    // Fully trained modules: only a sequence-classification head (`score`, PEFT's
+    // SEQ_CLS default names), stored whole beside the LoRA weights.
+    let modules_to_save: Vec<String> = match c.modules_to_save {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(v) => {
+            let names: Vec<String> = serde_json::from_value(v).map_err(|_| {
+                PolicyError::config(path, "modules_to_save", "expected a list of module names")
+            })?;
+            if let Some(other) = names.iter().find(|n| !HEAD_MODULES.contains(&n.as_str())) {
+                return bad(
+                    "modules_to_save",
+                    &format!(
+                        "`{other}`: only a classification head ({}) can be trained in full",
+                        HEAD_MODULES.join(", ")
+                    ),
+                );
+            }
+            let mut names = names;
+            names.sort();
+            names.dedup();
+            names
+        }
+    };
     if c.layers_to_transform.as_ref().is_some_and(|v| !v.is_null()) {
         return bad("layers_to_transform", "not supported");
     }
@@ -180,14 +201,29 @@ pub(crate) fn read_peft_config(path: &Path) -> Result<LoraConfig> {
     };
     cfg.validate()
         .map_err(|e| PolicyError::config(path, "r", e.to_string()))?;
-    Ok(cfg)
+    Ok((cfg, modules_to_save))
 }
 
-/// PEFT's `adapter_config.json` for `cfg`, with `targets` the leaf names actually adapted.
-pub(crate) fn peft_config_json(cfg: &LoraConfig, targets: Vec<String>) -> serde_json::Value {
+/// PEFT's `adapter_config.json` for `cfg`, with `targets` the leaf names actually adapted
+/// and `heads` the modules saved whole (then the task is `SEQ_CLS`, else `CAUSAL_LM`).
+pub(crate) fn peft_config_json(
+    cfg: &LoraConfig,
+    targets: Vec<String>,
+    heads: Vec<String>,
+) -> serde_json::Value {
+    let task_type = if heads.is_empty() {
+        "CAUSAL_LM"
+    } else {
+        "SEQ_CLS"
+    };
+    let modules_to_save = if heads.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::json!(heads)
+    };
     serde_json::json!({
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type,
         "auto_mapping": null,
         "base_model_name_or_path": cfg.base_model_name_or_path,
         "revision": null,
@@ -200,7 +236,7 @@ pub(crate) fn peft_config_json(cfg: &LoraConfig, targets: Vec<String>) -> serde_
         "fan_in_fan_out": cfg.fan_in_fan_out,
         "bias": "none",
         "use_rslora": cfg.use_rslora,
-        "modules_to_save": null,
+        "modules_to_save": modules_to_save,
         "init_lora_weights": match cfg.init { LoraInit::Default => serde_json::json!(true), LoraInit::Gaussian => serde_json::json!("gaussian") },
         "layers_to_transform": null,
         "layers_pattern": null,
