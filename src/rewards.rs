@@ -5,8 +5,9 @@
 
 use candle_core::{DType, Tensor};
 use rlft_policies::device::{parse_device, parse_dtype};
+use rlft_policies::lora::ADAPTER_CONFIG;
 use rlft_policies::weights::WeightFiles;
-use rlft_policies::{BatchInput, ForwardCtx, Pretrained};
+use rlft_policies::{Adapter, BatchInput, CausalLm, ForwardCtx, Pretrained};
 use rlft_reward::{Options, Registry, Reward, RewardError, Sample};
 use std::path::PathBuf;
 
@@ -16,18 +17,32 @@ pub fn default_registry() -> Registry {
     r
 }
 
-/// `model`: a `…ForSequenceClassification` folder (Llama/Qwen2/Mistral style `score` head,
-/// no bias); the score is the head's output at the last non-padding token of
-/// prompt + completion, tokenized by the reward model's own tokenizer.
+/// `model`: a reward model — a `…ForSequenceClassification` folder (Llama/Qwen2/Mistral
+/// style `score` head, no bias), or a PEFT `SEQ_CLS` adapter with its `score` head (what
+/// `rlft rm` writes) on its base model. The score is the head's output at the last real token
+/// of prompt + completion.
 ///
-/// Options: `path` (required), `label` (output index, default 0), `dtype` ("f32"),
-/// `device` ("cpu"), `batch_size` (16).
+/// Options: `path` (required), `base` (the base model folder of an adapter; default: the
+/// adapter's `base_model_name_or_path`, from the working directory or else beside the
+/// adapter), `input` (`"text"`: prompt + completion text encoded
+/// by the reward model's own tokenizer; `"ids"`: the policy's token ids as generated, the stop
+/// token included — for a reward model on the policy's tokenizer, as `rlft rm` trains it),
+/// `label` (output index, default 0), `dtype` ("f32"), `device` ("cpu"), `batch_size` (16).
 pub struct RewardModel {
     pre: Pretrained,
-    /// `[num_labels, hidden]`.
+    /// The adapter of an adapter-form reward model.
+    adapter: Option<Adapter>,
+    /// `[num_labels, hidden]`, f32.
     score: Tensor,
     label: usize,
     batch_size: usize,
+    input: Input,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Input {
+    Text,
+    Ids,
 }
 
 fn bad(option: &str, msg: impl std::fmt::Display) -> RewardError {
@@ -40,83 +55,183 @@ fn bad(option: &str, msg: impl std::fmt::Display) -> RewardError {
 
 impl RewardModel {
     pub fn new(o: &Options) -> Result<Self, RewardError> {
-        o.allow_only(&["path", "label", "dtype", "device", "batch_size"])?;
+        o.allow_only(&[
+            "path",
+            "base",
+            "input",
+            "label",
+            "dtype",
+            "device",
+            "batch_size",
+        ])?;
         let path = PathBuf::from(o.required_str("path")?);
         let dtype = parse_dtype(&o.str_or("dtype", "f32")?).map_err(|e| bad("dtype", e))?;
         let device = parse_device(&o.str_or("device", "cpu")?).map_err(|e| bad("device", e))?;
-        let pre = Pretrained::load(&path, dtype, &device).map_err(|e| bad("path", e))?;
-        let w = WeightFiles::open(&path, dtype, &device).map_err(|e| bad("path", e))?;
+        let input = match o.str_or("input", "text")?.as_str() {
+            "text" => Input::Text,
+            "ids" => Input::Ids,
+            other => {
+                return Err(bad(
+                    "input",
+                    format!("`{other}`: expected \"text\" or \"ids\""),
+                ))
+            }
+        };
+        let (pre, adapter, score) = if path.join(ADAPTER_CONFIG).is_file() {
+            let (pre, adapter) = load_adapter_form(o, &path, dtype, &device)?;
+            let score = adapter
+                .head("score")
+                .ok_or_else(|| {
+                    bad(
+                        "path",
+                        format!(
+                            "{}: a causal-LM adapter, not a reward model (no `score` head in modules_to_save; train one with `rlft rm`)",
+                            path.display()
+                        ),
+                    )
+                })?
+                .as_tensor()
+                .clone();
+            (pre, Some(adapter), score)
+        } else {
+            let pre = Pretrained::load(&path, dtype, &device).map_err(|e| bad("path", e))?;
+            let w = WeightFiles::open(&path, dtype, &device).map_err(|e| bad("path", e))?;
+            let name = ["score.weight", "classifier.weight"]
+                .into_iter()
+                .find(|k| w.contains(k))
+                .ok_or_else(|| {
+                    bad(
+                        "path",
+                        format!(
+                            "{}: no `score.weight`: not a sequence-classification model",
+                            path.display()
+                        ),
+                    )
+                })?;
+            let score = w.get_any_shape(name).map_err(|e| bad("path", e))?;
+            (pre, None, score)
+        };
         let hidden = pre.model.info().hidden_size;
-        let name = ["score.weight", "classifier.weight"]
-            .into_iter()
-            .find(|k| w.contains(k))
-            .ok_or_else(|| {
-                bad(
-                    "path",
-                    format!(
-                        "{}: no `score.weight`: not a sequence-classification model",
-                        path.display()
-                    ),
-                )
-            })?;
-        let rows = w.get_any_shape(name).map_err(|e| bad("path", e))?;
-        if rows.dims().len() != 2 || rows.dims()[1] != hidden {
+        if score.dims().len() != 2 || score.dims()[1] != hidden {
             return Err(bad(
                 "path",
                 format!(
-                    "`{name}` has shape {:?}, expected [num_labels, {hidden}]",
-                    rows.dims()
+                    "the score head has shape {:?}, expected [num_labels, {hidden}]",
+                    score.dims()
                 ),
             ));
         }
         let label = o.f64_or("label", 0.0)? as usize;
-        if label >= rows.dim(0).map_err(|e| bad("path", e))? {
+        if label >= score.dims()[0] {
             return Err(bad(
                 "label",
-                format!("the model has {} labels", rows.dims()[0]),
+                format!("the model has {} labels", score.dims()[0]),
             ));
         }
         let batch_size = (o.f64_or("batch_size", 16.0)? as usize).max(1);
         Ok(Self {
             pre,
-            score: rows.to_dtype(DType::F32).map_err(|e| bad("path", e))?,
+            adapter,
+            score: score.to_dtype(DType::F32).map_err(|e| bad("path", e))?,
             label,
             batch_size,
+            input,
         })
     }
 
     /// Scores of `texts` (each encoded with special tokens).
     pub fn score_texts(&self, texts: &[String]) -> Result<Vec<f64>, RewardError> {
+        let rows = texts
+            .iter()
+            .map(|t| self.pre.tokenizer.encode(t, true))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| RewardError::failed("model", e))?;
+        self.score_ids(&rows)
+    }
+
+    /// Scores of token sequences.
+    pub fn score_ids(&self, rows: &[Vec<u32>]) -> Result<Vec<f64>, RewardError> {
         let fail = |e: &dyn std::fmt::Display| RewardError::failed("model", e);
-        let tok = &self.pre.tokenizer;
         let model = self.pre.model.as_ref();
-        let mut out = Vec::with_capacity(texts.len());
-        for chunk in texts.chunks(self.batch_size) {
-            let rows = chunk
-                .iter()
-                .map(|t| tok.encode(t, true))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| fail(&e))?;
-            let input = BatchInput::left_padded(&rows, tok.pad_or_eos(), &model.info().device)
-                .map_err(|e| fail(&e))?;
-            let h = model
-                .forward_hidden(&input, &ForwardCtx::inference(None), None)
-                .map_err(|e| fail(&e))?;
-            // Left padding: the last position is each row's last real token.
-            let t = input.seq_len();
-            let last = h
-                .narrow(1, t - 1, 1)
-                .and_then(|x| x.squeeze(1))
-                .and_then(|x| x.to_dtype(DType::F32))
-                .map_err(|e| fail(&e))?;
-            let logits = last
-                .matmul(&self.score.t().map_err(|e| fail(&e))?)
-                .map_err(|e| fail(&e))?;
-            let v: Vec<Vec<f32>> = logits.to_vec2().map_err(|e| fail(&e))?;
+        let pad = self.pre.tokenizer.pad_or_eos();
+        let ctx = ForwardCtx::inference(self.adapter.as_ref());
+        let mut out = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(self.batch_size) {
+            let input =
+                BatchInput::left_padded(chunk, pad, &model.info().device).map_err(|e| fail(&e))?;
+            let scores =
+                last_token_scores(model, &input, &ctx, &self.score).map_err(|e| fail(&e))?;
+            let v: Vec<Vec<f32>> = scores.to_vec2().map_err(|e| fail(&e))?;
             out.extend(v.into_iter().map(|r| r[self.label] as f64));
         }
         Ok(out)
     }
+}
+
+/// The base model named by `base` (or the adapter's `base_model_name_or_path`) and the
+/// adapter on it.
+fn load_adapter_form(
+    o: &Options,
+    path: &std::path::Path,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<(Pretrained, Adapter), RewardError> {
+    let base = match o.get("base") {
+        Some(_) => PathBuf::from(o.required_str("base")?),
+        None => {
+            let cfg: serde_json::Value = std::fs::read_to_string(path.join(ADAPTER_CONFIG))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
+            match cfg["base_model_name_or_path"].as_str() {
+                // As given (from the working directory), else beside the adapter.
+                Some(b) if !b.is_empty() => {
+                    let b = PathBuf::from(b);
+                    if b.is_dir() || b.is_absolute() {
+                        b
+                    } else {
+                        path.join(b)
+                    }
+                }
+                _ => {
+                    return Err(bad(
+                        "base",
+                        format!(
+                            "{}: an adapter without base_model_name_or_path; set `base` to its base model folder",
+                            path.display()
+                        ),
+                    ))
+                }
+            }
+        }
+    };
+    let pre = Pretrained::load(&base, dtype, device).map_err(|e| bad("base", e))?;
+    let adapter = Adapter::load(path, pre.model.as_ref()).map_err(|e| bad("path", e))?;
+    Ok((pre, adapter))
+}
+
+/// `[b, num_labels]` f32: `score · h` at the last position of each row (left padding puts
+/// every row's last real token there), the way transformers' `…ForSequenceClassification`
+/// reads a sequence's score. Tracked when `ctx` records gradients and `score` is a variable.
+pub fn last_token_scores(
+    model: &dyn CausalLm,
+    input: &BatchInput,
+    ctx: &ForwardCtx,
+    score: &Tensor,
+) -> anyhow::Result<Tensor> {
+    let h = model.forward_hidden(input, ctx, None)?;
+    scores_from_hidden(input, &h, score)
+}
+
+/// [`last_token_scores`] from the final hidden states `[b, t, hidden]`.
+pub fn scores_from_hidden(
+    input: &BatchInput,
+    h: &Tensor,
+    score: &Tensor,
+) -> anyhow::Result<Tensor> {
+    let t = input.seq_len();
+    let last = h.narrow(1, t - 1, 1)?.squeeze(1)?.to_dtype(DType::F32)?;
+    Ok(last.matmul(&score.t()?)?)
 }
 
 impl Reward for RewardModel {
@@ -124,10 +239,21 @@ impl Reward for RewardModel {
         "model"
     }
     fn score(&self, samples: &[Sample]) -> Result<Vec<f64>, RewardError> {
-        let texts: Vec<String> = samples
-            .iter()
-            .map(|s| format!("{}{}", s.prompt, s.completion))
-            .collect();
-        self.score_texts(&texts)
+        match self.input {
+            Input::Text => {
+                let texts: Vec<String> = samples
+                    .iter()
+                    .map(|s| format!("{}{}", s.prompt, s.completion))
+                    .collect();
+                self.score_texts(&texts)
+            }
+            Input::Ids => {
+                let rows: Vec<Vec<u32>> = samples
+                    .iter()
+                    .map(|s| [s.prompt_ids.as_slice(), &s.completion_ids].concat())
+                    .collect();
+                self.score_ids(&rows)
+            }
+        }
     }
 }

@@ -2,7 +2,7 @@
 
 use super::common::ModelArgs;
 use anyhow::{Context, Result};
-use rlft_policies::params::save_pretrained;
+use rlft_policies::params::{save_pretrained, save_pretrained_classifier};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -18,8 +18,19 @@ pub fn run(args: Args) -> Result<()> {
     let (mut pre, adapter) = args.model.load()?;
     let adapter = adapter.context("rlft merge needs --adapter")?;
     adapter.merge_into(pre.model.as_mut())?;
-    save_pretrained(pre.model.as_mut(), &args.model.model, &args.out)
-        .with_context(|| format!("writing {}", args.out.display()))?;
+    // A reward-model adapter (`rlft rm`: SEQ_CLS with a `score` head) merges into a
+    // `…ForSequenceClassification` folder; a causal-LM adapter into a causal LM.
+    match adapter.head("score") {
+        Some(score) => save_pretrained_classifier(
+            pre.model.as_mut(),
+            score.as_tensor(),
+            pre.tokenizer.pad_or_eos(),
+            &args.model.model,
+            &args.out,
+        ),
+        None => save_pretrained(pre.model.as_mut(), &args.model.model, &args.out),
+    }
+    .with_context(|| format!("writing {}", args.out.display()))?;
     println!(
         "merged {} into {} → {}",
         args.model
