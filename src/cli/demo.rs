@@ -59,20 +59,45 @@ pub fn run_cmd(args: Args) -> Result<()> {
         "after SFT (LoRA)",
         100.0 * s.sft_accuracy
     );
-    println!("  {:<28} {:>7.1}%", "after PPO", 100.0 * s.ppo_accuracy);
     println!(
-        "  KL to the reference (SFT model) after PPO: {:.2} nats per answer",
+        "  {:<28} {:>7.1}%   KL to the SFT model {:.2} nats per answer",
+        "after PPO (exact match)",
+        100.0 * s.ppo_accuracy,
         s.ppo_kl
     );
     println!(
-        "  wall time: SFT {:.0} s, PPO {:.0} s, evaluation {:.0} s",
+        "  learning from {} preference pairs:",
+        crate::demo::PREFERENCE_PAIRS
+    );
+    println!(
+        "  {:<28} {:>7.1}%   pairwise, {} held-out pairs",
+        "reward model",
+        100.0 * s.rm_accuracy,
+        s.eval_pairs
+    );
+    println!(
+        "  {:<28} {:>7.1}%   KL to the SFT model {:.2} nats per answer",
+        "after PPO (reward model)",
+        100.0 * s.ppo_rm_accuracy,
+        s.ppo_rm_kl
+    );
+    println!(
+        "  {:<28} {:>7.1}%   KL to the SFT model {:.2} nats per answer",
+        "after DPO",
+        100.0 * s.dpo_accuracy,
+        s.dpo_kl
+    );
+    println!(
+        "  wall time: SFT {:.0} s, PPO {:.0} s, RM {:.0} s, PPO (RM) {:.0} s, DPO {:.0} s, evaluation {:.0} s",
         secs("sft"),
         secs("ppo"),
+        secs("rm"),
+        secs("ppo_rm"),
+        secs("dpo"),
         secs("eval")
     );
     println!(
-        "  results: {}/summary.json; metrics and rollouts in {}/sft and {}/ppo",
-        args.out.display(),
+        "  results: {}/summary.json; metrics and rollouts in {}/{{sft,ppo,rm,ppo-rm,dpo}}",
         args.out.display(),
         args.out.display()
     );

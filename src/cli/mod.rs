@@ -7,6 +7,8 @@ mod demo;
 mod generate;
 mod logprobs;
 mod merge;
+mod pairs;
+mod preference;
 mod rl;
 mod sft;
 
@@ -45,6 +47,12 @@ enum Command {
     Ppo(rl::Args),
     /// RL with GRPO (critic-free, group-normalised advantages).
     Grpo(rl::Args),
+    /// Train a reward model (LoRA + score head) on preference pairs; writes a PEFT SEQ_CLS adapter.
+    Rm(preference::Args),
+    /// Direct Preference Optimization of a LoRA adapter on preference pairs.
+    Dpo(preference::Args),
+    /// Per-pair log-probs (policy and reference), DPO losses and reward-model scores.
+    Pairs(pairs::Args),
 }
 
 /// Parses `args`, runs the command, and turns any error into a message and exit code 1
@@ -86,6 +94,9 @@ where
             &["rl.algorithm=\"grpo\"", "rl.num_generations=4"],
             &registry,
         ),
+        Command::Rm(a) => preference::run_rm(a),
+        Command::Dpo(a) => preference::run_dpo(a),
+        Command::Pairs(a) => pairs::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,7 @@
 //! An unknown key is an error naming it and the closest known key.
 
 pub mod common;
+pub mod preference;
 pub mod rl;
 pub mod sft;
 

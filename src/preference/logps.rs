@@ -5,8 +5,76 @@
 
 use crate::data::preference::Pair;
 use candle_core::{DType, Result, Tensor};
-use rlft_policies::logprobs::token_logprobs;
+use rlft_policies::logprobs::next_token_logprobs;
 use rlft_policies::{BatchInput, CausalLm, ForwardCtx};
+
+/// The 2n sequences of n pairs as one left-padded batch, chosen first, and the weights that
+/// pick out each sequence's completion tokens.
+pub struct PairBatch {
+    pub input: BatchInput,
+    /// `[2n, t − 1]`: 1 (or 1 / completion length, to average) on the targets that are
+    /// completion tokens, 0 elsewhere.
+    weights: Tensor,
+    pub pairs: usize,
+    /// Real tokens in the batch (both sequences of every pair).
+    pub tokens: usize,
+}
+
+impl PairBatch {
+    pub fn new(
+        pairs: &[&Pair],
+        pad_id: u32,
+        average: bool,
+        dev: &candle_core::Device,
+    ) -> Result<Self> {
+        let n = pairs.len();
+        let rows: Vec<Vec<u32>> = pairs
+            .iter()
+            .map(|p| p.chosen_ids())
+            .chain(pairs.iter().map(|p| p.rejected_ids()))
+            .collect();
+        let spans: Vec<(usize, usize)> = pairs
+            .iter()
+            .map(|p| (p.prompt.len(), p.chosen.len()))
+            .chain(pairs.iter().map(|p| (p.prompt.len(), p.rejected.len())))
+            .collect();
+        let input = BatchInput::left_padded(&rows, pad_id, dev)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let t = input.seq_len();
+        // Column j predicts token j + 1; row i's completion starts at t − len_i + prompt_i.
+        let mut w = vec![0f32; 2 * n * (t - 1)];
+        for (i, (&(p, c), row)) in spans.iter().zip(&rows).enumerate() {
+            let start = t - row.len() + p;
+            for j in start.saturating_sub(1)..t - 1 {
+                w[i * (t - 1) + j] = if average { 1.0 / c.max(1) as f32 } else { 1.0 };
+            }
+        }
+        let tokens = rows.iter().map(Vec::len).sum();
+        Ok(Self {
+            input,
+            weights: Tensor::from_vec(w, (2 * n, t - 1), dev)?,
+            pairs: n,
+            tokens,
+        })
+    }
+
+    /// `(chosen, rejected)` sequence log-probs `[n]` f32 from the final hidden states of
+    /// [`Self::input`] (tracked when `ctx` records gradients).
+    pub fn logps(
+        &self,
+        model: &dyn CausalLm,
+        hidden: &Tensor,
+        ctx: &ForwardCtx,
+    ) -> Result<(Tensor, Tensor)> {
+        let lp = next_token_logprobs(model, &self.input, hidden, ctx, 1.0)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let per_seq = (lp * self.weights.to_dtype(DType::F32)?)?
+            .sum(1)?
+            .to_dtype(DType::F32)?;
+        let n = self.pairs;
+        Ok((per_seq.narrow(0, 0, n)?, per_seq.narrow(0, n, n)?))
+    }
+}
 
 /// `(chosen, rejected)`, each `[n]` f32 (tracked when `ctx` records gradients): the
 /// completion log-probs of `pairs`, summed, or averaged per token with `average`. The 2n
@@ -18,34 +86,11 @@ pub fn pair_logps(
     pad_id: u32,
     average: bool,
 ) -> Result<(Tensor, Tensor)> {
-    let n = pairs.len();
-    let rows: Vec<Vec<u32>> = pairs
-        .iter()
-        .map(|p| p.chosen_ids())
-        .chain(pairs.iter().map(|p| p.rejected_ids()))
-        .collect();
-    let spans: Vec<(usize, usize)> = pairs
-        .iter()
-        .map(|p| (p.prompt.len(), p.chosen.len()))
-        .chain(pairs.iter().map(|p| (p.prompt.len(), p.rejected.len())))
-        .collect();
-    let dev = model.info().device.clone();
-    let input = BatchInput::left_padded(&rows, pad_id, &dev)
+    let batch = PairBatch::new(pairs, pad_id, average, &model.info().device)?;
+    let hidden = model
+        .forward_hidden(&batch.input, ctx, None)
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    let t = input.seq_len();
-    let lp = token_logprobs(model, &input, ctx, 1.0)
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    // Column j predicts token j + 1; row i's completion starts at t − len_i + prompt_i.
-    let mut mask = vec![0f32; 2 * n * (t - 1)];
-    for (i, (&(p, c), row)) in spans.iter().zip(&rows).enumerate() {
-        let start = t - row.len() + p;
-        for j in start.saturating_sub(1)..t - 1 {
-            mask[i * (t - 1) + j] = if average { 1.0 / c.max(1) as f32 } else { 1.0 };
-        }
-    }
-    let mask = Tensor::from_vec(mask, (2 * n, t - 1), &dev)?.to_dtype(lp.dtype())?;
-    let per_seq = (lp * mask)?.sum(1)?.to_dtype(DType::F32)?;
-    Ok((per_seq.narrow(0, 0, n)?, per_seq.narrow(0, n, n)?))
+    batch.logps(model, &hidden, ctx)
 }
 
 #[cfg(test)]

@@ -1,0 +1,419 @@
+//! `rlft rm`: a reward model from preference pairs (TRL's `RewardTrainer`). The model is
+//! the base, a LoRA adapter and a `score` head (a bias-free Linear hidden → 1, trained in
+//! full) read at each sequence's last real token; the loss is
+//! `−log σ(r_chosen − r_rejected − margin)` (+ `center_rewards_coefficient` ·
+//! mean((r_c + r_r)²)), averaged over the pairs of a step. The output is a PEFT `SEQ_CLS`
+//! adapter with the head in `modules_to_save`, which `[[reward]] kind = "model"` takes and
+//! `rlft merge` turns into a `…ForSequenceClassification` folder.
+
+use super::logps::PairBatch;
+use super::losses::reward_model_loss;
+use super::{load_pairs, max_len, PairStats, RunOptions};
+use crate::config::preference::{RmConfig, ScoreInit};
+use crate::data::preference::Pair;
+use crate::rewards::scores_from_hidden;
+use crate::telemetry::METRICS;
+use crate::train::memory;
+use crate::train::order::DataOrder;
+use crate::train::stage::{self, MemoryNeed, Resume, Stage, StepCtx, StepOutcome};
+use crate::train::trainable::Mode;
+use crate::train::update::skipped_cause;
+use anyhow::{bail, Context, Result};
+use candle_core::{Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rlft_policies::backward::backward_from_hidden;
+use rlft_policies::{Adapter, CausalLm, ForwardCtx, Pretrained};
+use std::path::{Path, PathBuf};
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RmOutcome {
+    /// The adapter folder (or the checkpoint written when interrupted).
+    pub output: PathBuf,
+    pub steps: u64,
+    pub final_train_loss: f64,
+    /// Pairwise accuracy on `data.eval_file` after the last step.
+    pub eval_accuracy: Option<f64>,
+    pub interrupted: bool,
+}
+
+/// Pairwise figures of a reward model on `pairs` (no gradients).
+#[derive(Debug, Clone, Copy)]
+pub struct RmEval {
+    pub loss: f64,
+    /// Fraction of pairs with r_chosen > r_rejected.
+    pub accuracy: f64,
+    /// Mean r_chosen − r_rejected.
+    pub margin: f64,
+}
+
+/// Scores `(r_chosen, r_rejected)` `[n]` of a batch from its final hidden states.
+fn pair_scores(batch: &PairBatch, hidden: &Tensor, score: &Tensor) -> Result<(Tensor, Tensor)> {
+    let s = scores_from_hidden(&batch.input, hidden, score)?.squeeze(1)?;
+    let n = batch.pairs;
+    Ok((s.narrow(0, 0, n)?, s.narrow(0, n, n)?))
+}
+
+fn margins(pairs: &[&Pair], dev: &candle_core::Device) -> Result<Tensor> {
+    let m: Vec<f32> = pairs.iter().map(|p| p.margin).collect();
+    Ok(Tensor::from_vec(m, pairs.len(), dev)?)
+}
+
+/// The loss, accuracy and margin of the reward model (`adapter` with its `score` head) on
+/// `pairs`, in batches of `batch`.
+pub fn evaluate(
+    model: &dyn CausalLm,
+    adapter: &Adapter,
+    pairs: &[Pair],
+    batch: usize,
+    pad: u32,
+    center: f64,
+) -> Result<RmEval> {
+    let score = adapter
+        .head("score")
+        .context("the adapter has no score head")?
+        .as_tensor()
+        .detach();
+    let ctx = ForwardCtx::inference(Some(adapter));
+    let dev = model.info().device.clone();
+    let (mut loss, mut correct, mut margin) = (0f64, 0usize, 0f64);
+    for chunk in pairs.chunks(batch.max(1)) {
+        let refs: Vec<&Pair> = chunk.iter().collect();
+        let b = PairBatch::new(&refs, pad, false, &dev)?;
+        let hidden = model.forward_hidden(&b.input, &ctx, None)?;
+        let (rc, rr) = pair_scores(&b, &hidden, &score)?;
+        let l = reward_model_loss(&rc, &rr, Some(&margins(&refs, &dev)?), center)?;
+        loss += l.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+        let (c, r): (Vec<f32>, Vec<f32>) = (rc.to_vec1()?, rr.to_vec1()?);
+        correct += c.iter().zip(&r).filter(|(c, r)| c > r).count();
+        margin += c.iter().zip(&r).map(|(c, r)| (c - r) as f64).sum::<f64>();
+    }
+    let n = pairs.len().max(1) as f64;
+    Ok(RmEval {
+        loss: loss / n,
+        accuracy: correct as f64 / n,
+        margin: margin / n,
+    })
+}
+
+/// A fresh `score` head `[1, hidden]`: N(0, initializer_range²) as transformers initialises
+/// it, or zeros.
+fn new_score_head(
+    model: &dyn CausalLm,
+    model_dir: &Path,
+    init: ScoreInit,
+    seed: u64,
+) -> Result<Var> {
+    let hidden = model.info().hidden_size;
+    let dev = model.info().device.clone();
+    let values = match init {
+        ScoreInit::Zeros => vec![0f32; hidden],
+        ScoreInit::Normal => {
+            let cfg: serde_json::Value = std::fs::read_to_string(model_dir.join("config.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
+            let std = cfg["initializer_range"].as_f64().unwrap_or(0.02);
+            let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(3));
+            rlft_policies::init::normal(&mut rng, hidden, std)
+        }
+    };
+    Ok(Var::from_tensor(&Tensor::from_vec(
+        values,
+        (1, hidden),
+        &dev,
+    )?)?)
+}
+
+struct RmStage<'a> {
+    cfg: &'a RmConfig,
+    pre: Pretrained,
+    /// The LoRA adapter with its `score` head (`Adapter::head("score")`).
+    adapter: Adapter,
+    train: Vec<Pair>,
+    eval: Option<Vec<Pair>>,
+    order: DataOrder,
+    pad: u32,
+    window: PairStats,
+    window_loss: f64,
+    window_steps: u64,
+    grad_norm: f64,
+    /// Real tokens trained on since the run began (TRL's `num_tokens`).
+    num_tokens: u64,
+    last_loss: f64,
+    last_eval: Option<RmEval>,
+}
+
+impl Stage for RmStage<'_> {
+    fn name(&self) -> String {
+        "rm".into()
+    }
+
+    fn params(&self) -> Vec<(String, Var)> {
+        self.adapter.named_vars()
+    }
+
+    fn batches(&self) -> (u64, u64) {
+        (
+            self.order.per_epoch(),
+            self.cfg.training.gradient_accumulation_steps as u64,
+        )
+    }
+
+    fn memory_needs(&self, trainable_params: usize) -> Vec<MemoryNeed> {
+        pair_memory_needs(
+            self.pre.model.as_ref(),
+            &self.train,
+            &self.cfg.training,
+            trainable_params,
+        )
+    }
+
+    fn uses_dropout(&self) -> bool {
+        self.cfg.adapter.lora_dropout > 0.0
+    }
+
+    fn begin(&mut self, _step: u64) -> Result<()> {
+        let t = &self.cfg.training;
+        tracing::info!(
+            "rm: {} train pairs, steps of {} × {} pairs",
+            self.train.len(),
+            t.gradient_accumulation_steps,
+            t.per_device_train_batch_size
+        );
+        Ok(())
+    }
+
+    /// One update over `gradient_accumulation_steps` micro-batches of pairs: each
+    /// micro-batch's mean loss weighted by its share of the step's pairs.
+    fn step(&mut self, ctx: StepCtx) -> Result<StepOutcome> {
+        let accum = self.cfg.training.gradient_accumulation_steps as u64;
+        let batches: Vec<Vec<usize>> = (0..accum)
+            .map(|k| self.order.batch(*ctx.position + k))
+            .collect();
+        *ctx.position += accum;
+        let n_total: usize = batches.iter().map(Vec::len).sum();
+        let model = self.pre.model.as_ref();
+        let dev = model.info().device.clone();
+        let score = self
+            .adapter
+            .head("score")
+            .expect("built with a head")
+            .clone();
+        let center = self.cfg.rm.center_rewards_coefficient;
+        let fwd = ForwardCtx::train(Some(&self.adapter), ctx.dropout);
+        let mut acc = ctx.updater.accumulator();
+        let mut loss_sum = 0f64;
+        for b in &batches {
+            let pairs: Vec<&Pair> = b.iter().map(|&i| &self.train[i]).collect();
+            let batch = PairBatch::new(&pairs, self.pad, false, &dev)?;
+            self.num_tokens += batch.tokens as u64;
+            let m = margins(&pairs, &dev)?;
+            let share = pairs.len() as f64 / n_total.max(1) as f64;
+            let params = ctx.updater.params();
+            let window = &mut self.window;
+            backward_from_hidden::<anyhow::Error>(
+                model,
+                &batch.input,
+                &fwd,
+                self.cfg.training.gradient_checkpointing,
+                &mut |hidden| {
+                    let (rc, rr) = pair_scores(&batch, hidden, score.as_tensor())?;
+                    let loss = reward_model_loss(&rc, &rr, Some(&m), center)?;
+                    loss_sum += loss.to_scalar::<f32>()? as f64 * share;
+                    let (c, r): (Vec<f32>, Vec<f32>) = (rc.to_vec1()?, rr.to_vec1()?);
+                    let right: Vec<f32> = c.iter().zip(&r).map(|(c, r)| f32::from(c > r)).collect();
+                    let diff: Vec<f32> = c.iter().zip(&r).map(|(c, r)| c - r).collect();
+                    window.add("accuracy", &right);
+                    window.add("margin", &diff);
+                    window.add("reward", &c);
+                    window.add("reward", &r);
+                    window.extremes("reward", &c);
+                    window.extremes("reward", &r);
+                    window.pairs += c.len();
+                    Ok((loss * share)?)
+                },
+                &mut |grads| acc.add(params, grads),
+            )?;
+        }
+        let update = ctx.updater.apply(acc, loss_sum, "loss", ctx.lr, ctx.step)?;
+        self.last_loss = loss_sum;
+        self.window_loss += loss_sum;
+        self.window_steps += 1;
+        self.grad_norm += update.grad_norm;
+        if ctx.log {
+            let step = ctx.step + 1;
+            let w = std::mem::take(&mut self.window);
+            let steps = std::mem::take(&mut self.window_steps).max(1) as f64;
+            let loss = std::mem::take(&mut self.window_loss) / steps;
+            let grad_norm = std::mem::take(&mut self.grad_norm) / steps;
+            let accuracy = w.mean("accuracy", 1);
+            ctx.progress
+                .set_message(format!("loss {loss:.4} acc {accuracy:.3}"));
+            tracing::info!(
+                target: METRICS,
+                step,
+                epoch = *ctx.position as f64 / self.order.per_epoch() as f64,
+                "train/loss" = loss,
+                accuracy,
+                margin = w.mean("margin", 1),
+                min_reward = w.min("reward"),
+                mean_reward = w.mean("reward", 2),
+                max_reward = w.max("reward"),
+                num_tokens = self.num_tokens,
+                lr = ctx.lr,
+                grad_norm,
+                "step {step}/{} loss {loss:.4} accuracy {accuracy:.3}",
+                ctx.total_steps
+            );
+        }
+        Ok(if update.applied {
+            StepOutcome::Trained
+        } else {
+            StepOutcome::Bad(skipped_cause("loss"))
+        })
+    }
+
+    fn evaluate(&mut self, step: u64) -> Result<()> {
+        if let Some(ev) = &self.eval {
+            let e = evaluate(
+                self.pre.model.as_ref(),
+                &self.adapter,
+                ev,
+                self.cfg.training.per_device_train_batch_size,
+                self.pad,
+                self.cfg.rm.center_rewards_coefficient,
+            )?;
+            self.last_eval = Some(e);
+            tracing::info!(
+                target: METRICS,
+                step,
+                "eval/loss" = e.loss,
+                "eval/accuracy" = e.accuracy,
+                "eval/margin" = e.margin,
+                "step {step} eval loss {:.4} accuracy {:.3}",
+                e.loss,
+                e.accuracy
+            );
+        }
+        Ok(())
+    }
+
+    fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        Ok(self.adapter.save(dir)?)
+    }
+
+    fn extra_state(&self) -> serde_json::Value {
+        serde_json::json!({ "num_tokens": self.num_tokens })
+    }
+
+    fn finish(&mut self, _step: u64) -> Result<PathBuf> {
+        let dir = self.cfg.training.output_dir.join("adapter");
+        self.adapter.save(&dir)?;
+        Ok(dir)
+    }
+}
+
+/// The memory check of a stage that runs micro-batches of pairs (2 sequences each).
+pub(super) fn pair_memory_needs(
+    model: &dyn CausalLm,
+    train: &[Pair],
+    t: &crate::config::common::TrainingSection,
+    trainable_params: usize,
+) -> Vec<MemoryNeed> {
+    let longest = train
+        .iter()
+        .map(|p| p.prompt.len() + p.chosen.len().max(p.rejected.len()))
+        .max()
+        .unwrap_or(1);
+    let micro = 2 * t.per_device_train_batch_size.min(train.len()).max(1);
+    let ckpt = t.gradient_checkpointing;
+    let bytes = |c| memory::training_bytes(model, micro, longest, trainable_params, c);
+    vec![MemoryNeed {
+        bytes: bytes(ckpt),
+        with_checkpointing: (!ckpt).then(|| bytes(true)),
+        what: format!("a micro-batch of {} pairs ({micro} × {longest} tokens)", micro / 2),
+        lower: "training.per_device_train_batch_size (raise gradient_accumulation_steps to keep the effective batch) or model.max_seq_len".into(),
+    }]
+}
+
+pub fn run(cfg: &RmConfig, opts: &RunOptions) -> Result<RmOutcome> {
+    cfg.validate()?;
+    let t = &cfg.training;
+    let (pre, device) = stage::load_model(&cfg.model, t)?;
+    let len = max_len(cfg.model.max_seq_len, pre.model.as_ref());
+    let train = load_pairs(&cfg.data.train_file, &pre.tokenizer, len)?;
+    let eval = match &cfg.data.eval_file {
+        Some(p) => Some(load_pairs(p, &pre.tokenizer, len)?),
+        None => None,
+    };
+    let pad = pre.tokenizer.pad_or_eos();
+    let config_json = serde_json::to_value(cfg)?;
+    let resume = Resume::find(opts.resume.as_deref(), &t.output_dir)?;
+    let model = pre.model.as_ref();
+    let Mode::Lora(lora) = cfg.adapter.mode(&model.info().model_type, &cfg.model.path) else {
+        bail!("rlft rm trains a LoRA adapter");
+    };
+    let adapter = match &resume {
+        Some(r) => {
+            let a = Adapter::load(&r.dir, model)
+                .with_context(|| format!("restoring the adapter from {}", r.dir.display()))?;
+            if a.head("score").is_none() {
+                bail!(
+                    "{}: the checkpoint has no score head (not an `rlft rm` run?)",
+                    r.dir.display()
+                );
+            }
+            a
+        }
+        None => {
+            let mut a = Adapter::new(model, lora, t.seed)?;
+            a.set_head(
+                "score",
+                new_score_head(model, &cfg.model.path, cfg.rm.score_init, t.seed)?,
+            )?;
+            a
+        }
+    };
+    let order = DataOrder::new(
+        train.len(),
+        t.per_device_train_batch_size,
+        t.seed,
+        cfg.data.shuffle,
+    );
+    let mut stage = RmStage {
+        cfg,
+        pre,
+        adapter,
+        train,
+        eval,
+        order,
+        pad,
+        window: PairStats::default(),
+        window_loss: 0.0,
+        window_steps: 0,
+        grad_norm: 0.0,
+        num_tokens: resume
+            .as_ref()
+            .and_then(|r| r.state.extra["num_tokens"].as_u64())
+            .unwrap_or(0),
+        last_loss: f64::NAN,
+        last_eval: None,
+    };
+    let out = stage::run(
+        &mut stage,
+        t,
+        &config_json,
+        resume.as_ref(),
+        &device,
+        opts.quiet,
+    )?;
+    Ok(RmOutcome {
+        output: out.output,
+        steps: out.steps,
+        final_train_loss: stage.last_loss,
+        eval_accuracy: stage.last_eval.map(|e| e.accuracy),
+        interrupted: out.interrupted,
+    })
+}
