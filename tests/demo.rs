@@ -71,23 +71,40 @@ fn a_quick_demo_runs_the_whole_pipeline() {
     for row in [
         "base model",
         "after SFT",
-        "after PPO",
-        "KL to the reference",
+        "after PPO (exact match)",
+        "reward model",
+        "after PPO (reward model)",
+        "after DPO",
+        "KL to the SFT model",
         "-- dashboard ",
     ] {
         assert!(table.contains(row), "{table}");
     }
     let s: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
-    for k in ["base_accuracy", "sft_accuracy", "ppo_accuracy"] {
+    for k in [
+        "base_accuracy",
+        "sft_accuracy",
+        "ppo_accuracy",
+        "ppo_rm_accuracy",
+        "dpo_accuracy",
+    ] {
         let v = s[k].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&v), "{k} = {v}");
         // Accuracy over 40 problems is a multiple of 1/40.
         assert!((v * 40.0 - (v * 40.0).round()).abs() < 1e-9, "{k} = {v}");
     }
     assert_eq!(s["eval_problems"].as_u64(), Some(40));
-    assert!(s["ppo_kl"].as_f64().unwrap().is_finite());
-    for k in ["sft", "ppo", "eval"] {
+    assert_eq!(s["eval_pairs"].as_u64(), Some(40));
+    let rm = s["rm_accuracy"].as_f64().unwrap();
+    assert!(
+        (rm * 40.0 - (rm * 40.0).round()).abs() < 1e-9,
+        "rm_accuracy = {rm}"
+    );
+    for k in ["ppo_kl", "ppo_rm_kl", "dpo_kl"] {
+        assert!(s[k].as_f64().unwrap().is_finite(), "{k}");
+    }
+    for k in ["sft", "ppo", "rm", "ppo_rm", "dpo", "eval"] {
         assert!(s["seconds"][k].as_f64().unwrap() > 0.0, "seconds.{k}");
     }
     // Each stage left its run folder: adapters, metrics, rollouts.
@@ -97,10 +114,21 @@ fn a_quick_demo_runs_the_whole_pipeline() {
     assert!(m.contains("objective/scores") && m.contains("eval/score"));
     assert!(out.join("ppo/rollouts.jsonl").is_file());
     assert!(out.join("sft/metrics.jsonl").is_file());
+    // The preference stages: a SEQ_CLS reward adapter, PPO against it, DPO.
+    let rm_cfg = std::fs::read_to_string(out.join("rm/adapter/adapter_config.json")).unwrap();
+    assert!(rm_cfg.contains("SEQ_CLS"), "{rm_cfg}");
+    let m = std::fs::read_to_string(out.join("ppo-rm/metrics.jsonl")).unwrap();
+    assert!(m.contains("objective/scores"), "{m}");
+    let m = std::fs::read_to_string(out.join("dpo/metrics.jsonl")).unwrap();
+    assert!(
+        m.contains("rewards/accuracies") && m.contains("logps/chosen"),
+        "{m}"
+    );
     // The held-out problems are the task's, in no training file.
     let eval = std::fs::read_to_string(out.join("data/eval.jsonl")).unwrap();
     let train = std::fs::read_to_string(out.join("data/prompts.jsonl")).unwrap()
-        + &std::fs::read_to_string(out.join("data/sft.jsonl")).unwrap();
+        + &std::fs::read_to_string(out.join("data/sft.jsonl")).unwrap()
+        + &std::fs::read_to_string(out.join("data/pairs.jsonl")).unwrap();
     for line in eval.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         let p = v["prompt"].as_str().unwrap();

@@ -1,12 +1,16 @@
 //! The built-in demo: a tiny Llama of our own (configs/demo/model/, built by
 //! `rlft demo build-base`), taught a two-number addition task by `rlft sft`, then improved by
-//! `rlft ppo` against the `numeric_match` reward, with held-out accuracy measured at each
-//! stage. docs/demo.md walks through it.
+//! `rlft ppo` against the `exact_match` reward; then the human-feedback half on preference
+//! pairs made from the task: `rlft rm` learns a reward model from them, `rlft ppo` runs
+//! against that reward model alone, and `rlft dpo` learns from the pairs directly. Held-out
+//! accuracy is measured at each stage. docs/demo.md walks through it.
 
 pub mod task;
 pub mod tokenizer;
 
-use crate::config::{self, rl::RlConfig, sft::SftConfig};
+use crate::config::{
+    self, preference::DpoConfig, preference::RmConfig, rl::RlConfig, sft::SftConfig,
+};
 use crate::rl::rollout::{response_logprobs, Rollouts};
 use crate::rl::trainer::{build_rewards, evaluate, RunOptions as RlOptions};
 use anyhow::{Context, Result};
@@ -32,7 +36,15 @@ pub struct Summary {
     pub sft_accuracy: f64,
     pub ppo_accuracy: f64,
     pub ppo_kl: f64,
+    /// Pairwise accuracy of the learned reward model on held-out pairs.
+    pub rm_accuracy: f64,
+    /// PPO with the learned reward model as its only reward.
+    pub ppo_rm_accuracy: f64,
+    pub ppo_rm_kl: f64,
+    pub dpo_accuracy: f64,
+    pub dpo_kl: f64,
     pub eval_problems: usize,
+    pub eval_pairs: usize,
     pub seconds: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -126,6 +138,16 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     task::write_jsonl(&data.join("sft.jsonl"), &task::demonstrations(sft_n, 11))?;
     task::write_jsonl(&data.join("prompts.jsonl"), &task::rl_prompts(rl_n, 12))?;
     task::write_jsonl(&data.join("eval.jsonl"), &eval_rows)?;
+    let mut eval_pairs = task::eval_preference_pairs();
+    if opts.quick {
+        eval_pairs.truncate(40);
+    }
+    let pref_n = if opts.quick { 64 } else { PREFERENCE_PAIRS };
+    task::write_jsonl(
+        &data.join("pairs.jsonl"),
+        &task::preference_pairs(pref_n, 13),
+    )?;
+    task::write_jsonl(&data.join("pairs_eval.jsonl"), &eval_pairs)?;
     let mut seconds = serde_json::Map::new();
 
     // Stage 1: SFT.
@@ -193,19 +215,104 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     let ppo_accuracy = accuracy(&merged, Some(&policy), &ppo_cfg)?;
     let ppo_kl = sequence_kl(&merged, &policy, &ppo_cfg)?;
     eval_secs += t0.elapsed().as_secs_f64();
+
+    // Stage 3: a reward model from the preference pairs, on the base model.
+    let mut rm_sets = vec![
+        format!("model.path={}", path_str(&base_dir)),
+        format!("data.train_file={}", path_str(&data.join("pairs.jsonl"))),
+        format!(
+            "data.eval_file={}",
+            path_str(&data.join("pairs_eval.jsonl"))
+        ),
+        format!("training.output_dir={}", path_str(&opts.out.join("rm"))),
+    ];
+    if opts.quick {
+        rm_sets.push("training.max_steps=2".into());
+    }
+    let rm_cfg: RmConfig = config::load(Some(&opts.configs.join("rm.toml")), &rm_sets)?;
+    let stage_opts = crate::preference::RunOptions {
+        resume: None,
+        quiet: opts.quiet,
+    };
+    let t0 = Instant::now();
+    let rm = crate::preference::rm::run(&rm_cfg, &stage_opts)?;
+    seconds.insert("rm".into(), json!(t0.elapsed().as_secs_f64()));
+    let rm_accuracy = rm.eval_accuracy.context("the reward model was evaluated")?;
+
+    // Stage 4: PPO from the SFT adapter, the learned reward model its only reward.
+    let mut ppo_rm_sets = ppo_sets.clone();
+    ppo_rm_sets.retain(|s| !s.starts_with("training.output_dir"));
+    ppo_rm_sets.push(format!(
+        "training.output_dir={}",
+        path_str(&opts.out.join("ppo-rm"))
+    ));
+    let mut ppo_rm_cfg: RlConfig =
+        config::load(Some(&opts.configs.join("ppo_rm.toml")), &ppo_rm_sets)?;
+    for r in ppo_rm_cfg.reward.iter_mut().filter(|r| r.name == "model") {
+        r.options
+            .insert("path".into(), json!(rm.output.display().to_string()));
+        r.options
+            .insert("base".into(), json!(base_dir.display().to_string()));
+    }
+    let t0 = Instant::now();
+    let ppo_rm = crate::rl::trainer::run(
+        &ppo_rm_cfg,
+        &crate::rewards::default_registry(),
+        &RlOptions {
+            resume: None,
+            quiet: opts.quiet,
+            separate_old_pass: false,
+        },
+    )?;
+    seconds.insert("ppo_rm".into(), json!(t0.elapsed().as_secs_f64()));
+
+    // Stage 5: DPO from the SFT adapter on the same pairs.
+    let mut dpo_sets = vec![
+        format!("model.path={}", path_str(&base_dir)),
+        format!("dpo.sft_adapter={}", path_str(&sft.output)),
+        format!("data.train_file={}", path_str(&data.join("pairs.jsonl"))),
+        format!("training.output_dir={}", path_str(&opts.out.join("dpo"))),
+    ];
+    if opts.quick {
+        dpo_sets.push("training.max_steps=2".into());
+    }
+    let dpo_cfg: DpoConfig = config::load(Some(&opts.configs.join("dpo.toml")), &dpo_sets)?;
+    let t0 = Instant::now();
+    let dpo = crate::preference::dpo::run(&dpo_cfg, &stage_opts)?;
+    seconds.insert("dpo".into(), json!(t0.elapsed().as_secs_f64()));
+
+    // Held-out exact match (the task's own reward, not the learned one) and KL to the SFT
+    // model for both.
+    let t0 = Instant::now();
+    let ppo_rm_policy = Adapter::load(&ppo_rm.output, merged.model.as_ref())?;
+    let ppo_rm_accuracy = accuracy(&merged, Some(&ppo_rm_policy), &ppo_cfg)?;
+    let ppo_rm_kl = sequence_kl(&merged, &ppo_rm_policy, &ppo_cfg)?;
+    let dpo_policy = Adapter::load(&dpo.output, merged.model.as_ref())?;
+    let dpo_accuracy = accuracy(&merged, Some(&dpo_policy), &ppo_cfg)?;
+    let dpo_kl = sequence_kl(&merged, &dpo_policy, &ppo_cfg)?;
+    eval_secs += t0.elapsed().as_secs_f64();
     seconds.insert("eval".into(), json!(eval_secs));
     let summary = Summary {
         base_accuracy,
         sft_accuracy,
         ppo_accuracy,
         ppo_kl,
+        rm_accuracy,
+        ppo_rm_accuracy,
+        ppo_rm_kl,
+        dpo_accuracy,
+        dpo_kl,
         eval_problems: eval_rows.len(),
+        eval_pairs: eval_pairs.len(),
         seconds,
     };
     let text = serde_json::to_string_pretty(&summary)?;
     rlft_policies::fsutil::write_atomic(&opts.out.join("summary.json"), text.as_bytes())?;
     Ok(summary)
 }
+
+/// Preference pairs the reward model and DPO learn from.
+pub const PREFERENCE_PAIRS: usize = 2000;
 
 /// Builds the base model from scratch: corpus, tokenizer, random initialisation from
 /// `configs/demo/model.json`, full-parameter pretraining with `configs/demo/pretrain.toml`.

@@ -86,6 +86,63 @@ pub fn rl_prompts(n: usize, seed: u64) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The kinds of wrong answer in the preference pairs.
+pub const REJECTED_KINDS: usize = 4;
+
+/// A preference pair for the problem (a, b): the right answer chosen over a wrong one, of
+/// kind `kind` mod [`REJECTED_KINDS`]: the dropped-carry answer the base model learned (or,
+/// without a carry, one ten too high); an off-by-one; a run-on (the right answer, then the
+/// start of the next equation, as the base model writes them); an answer cut short (its first digit; an
+/// off-by-one for a one-digit answer) — the SFT model's own mistakes.
+fn preference_pair(a: u32, b: u32, kind: usize, rng: &mut ChaCha8Rng) -> serde_json::Value {
+    let c = a + b;
+    let off_by_one = |rng: &mut ChaCha8Rng| {
+        if c == 0 || rng.random_bool(0.5) {
+            c + 1
+        } else {
+            c - 1
+        }
+    };
+    let rejected = match kind % REJECTED_KINDS {
+        0 if carries(a, b) => (c - 10).to_string(),
+        0 => (c + 10).to_string(),
+        1 => off_by_one(rng).to_string(),
+        2 => {
+            let (a2, _) = training_pair(rng);
+            format!("{c}\n{a2}+")
+        }
+        _ if c >= 10 => (c / 10).to_string(),
+        _ => off_by_one(rng).to_string(),
+    };
+    json!({ "prompt": prompt(a, b), "chosen": c.to_string(), "rejected": rejected })
+}
+
+/// Preference pairs `{"prompt", "chosen", "rejected"}` on training problems.
+pub fn preference_pairs(n: usize, seed: u64) -> Vec<serde_json::Value> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|i| {
+            let (a, b) = training_pair(&mut rng);
+            preference_pair(a, b, i, &mut rng)
+        })
+        .collect()
+}
+
+/// One preference pair per held-out problem, the kinds of wrong answer in turn.
+pub fn eval_preference_pairs() -> Vec<serde_json::Value> {
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    let mut out = Vec::new();
+    for a in 0..MAX_OPERAND {
+        for b in 0..MAX_OPERAND {
+            if held_out(a, b) {
+                let kind = out.len();
+                out.push(preference_pair(a, b, kind, &mut rng));
+            }
+        }
+    }
+    out
+}
+
 /// Every held-out pair as `{"prompt", "answer"}`.
 pub fn eval_set() -> Vec<serde_json::Value> {
     let mut out = Vec::new();
@@ -118,9 +175,11 @@ mod tests {
                 .collect()
         };
         let eval_prompts = seen(&eval, "prompt");
+        assert_eq!(seen(&eval_preference_pairs(), "prompt"), eval_prompts);
         for p in seen(&demonstrations(2000, 1), "prompt")
             .iter()
             .chain(&seen(&rl_prompts(2000, 2), "prompt"))
+            .chain(&seen(&preference_pairs(2000, 3), "prompt"))
         {
             assert!(!eval_prompts.contains(p), "{p}");
         }
@@ -131,6 +190,38 @@ mod tests {
                 assert!(!held_out(a.parse().unwrap(), b.parse().unwrap()), "{eq}");
             }
         }
+    }
+
+    /// The chosen answer is the sum; the rejected one is each kind of wrong answer.
+    #[test]
+    fn preference_pairs_prefer_the_right_sum() {
+        let (mut carry, mut off_by_one, mut run_on, mut short) = (0, 0, 0, 0);
+        for row in preference_pairs(400, 5) {
+            let (a, b) = row["prompt"]
+                .as_str()
+                .unwrap()
+                .trim_end_matches('=')
+                .split_once('+')
+                .unwrap();
+            let c: u32 = a.parse::<u32>().unwrap() + b.parse::<u32>().unwrap();
+            assert_eq!(row["chosen"], c.to_string());
+            let r = row["rejected"].as_str().unwrap();
+            assert_ne!(r, c.to_string());
+            match r.parse::<u32>() {
+                Ok(x) if c >= 10 && x == c / 10 => short += 1,
+                Ok(x) if x + 10 == c || x == c + 10 => carry += 1,
+                Ok(x) if x.abs_diff(c) == 1 => off_by_one += 1,
+                Ok(x) => panic!("{x} for {c}"),
+                Err(_) => {
+                    assert!(r.starts_with(&format!("{c}\n")), "{r}");
+                    run_on += 1;
+                }
+            }
+        }
+        assert_eq!((carry, run_on), (100, 100));
+        // One-digit answers are not cut short but off by one.
+        assert_eq!(off_by_one + short, 200);
+        assert!(short > 80, "{short}");
     }
 
     #[test]

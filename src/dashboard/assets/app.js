@@ -6,7 +6,10 @@ const COLORS = ["#3565d6", "#e8590c", "#2b8a3e", "#ae3ec9", "#d6336c", "#0b7285"
 const KEY_METRICS = [
   "objective/scores", "eval/score", "objective/kl", "beta", "train/loss", "eval/loss",
   "loss/policy", "loss/value", "policy/clipfrac", "policy/approxkl", "objective/entropy",
-  "response/length_mean", "response/stop_rate", "val/explained_variance", "lr", "grad_norm", "tokens_per_s",
+  "response/length_mean", "response/stop_rate", "val/explained_variance",
+  "accuracy", "margin", "eval/accuracy", "mean_reward",
+  "rewards/accuracies", "rewards/margins", "eval/rewards/accuracies", "rewards/chosen", "rewards/rejected",
+  "logps/chosen", "logps/rejected", "lr", "grad_norm", "tokens_per_s",
 ];
 const NOT_PLOTTED = new Set(["step", "elapsed", "epoch"]);
 
