@@ -26,6 +26,9 @@ pub struct Args {
     /// `rlft rm` adapter (on its base_model_name_or_path).
     #[arg(long)]
     pub reward_model: Option<PathBuf>,
+    /// The base model of a reward-model adapter (default: its base_model_name_or_path).
+    #[arg(long, requires = "reward_model")]
+    pub reward_base: Option<PathBuf>,
     /// β of the DPO losses and implicit rewards.
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
@@ -52,6 +55,9 @@ pub fn run(args: Args) -> Result<()> {
             let mut o = serde_json::Map::new();
             o.insert("path".into(), json!(p.display().to_string()));
             o.insert("input".into(), json!("ids"));
+            if let Some(b) = &args.reward_base {
+                o.insert("base".into(), json!(b.display().to_string()));
+            }
             Some(
                 RewardModel::new(&rlft_reward::Options::new("model", o))
                     .with_context(|| format!("loading reward model {}", p.display()))?,
