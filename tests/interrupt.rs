@@ -253,3 +253,67 @@ fn sigkill_of_a_ppo_run_resumes_bit_identically() {
         );
     }
 }
+
+/// `rlft rm` and `rlft dpo` take SIGTERM as every stage does: a checkpoint at the step
+/// reached, exit 0, and a resumed run bit-identical to one never stopped.
+#[test]
+fn preference_stages_checkpoint_on_sigterm_and_resume_bit_identically() {
+    for stage in ["rm", "dpo"] {
+        let tmp = TempDir::new("pref-sigterm");
+        let run = |out: &Path, extra: &[&str]| {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_rlft"));
+            c.current_dir(env!("CARGO_MANIFEST_DIR"))
+                .args([
+                    stage,
+                    "--config",
+                    &format!("configs/{stage}.toml"),
+                    "--quiet",
+                ])
+                .arg(format!(
+                    "--set=training.output_dir={:?}",
+                    out.display().to_string()
+                ))
+                .args([
+                    "--set=training.max_steps=400",
+                    "--set=training.save_steps=7",
+                    "--set=training.save_total_limit=1000",
+                    "--set=training.logging_steps=1",
+                    "--set=training.eval_steps=0",
+                    "--set=adapter.lora_dropout=0.1",
+                ])
+                .args(extra)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            c
+        };
+        let full = tmp.0.join("full");
+        let o = run(&full, &[]).output().unwrap();
+        assert!(o.status.success(), "{stage}: {}", stderr(&o));
+        let out = tmp.0.join("interrupted");
+        let child = run(&out, &[]).spawn().unwrap();
+        wait_for("a few logged steps", Duration::from_secs(60), || {
+            logged_steps(&out) >= 10
+        });
+        signal(&child, "-TERM");
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{stage}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(String::from_utf8_lossy(&o.stdout).contains("interrupted after step"));
+        let last = *complete_checkpoints(&out).last().unwrap();
+        assert!(
+            (10..400).contains(&last),
+            "{stage}: checkpoint at step {last}"
+        );
+        let o = run(&out, &["--resume"]).output().unwrap();
+        assert!(o.status.success(), "{stage}: {}", stderr(&o));
+        assert!(
+            adapter(&out) == adapter(&full),
+            "{stage}: the resumed run differs"
+        );
+    }
+}

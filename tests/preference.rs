@@ -207,7 +207,17 @@ fn rm_learns_and_merges_into_a_classifier_that_scores_the_same() {
     let pre = load("llama", rlft::policies::candle_core::DType::F32);
     let adapter = rlft::policies::Adapter::load(&out.output, pre.model.as_ref()).unwrap();
     let train = rlft::preference::load_pairs(&cfg.data.train_file, &pre.tokenizer, 128).unwrap();
-    let e = evaluated(pre.model.as_ref(), &adapter, &train, 8, 0, 0.0).unwrap();
+    let score = adapter.head("score").unwrap().as_tensor().clone();
+    let e = evaluated(
+        pre.model.as_ref(),
+        Some(&adapter),
+        &score,
+        &train,
+        8,
+        0,
+        0.0,
+    )
+    .unwrap();
     assert!(e.accuracy > 0.8, "train-pair accuracy {}", e.accuracy);
     // `input = "ids"` scores the token ids as given: the same as the text they encode.
     let ids = reward_model(json!({"path": out.output.display().to_string(), "input": "ids"}));
@@ -222,6 +232,49 @@ fn rm_learns_and_merges_into_a_classifier_that_scores_the_same() {
         .map(|&x| x as f32)
         .collect();
     assert!(max_abs_diff(&by_ids, &a) < 1e-6);
+}
+
+/// `adapter.trainable = "full"` (TRL's default) trains every weight and the head and writes
+/// a `…ForSequenceClassification` folder; reloaded as a reward, it ranks the pairs as the
+/// run's own evaluation did.
+#[test]
+fn a_fully_trained_reward_model_is_a_classifier_folder() {
+    let d = TempDir::new("rm-full");
+    let mut s = sets(
+        &d.0,
+        &["adapter.trainable=\"full\"", "training.learning_rate=1e-3"],
+    );
+    s.push(format!(
+        "data.eval_file={:?}",
+        d.0.join("pairs.jsonl").display().to_string()
+    ));
+    let cfg: RmConfig = config::load(None, &s).unwrap();
+    let out = rm::run(&cfg, &quiet()).unwrap();
+    assert!(out.output.ends_with("model"), "{}", out.output.display());
+    let loss = series(&d.0, "train/loss");
+    assert!(
+        loss[6..].iter().sum::<f64>() < loss[..2].iter().sum::<f64>(),
+        "{loss:?}"
+    );
+    let mcfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.output.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        mcfg["architectures"],
+        json!(["LlamaForSequenceClassification"])
+    );
+    let reward = reward_model(json!({"path": out.output.display().to_string(), "input": "ids"}));
+    let pre = load("llama", rlft::policies::candle_core::DType::F32);
+    let pairs = rlft::preference::load_pairs(&cfg.data.train_file, &pre.tokenizer, 128).unwrap();
+    let mut right = 0;
+    for p in &pairs {
+        let s = reward
+            .score_ids(&[p.chosen_ids(), p.rejected_ids()])
+            .unwrap();
+        right += usize::from(s[0] > s[1]);
+    }
+    let reported = series(&d.0, "eval/accuracy");
+    assert_eq!(right as f64 / pairs.len() as f64, *reported.last().unwrap());
 }
 
 /// With B = 0 the policy is the reference, so Δ = 0 for every pair and the first step's
@@ -304,11 +357,13 @@ fn a_precomputed_reference_trains_as_the_adapter_off_reference() {
 /// (with LoRA dropout, so the generator's position is restored too).
 #[test]
 fn rm_and_dpo_resume_bit_identically() {
-    for stage in ["rm", "dpo"] {
+    for (stage, trainable) in [("rm", "lora"), ("rm", "full"), ("dpo", "lora")] {
+        let t = format!("adapter.trainable={trainable:?}");
         let extra = [
             "training.save_steps=3",
             "training.lr_scheduler=\"cosine\"",
             "adapter.lora_dropout=0.1",
+            &t,
         ];
         let run = |dir: &Path, resume: Option<&str>| -> PathBuf {
             let opts = RunOptions {
@@ -330,10 +385,14 @@ fn rm_and_dpo_resume_bit_identically() {
         let ck = b.0.join("out/checkpoint-3");
         copy_dir(&a.0.join("out/checkpoint-3"), &ck);
         let out_b = run(&b.0, Some("latest"));
-        let file = "adapter_model.safetensors";
+        let file = if trainable == "lora" {
+            "adapter_model.safetensors"
+        } else {
+            "model.safetensors"
+        };
         assert!(
             std::fs::read(out_a.join(file)).unwrap() == std::fs::read(out_b.join(file)).unwrap(),
-            "{stage}: the resumed run's adapter differs"
+            "{stage} ({trainable}): the resumed run's weights differ"
         );
         let steps: Vec<u64> = metrics(&b.0)
             .iter()
@@ -372,8 +431,6 @@ fn bad_preference_configs_are_explained() {
     assert!(e.contains("dpo.beta"), "{e}");
     let e = err("dpo", &["adapter.trainable=\"full\""]);
     assert!(e.contains("precompute_ref_log_probs"), "{e}");
-    let e = err("rm", &["adapter.trainable=\"full\""]);
-    assert!(e.contains("LoRA"), "{e}");
     let e = err("rm", &["rm.center_rewards_coefficient=-1"]);
     assert!(e.contains("center_rewards_coefficient"), "{e}");
     // A data line without `rejected` names the file, line and field.

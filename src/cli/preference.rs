@@ -27,8 +27,13 @@ pub fn run_rm(args: Args) -> Result<()> {
         interrupted("rm", out.steps, &out.output);
         return Ok(());
     }
+    let what = if out.output.ends_with("adapter") {
+        "a PEFT SEQ_CLS adapter; `rlft merge` makes it a ForSequenceClassification folder"
+    } else {
+        "a ForSequenceClassification folder"
+    };
     println!(
-        "rm: {} steps, final train loss {:.4}{} → {} (a PEFT SEQ_CLS adapter; `rlft merge` makes it a ForSequenceClassification folder)",
+        "rm: {} steps, final train loss {:.4}{} → {} ({what})",
         out.steps,
         out.final_train_loss,
         out.eval_accuracy

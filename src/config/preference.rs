@@ -99,9 +99,6 @@ impl RmConfig {
     pub fn validate(&self) -> Result<()> {
         validate_model(&self.model)?;
         self.data.validate()?;
-        if self.adapter.trainable != TrainableKind::Lora {
-            bail!("adapter.trainable = {:?}: `rlft rm` trains a LoRA adapter and its score head (\"lora\"); the result is a PEFT SEQ_CLS adapter", self.adapter.trainable);
-        }
         let c = self.rm.center_rewards_coefficient;
         if !(c >= 0.0 && c.is_finite()) {
             bail!("rm.center_rewards_coefficient must be ≥ 0, got {c}");

@@ -1,10 +1,11 @@
 //! `rlft rm`: a reward model from preference pairs (TRL's `RewardTrainer`). The model is
-//! the base, a LoRA adapter and a `score` head (a bias-free Linear hidden → 1, trained in
-//! full) read at each sequence's last real token; the loss is
-//! `−log σ(r_chosen − r_rejected − margin)` (+ `center_rewards_coefficient` ·
-//! mean((r_c + r_r)²)), averaged over the pairs of a step. The output is a PEFT `SEQ_CLS`
-//! adapter with the head in `modules_to_save`, which `[[reward]] kind = "model"` takes and
-//! `rlft merge` turns into a `…ForSequenceClassification` folder.
+//! the base — with a LoRA adapter, or its own weights trained (`full`, `last_n_layers`) — and
+//! a `score` head (a bias-free Linear hidden → 1, trained in full) read at each sequence's
+//! last real token; the loss is `−log σ(r_chosen − r_rejected − margin)`
+//! (+ `center_rewards_coefficient` · mean((r_c + r_r)²)), averaged over the pairs of a step.
+//! With LoRA the output is a PEFT `SEQ_CLS` adapter with the head in `modules_to_save`, which
+//! `[[reward]] kind = "model"` takes and `rlft merge` turns into a
+//! `…ForSequenceClassification` folder; otherwise it is that folder.
 
 use super::logps::PairBatch;
 use super::losses::reward_model_loss;
@@ -13,23 +14,27 @@ use crate::config::preference::{RmConfig, ScoreInit};
 use crate::data::preference::Pair;
 use crate::rewards::scores_from_hidden;
 use crate::telemetry::METRICS;
+use crate::train::checkpoint::save_tensors;
 use crate::train::memory;
 use crate::train::order::DataOrder;
 use crate::train::stage::{self, MemoryNeed, Resume, Stage, StepCtx, StepOutcome};
-use crate::train::trainable::Mode;
+use crate::train::trainable::Trainable;
 use crate::train::update::skipped_cause;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rlft_policies::backward::backward_from_hidden;
+use rlft_policies::params::save_pretrained_classifier;
 use rlft_policies::{Adapter, CausalLm, ForwardCtx, Pretrained};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct RmOutcome {
-    /// The adapter folder (or the checkpoint written when interrupted).
+    /// The adapter folder, or the classifier folder of a full / last-N-layer run (or the
+    /// checkpoint written when interrupted).
     pub output: PathBuf,
     pub steps: u64,
     pub final_train_loss: f64,
@@ -60,22 +65,19 @@ fn margins(pairs: &[&Pair], dev: &candle_core::Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(m, pairs.len(), dev)?)
 }
 
-/// The loss, accuracy and margin of the reward model (`adapter` with its `score` head) on
-/// `pairs`, in batches of `batch`.
+/// The loss, accuracy and margin on `pairs` (in batches of `batch`) of the reward model
+/// `score · h` on `model` with `adapter` (if any).
 pub fn evaluate(
     model: &dyn CausalLm,
-    adapter: &Adapter,
+    adapter: Option<&Adapter>,
+    score: &Tensor,
     pairs: &[Pair],
     batch: usize,
     pad: u32,
     center: f64,
 ) -> Result<RmEval> {
-    let score = adapter
-        .head("score")
-        .context("the adapter has no score head")?
-        .as_tensor()
-        .detach();
-    let ctx = ForwardCtx::inference(Some(adapter));
+    let score = score.detach();
+    let ctx = ForwardCtx::inference(adapter);
     let dev = model.info().device.clone();
     let (mut loss, mut correct, mut margin) = (0f64, 0usize, 0f64);
     for chunk in pairs.chunks(batch.max(1)) {
@@ -126,11 +128,17 @@ fn new_score_head(
     )?)?)
 }
 
+/// A file in a checkpoint of a full / last-N-layer reward model: the `score` head.
+const SCORE_FILE: &str = "score.safetensors";
+
 struct RmStage<'a> {
     cfg: &'a RmConfig,
     pre: Pretrained,
-    /// The LoRA adapter with its `score` head (`Adapter::head("score")`).
-    adapter: Adapter,
+    /// The LoRA adapter, which carries the head too (`Adapter::head("score")`), or the
+    /// trained base weights.
+    trainable: Trainable,
+    /// `[1, hidden]`, f32.
+    score: Var,
     train: Vec<Pair>,
     eval: Option<Vec<Pair>>,
     order: DataOrder,
@@ -151,7 +159,11 @@ impl Stage for RmStage<'_> {
     }
 
     fn params(&self) -> Vec<(String, Var)> {
-        self.adapter.named_vars()
+        let mut vars = self.trainable.named_vars();
+        if self.trainable.adapter().is_none() {
+            vars.push(("score.weight".into(), self.score.clone()));
+        }
+        vars
     }
 
     fn batches(&self) -> (u64, u64) {
@@ -196,13 +208,9 @@ impl Stage for RmStage<'_> {
         let n_total: usize = batches.iter().map(Vec::len).sum();
         let model = self.pre.model.as_ref();
         let dev = model.info().device.clone();
-        let score = self
-            .adapter
-            .head("score")
-            .expect("built with a head")
-            .clone();
+        let score = self.score.clone();
         let center = self.cfg.rm.center_rewards_coefficient;
-        let fwd = ForwardCtx::train(Some(&self.adapter), ctx.dropout);
+        let fwd = ForwardCtx::train(self.trainable.adapter(), ctx.dropout);
         let mut acc = ctx.updater.accumulator();
         let mut loss_sum = 0f64;
         for b in &batches {
@@ -279,7 +287,8 @@ impl Stage for RmStage<'_> {
         if let Some(ev) = &self.eval {
             let e = evaluate(
                 self.pre.model.as_ref(),
-                &self.adapter,
+                self.trainable.adapter(),
+                self.score.as_tensor(),
                 ev,
                 self.cfg.training.per_device_train_batch_size,
                 self.pad,
@@ -301,7 +310,12 @@ impl Stage for RmStage<'_> {
     }
 
     fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        Ok(self.adapter.save(dir)?)
+        self.trainable.save_checkpoint(dir)?;
+        if self.trainable.adapter().is_none() {
+            let t = HashMap::from([("score.weight".to_string(), self.score.as_tensor().clone())]);
+            save_tensors(&t, &dir.join(SCORE_FILE))?;
+        }
+        Ok(())
     }
 
     fn extra_state(&self) -> serde_json::Value {
@@ -309,8 +323,21 @@ impl Stage for RmStage<'_> {
     }
 
     fn finish(&mut self, _step: u64) -> Result<PathBuf> {
-        let dir = self.cfg.training.output_dir.join("adapter");
-        self.adapter.save(&dir)?;
+        let out = &self.cfg.training.output_dir;
+        if let Some(a) = self.trainable.adapter() {
+            let dir = out.join("adapter");
+            a.save(&dir)?;
+            return Ok(dir);
+        }
+        let dir = out.join("model");
+        let pad = self.pre.tokenizer.pad_or_eos();
+        save_pretrained_classifier(
+            self.pre.model.as_mut(),
+            self.score.as_tensor(),
+            pad,
+            &self.cfg.model.path,
+            &dir,
+        )?;
         Ok(dir)
     }
 }
@@ -341,7 +368,7 @@ pub(super) fn pair_memory_needs(
 pub fn run(cfg: &RmConfig, opts: &RunOptions) -> Result<RmOutcome> {
     cfg.validate()?;
     let t = &cfg.training;
-    let (pre, device) = stage::load_model(&cfg.model, t)?;
+    let (mut pre, device) = stage::load_model(&cfg.model, t)?;
     let len = max_len(cfg.model.max_seq_len, pre.model.as_ref());
     let train = load_pairs(&cfg.data.train_file, &pre.tokenizer, len)?;
     let eval = match &cfg.data.eval_file {
@@ -351,31 +378,37 @@ pub fn run(cfg: &RmConfig, opts: &RunOptions) -> Result<RmOutcome> {
     let pad = pre.tokenizer.pad_or_eos();
     let config_json = serde_json::to_value(cfg)?;
     let resume = Resume::find(opts.resume.as_deref(), &t.output_dir)?;
+    let ckpt = resume.as_ref().map(|r| r.dir.as_path());
+    let mode = cfg
+        .adapter
+        .mode(&pre.model.info().model_type.clone(), &cfg.model.path);
+    let mut trainable = Trainable::build(pre.model.as_mut(), &mode, t.seed, ckpt)?;
     let model = pre.model.as_ref();
-    let Mode::Lora(lora) = cfg.adapter.mode(&model.info().model_type, &cfg.model.path) else {
-        bail!("rlft rm trains a LoRA adapter");
-    };
-    let adapter = match &resume {
-        Some(r) => {
-            let a = Adapter::load(&r.dir, model)
-                .with_context(|| format!("restoring the adapter from {}", r.dir.display()))?;
-            if a.head("score").is_none() {
-                bail!(
+    // The head: in the adapter with LoRA (a checkpoint's adapter has it), else its own file.
+    let score = match (&mut trainable, ckpt) {
+        (Trainable::Lora(a), Some(dir)) => a
+            .head("score")
+            .with_context(|| {
+                format!(
                     "{}: the checkpoint has no score head (not an `rlft rm` run?)",
-                    r.dir.display()
-                );
-            }
-            a
+                    dir.display()
+                )
+            })?
+            .clone(),
+        (_, Some(dir)) => {
+            let p = dir.join(SCORE_FILE);
+            let t = candle_core::safetensors::load(&p, &model.info().device)
+                .with_context(|| format!("reading {}", p.display()))?;
+            let w = t
+                .get("score.weight")
+                .with_context(|| format!("{}: no tensor `score.weight`", p.display()))?;
+            Var::from_tensor(w)?
         }
-        None => {
-            let mut a = Adapter::new(model, lora, t.seed)?;
-            a.set_head(
-                "score",
-                new_score_head(model, &cfg.model.path, cfg.rm.score_init, t.seed)?,
-            )?;
-            a
-        }
+        (_, None) => new_score_head(model, &cfg.model.path, cfg.rm.score_init, t.seed)?,
     };
+    if let Trainable::Lora(a) = &mut trainable {
+        a.set_head("score", score.clone())?;
+    }
     let order = DataOrder::new(
         train.len(),
         t.per_device_train_batch_size,
@@ -385,7 +418,8 @@ pub fn run(cfg: &RmConfig, opts: &RunOptions) -> Result<RmOutcome> {
     let mut stage = RmStage {
         cfg,
         pre,
-        adapter,
+        trainable,
+        score,
         train,
         eval,
         order,
