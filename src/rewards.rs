@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 use rlft_policies::device::{parse_device, parse_dtype};
 use rlft_policies::lora::ADAPTER_CONFIG;
 use rlft_policies::weights::WeightFiles;
-use rlft_policies::{Adapter, BatchInput, CausalLm, ForwardCtx, Pretrained};
+use rlft_policies::{Adapter, BatchInput, CausalLm, ForwardCtx, Pretrained, Tokenizer};
 use rlft_reward::{Options, Registry, Reward, RewardError, Sample};
 use std::path::PathBuf;
 
@@ -19,14 +19,15 @@ pub fn default_registry() -> Registry {
 
 /// `model`: a reward model — a `…ForSequenceClassification` folder (Llama/Qwen2/Mistral
 /// style `score` head, no bias), or a PEFT `SEQ_CLS` adapter with its `score` head (what
-/// `rlft rm` writes) on its base model. The score is the head's output at the last real token
-/// of prompt + completion.
+/// `rlft rm` writes) on its base model. The score is the head's output at the last token of
+/// prompt + completion that is not the pad id ([`last_token_scores`]).
 ///
 /// Options: `path` (required), `base` (the base model folder of an adapter; default: the
 /// adapter's `base_model_name_or_path`, from the working directory or else beside the
-/// adapter), `input` (`"text"`: prompt + completion text encoded
-/// by the reward model's own tokenizer; `"ids"`: the policy's token ids as generated, the stop
-/// token included — for a reward model on the policy's tokenizer, as `rlft rm` trains it),
+/// adapter), `input` (`"text"`: prompt + completion text encoded by the reward model's own
+/// tokenizer, then its EOS when a stop token ended the completion; `"ids"`: the policy's
+/// token ids as generated, the stop token included — for a reward model on the policy's
+/// tokenizer),
 /// `label` (output index, default 0), `dtype` ("f32"), `device` ("cpu"), `batch_size` (16).
 pub struct RewardModel {
     pre: Pretrained,
@@ -34,6 +35,8 @@ pub struct RewardModel {
     adapter: Option<Adapter>,
     /// `[num_labels, hidden]`, f32.
     score: Tensor,
+    /// The id whose tokens the score skips at the end of a row ([`score_pad_id`]).
+    pad: u32,
     label: usize,
     batch_size: usize,
     input: Input,
@@ -77,10 +80,11 @@ impl RewardModel {
                 ))
             }
         };
-        let (pre, adapter, score) = if path.join(ADAPTER_CONFIG).is_file() {
-            let (pre, adapter) = load_adapter_form(o, &path, dtype, &device)?;
-            let score = adapter
-                .head("score")
+        let (pre, adapter, score, model_dir) = if path.join(ADAPTER_CONFIG).is_file() {
+            let (pre, adapter, base) = load_adapter_form(o, &path, dtype, &device)?;
+            let score = ["score", "classifier"]
+                .into_iter()
+                .find_map(|h| adapter.head(h))
                 .ok_or_else(|| {
                     bad(
                         "path",
@@ -92,7 +96,7 @@ impl RewardModel {
                 })?
                 .as_tensor()
                 .clone();
-            (pre, Some(adapter), score)
+            (pre, Some(adapter), score, base)
         } else {
             let pre = Pretrained::load(&path, dtype, &device).map_err(|e| bad("path", e))?;
             let w = WeightFiles::open(&path, dtype, &device).map_err(|e| bad("path", e))?;
@@ -109,8 +113,9 @@ impl RewardModel {
                     )
                 })?;
             let score = w.get_any_shape(name).map_err(|e| bad("path", e))?;
-            (pre, None, score)
+            (pre, None, score, path.clone())
         };
+        let pad = score_pad_id(&model_dir, &pre.tokenizer);
         let hidden = pre.model.info().hidden_size;
         if score.dims().len() != 2 || score.dims()[1] != hidden {
             return Err(bad(
@@ -133,6 +138,7 @@ impl RewardModel {
             pre,
             adapter,
             score: score.to_dtype(DType::F32).map_err(|e| bad("path", e))?,
+            pad,
             label,
             batch_size,
             input,
@@ -153,14 +159,20 @@ impl RewardModel {
     pub fn score_ids(&self, rows: &[Vec<u32>]) -> Result<Vec<f64>, RewardError> {
         let fail = |e: &dyn std::fmt::Display| RewardError::failed("model", e);
         let model = self.pre.model.as_ref();
-        let pad = self.pre.tokenizer.pad_or_eos();
+        let vocab = model.info().vocab_size;
+        if let Some(id) = rows.iter().flatten().find(|&&id| id as usize >= vocab) {
+            return Err(bad(
+                "input",
+                format!("token id {id} is outside the reward model's vocabulary of {vocab}: with a tokenizer of its own, use input = \"text\""),
+            ));
+        }
         let ctx = ForwardCtx::inference(self.adapter.as_ref());
         let mut out = Vec::with_capacity(rows.len());
         for chunk in rows.chunks(self.batch_size) {
-            let input =
-                BatchInput::left_padded(chunk, pad, &model.info().device).map_err(|e| fail(&e))?;
-            let scores =
-                last_token_scores(model, &input, &ctx, &self.score).map_err(|e| fail(&e))?;
+            let input = BatchInput::left_padded(chunk, self.pad, &model.info().device)
+                .map_err(|e| fail(&e))?;
+            let scores = last_token_scores(model, &input, &ctx, &self.score, self.pad)
+                .map_err(|e| fail(&e))?;
             let v: Vec<Vec<f32>> = scores.to_vec2().map_err(|e| fail(&e))?;
             out.extend(v.into_iter().map(|r| r[self.label] as f64));
         }
@@ -168,21 +180,22 @@ impl RewardModel {
     }
 }
 
-/// The base model named by `base` (or the adapter's `base_model_name_or_path`) and the
-/// adapter on it.
+/// The base model named by `base` (or the adapter's `base_model_name_or_path`), the
+/// adapter on it, and the base's folder.
 fn load_adapter_form(
     o: &Options,
     path: &std::path::Path,
     dtype: DType,
     device: &candle_core::Device,
-) -> Result<(Pretrained, Adapter), RewardError> {
+) -> Result<(Pretrained, Adapter, PathBuf), RewardError> {
     let base = match o.get("base") {
         Some(_) => PathBuf::from(o.required_str("base")?),
         None => {
-            let cfg: serde_json::Value = std::fs::read_to_string(path.join(ADAPTER_CONFIG))
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok())
-                .unwrap_or_default();
+            let cfg_path = path.join(ADAPTER_CONFIG);
+            let cfg: serde_json::Value = std::fs::read_to_string(&cfg_path)
+                .map_err(|e| e.to_string())
+                .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+                .map_err(|e| bad("path", format!("{}: {e}", cfg_path.display())))?;
             match cfg["base_model_name_or_path"].as_str() {
                 // As given (from the working directory), else beside the adapter.
                 Some(b) if !b.is_empty() => {
@@ -207,20 +220,33 @@ fn load_adapter_form(
     };
     let pre = Pretrained::load(&base, dtype, device).map_err(|e| bad("base", e))?;
     let adapter = Adapter::load(path, pre.model.as_ref()).map_err(|e| bad("path", e))?;
-    Ok((pre, adapter))
+    Ok((pre, adapter, base))
 }
 
-/// `[b, num_labels]` f32: `score · h` at the last position of each row (left padding puts
-/// every row's last real token there), the way transformers' `…ForSequenceClassification`
-/// reads a sequence's score. Tracked when `ctx` records gradients and `score` is a variable.
+/// The pad id a score reader skips: `config.json`'s `pad_token_id`, else the tokenizer's pad
+/// (or EOS) — what transformers uses, and what `rlft merge` writes into a classifier folder
+/// that has none.
+pub fn score_pad_id(model_dir: &std::path::Path, tok: &Tokenizer) -> u32 {
+    std::fs::read_to_string(model_dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|c| c["pad_token_id"].as_u64())
+        .map_or_else(|| tok.pad_or_eos(), |p| p as u32)
+}
+
+/// `[b, num_labels]` f32: `score · h` at each row's last token that is not `pad_id` — the
+/// token transformers' `…ForSequenceClassification` reads a sequence's score at. With a
+/// pad distinct from EOS that is the last real token (an appended EOS); where pad = EOS, the
+/// token before a final EOS. Tracked when `ctx` records gradients and `score` is a variable.
 pub fn last_token_scores(
     model: &dyn CausalLm,
     input: &BatchInput,
     ctx: &ForwardCtx,
     score: &Tensor,
+    pad_id: u32,
 ) -> anyhow::Result<Tensor> {
     let h = model.forward_hidden(input, ctx, None)?;
-    scores_from_hidden(input, &h, score)
+    scores_from_hidden(input, &h, score, pad_id)
 }
 
 /// [`last_token_scores`] from the final hidden states `[b, t, hidden]`.
@@ -228,10 +254,22 @@ pub fn scores_from_hidden(
     input: &BatchInput,
     h: &Tensor,
     score: &Tensor,
+    pad_id: u32,
 ) -> anyhow::Result<Tensor> {
-    let t = input.seq_len();
-    let last = h.narrow(1, t - 1, 1)?.squeeze(1)?.to_dtype(DType::F32)?;
-    Ok(last.matmul(&score.t()?)?)
+    let (b, t, hd) = h.dims3()?;
+    let ids: Vec<Vec<u32>> = input.ids.to_vec2()?;
+    // Rows are left-padded, so a row of padding only reads its last position.
+    let rows: Vec<u32> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (i * t + r.iter().rposition(|&x| x != pad_id).unwrap_or(t - 1)) as u32)
+        .collect();
+    let rows = Tensor::from_vec(rows, b, h.device())?;
+    let read = h
+        .reshape((b * t, hd))?
+        .index_select(&rows, 0)?
+        .to_dtype(DType::F32)?;
+    Ok(read.matmul(&score.t()?)?)
 }
 
 impl Reward for RewardModel {
@@ -240,12 +278,24 @@ impl Reward for RewardModel {
     }
     fn score(&self, samples: &[Sample]) -> Result<Vec<f64>, RewardError> {
         match self.input {
+            // The text of prompt + completion in the reward model's tokens, and its EOS when
+            // a stop token ended the completion (reward models are trained on completions
+            // that end so: `rlft rm` and TRL append EOS).
             Input::Text => {
-                let texts: Vec<String> = samples
-                    .iter()
-                    .map(|s| format!("{}{}", s.prompt, s.completion))
-                    .collect();
-                self.score_texts(&texts)
+                let tok = &self.pre.tokenizer;
+                let mut rows = Vec::with_capacity(samples.len());
+                for s in samples {
+                    let mut ids = tok
+                        .encode(&format!("{}{}", s.prompt, s.completion), true)
+                        .map_err(|e| RewardError::failed("model", e))?;
+                    if let (true, Some(eos)) = (s.stopped, tok.eos_id) {
+                        if ids.last() != Some(&eos) {
+                            ids.push(eos);
+                        }
+                    }
+                    rows.push(ids);
+                }
+                self.score_ids(&rows)
             }
             Input::Ids => {
                 let rows: Vec<Vec<u32>> = samples

@@ -18,11 +18,7 @@ use rlft_policies::{BatchInput, CausalLm, ForwardCtx, Pretrained};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-pub struct RunOptions {
-    /// "latest" or a checkpoint folder.
-    pub resume: Option<String>,
-    pub quiet: bool,
-}
+pub use crate::train::stage::RunOptions;
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -218,10 +214,7 @@ impl Stage for SftStage<'_> {
     /// the token mean over all of them, so each micro-batch contributes Σ nll / N_total.
     fn step(&mut self, ctx: StepCtx) -> Result<StepOutcome> {
         let accum = self.cfg.training.gradient_accumulation_steps as u64;
-        let batches: Vec<Vec<usize>> = (0..accum)
-            .map(|k| self.order.batch(*ctx.position + k))
-            .collect();
-        *ctx.position += accum;
+        let batches = self.order.step_batches(ctx.position, accum);
         let n_total: usize = batches
             .iter()
             .flatten()
@@ -325,14 +318,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftOutcome> {
     cfg.validate()?;
     let t = &cfg.training;
     let (mut pre, device) = stage::load_model(&cfg.model, t)?;
-    let max_len = cfg.model.max_seq_len.min(pre.model.info().max_positions);
-    if cfg.model.max_seq_len > pre.model.info().max_positions {
-        tracing::warn!(
-            "model.max_seq_len {} exceeds the model's {} positions; using {max_len}",
-            cfg.model.max_seq_len,
-            pre.model.info().max_positions
-        );
-    }
+    let max_len = stage::max_len(cfg.model.max_seq_len, pre.model.as_ref());
     let completion_only = cfg.data.completion_only_loss;
     let train = load_examples(
         &cfg.data.train_file,

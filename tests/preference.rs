@@ -203,7 +203,7 @@ fn rm_learns_and_merges_into_a_classifier_that_scores_the_same() {
         .map(|&x| x as f32)
         .collect();
     assert!(max_abs_diff(&a, &m) < 1e-4, "{a:?} vs {m:?}");
-    let evaluated = rlft::preference::rm::evaluate;
+    let evaluated = rlft::preference::rm::evaluate_pairs;
     let pre = load("llama", rlft::policies::candle_core::DType::F32);
     let adapter = rlft::policies::Adapter::load(&out.output, pre.model.as_ref()).unwrap();
     let train = rlft::preference::load_pairs(&cfg.data.train_file, &pre.tokenizer, 128).unwrap();
@@ -518,4 +518,36 @@ fn gradient_checkpointing_trains_both_stages_as_keeping_the_activations() {
             );
         }
     }
+}
+
+/// The score is read at each row's last token that is not the pad id, as transformers reads
+/// it: with pad = EOS (GPT-2, Llama 3, Qwen2.5 base), a sequence ending in EOS is scored at
+/// the token before it — the same as the sequence without its EOS.
+#[test]
+fn the_score_is_read_at_the_last_non_pad_token() {
+    use rlft::policies::candle_core::{DType, Tensor};
+    use rlft::policies::{BatchInput, ForwardCtx};
+    use rlft::rewards::last_token_scores;
+    let pre = load("llama", DType::F32);
+    let model = pre.model.as_ref();
+    let score = Tensor::randn(0f32, 1.0, (1, 64), &Device::Cpu).unwrap();
+    let ctx = ForwardCtx::inference(None);
+    let read = |rows: &[Vec<u32>], pad: u32| -> Vec<f32> {
+        let input = BatchInput::left_padded(rows, pad, &Device::Cpu).unwrap();
+        last_token_scores(model, &input, &ctx, &score, pad)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (with_eos, without) = (vec![1, 300, 301, 302, 2], vec![1, 300, 301, 302]);
+    let other = vec![1, 40, 2];
+    // pad = EOS (2): the final EOS is skipped.
+    let a = read(&[with_eos.clone(), other.clone()], 2);
+    let b = read(&[without.clone(), vec![1, 40]], 0);
+    assert!(max_abs_diff(&a, &b) < 1e-5, "{a:?} vs {b:?}");
+    // pad distinct from EOS (0): the EOS itself is read, which scores differently.
+    let c = read(&[with_eos, other], 0);
+    assert!((c[0] - b[0]).abs() > 1e-4, "{c:?} vs {b:?}");
 }

@@ -24,7 +24,7 @@ pub fn run(args: Args) -> Result<()> {
         Some(score) => save_pretrained_classifier(
             pre.model.as_mut(),
             score.as_tensor(),
-            pre.tokenizer.pad_or_eos(),
+            crate::rewards::score_pad_id(&args.model.model, &pre.tokenizer),
             &args.model.model,
             &args.out,
         ),

@@ -5,7 +5,6 @@
 
 use super::common::ModelArgs;
 use crate::data::preference::Pair;
-use crate::data::read_jsonl;
 use crate::preference::logps::pair_logps;
 use crate::preference::losses::{dpo_losses, DpoLoss};
 use crate::rewards::RewardModel;
@@ -45,11 +44,10 @@ pub fn run(args: Args) -> Result<()> {
     let (pre, adapter) = args.model.load()?;
     let model = pre.model.as_ref();
     let max_len = match args.max_seq_len {
-        Some(n) => crate::preference::max_len(n, model),
+        Some(n) => crate::train::stage::max_len(n, model),
         None => model.info().max_positions,
     };
-    let rows = read_jsonl(&args.data)?;
-    let (pairs, _) = crate::data::preference::tokenize_all(&rows, &pre.tokenizer, max_len)?;
+    let pairs = crate::preference::load_pairs(&args.data, &pre.tokenizer, max_len)?;
     let rm = match &args.reward_model {
         Some(p) => {
             let mut o = serde_json::Map::new();

@@ -134,6 +134,13 @@ pub fn tokenize(row: &Row, tok: &Tokenizer, max_len: usize) -> Result<Tokenized>
     } else {
         text_pair(row, tok)?
     };
+    // The first completion token is scored given the prompt: it needs one.
+    if prompt.is_empty() {
+        return Err(row.error(
+            "prompt",
+            "tokenizes to no tokens (and the tokenizer adds no BOS): the first completion token needs a context",
+        ));
+    }
     Ok(fit(prompt, chosen, rejected, margin, max_len))
 }
 

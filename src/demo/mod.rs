@@ -237,7 +237,9 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     let t0 = Instant::now();
     let rm = crate::preference::rm::run(&rm_cfg, &stage_opts)?;
     seconds.insert("rm".into(), json!(t0.elapsed().as_secs_f64()));
-    let rm_accuracy = rm.eval_accuracy.context("the reward model was evaluated")?;
+    let rm_accuracy = rm
+        .eval_accuracy
+        .context("the reward-model run reported no eval accuracy")?;
 
     // Stage 4: PPO from the SFT adapter, the learned reward model its only reward.
     let mut ppo_rm_sets = ppo_sets.clone();

@@ -11,8 +11,7 @@
 
 use super::logps::{pair_logps, PairBatch};
 use super::losses::{dpo_losses, implicit_rewards, DpoLoss};
-use super::rm::pair_memory_needs;
-use super::{load_pairs, max_len, PairStats, RunOptions};
+use super::{load_pairs, pair_memory_needs, PairStats, RunOptions};
 use crate::config::preference::DpoConfig;
 use crate::data::preference::Pair;
 use crate::telemetry::METRICS;
@@ -20,10 +19,10 @@ use crate::train::order::DataOrder;
 use crate::train::stage::{self, MemoryNeed, Resume, Stage, StepCtx, StepOutcome};
 use crate::train::trainable::Trainable;
 use crate::train::update::skipped_cause;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
 use rlft_policies::backward::backward_from_hidden;
-use rlft_policies::{Adapter, CausalLm, ForwardCtx, Pretrained};
+use rlft_policies::{CausalLm, ForwardCtx, Pretrained};
 use std::path::{Path, PathBuf};
 
 /// What a finished run reports.
@@ -146,31 +145,25 @@ struct DpoStage<'a> {
 }
 
 impl DpoStage<'_> {
-    /// The reference log-probs of the pairs `idx` of the train (or eval) set.
-    fn reference_logps(&self, idx: &[usize], eval: bool) -> Result<(Tensor, Tensor)> {
+    /// The reference log-probs of `batch`, the pairs `idx` of the train (or eval) set: the
+    /// stored ones, or a pass over the same batch with the adapter off.
+    fn reference_logps(
+        &self,
+        batch: &PairBatch,
+        idx: &[usize],
+        eval: bool,
+    ) -> Result<(Tensor, Tensor)> {
         let model = self.pre.model.as_ref();
-        let dev = model.info().device.clone();
         match &self.reference {
             Reference::Precomputed { train, eval: ev } => {
                 let set = if eval { ev } else { train };
                 let v: Vec<(f32, f32)> = idx.iter().map(|&i| set[i]).collect();
-                as_tensors(&v, &dev)
+                as_tensors(&v, &model.info().device)
             }
             Reference::AdapterOff => {
-                let set = if eval {
-                    self.eval.as_deref().unwrap_or(&[])
-                } else {
-                    &self.train
-                };
-                let refs: Vec<&Pair> = idx.iter().map(|&i| &set[i]).collect();
                 let ctx = ForwardCtx::inference(None);
-                Ok(pair_logps(
-                    model,
-                    &refs,
-                    &ctx,
-                    self.pad,
-                    self.loss.averages_log_probs(),
-                )?)
+                let hidden = model.forward_hidden(&batch.input, &ctx, None)?;
+                Ok(batch.logps(model, &hidden, &ctx)?)
             }
         }
     }
@@ -186,11 +179,13 @@ impl DpoStage<'_> {
         let mut loss = 0f64;
         let batch = self.cfg.training.per_device_train_batch_size.max(1);
         let all: Vec<usize> = (0..ev.len()).collect();
+        let dev = model.info().device.clone();
         for idx in all.chunks(batch) {
             let refs: Vec<&Pair> = idx.iter().map(|&i| &ev[i]).collect();
-            let (pc, pr) =
-                pair_logps(model, &refs, &ctx, self.pad, self.loss.averages_log_probs())?;
-            let (rc, rr) = self.reference_logps(idx, true)?;
+            let b = PairBatch::new(&refs, self.pad, self.loss.averages_log_probs(), &dev)?;
+            let hidden = model.forward_hidden(&b.input, &ctx, None)?;
+            let (pc, pr) = b.logps(model, &hidden, &ctx)?;
+            let (rc, rr) = self.reference_logps(&b, idx, true)?;
             let f = figures(self.loss, d.beta, d.label_smoothing, (&pc, &pr), (&rc, &rr))?;
             loss += f.losses.sum_all()?.to_scalar::<f32>()? as f64;
             f.record(&mut w);
@@ -225,6 +220,7 @@ impl Stage for DpoStage<'_> {
             &self.train,
             &self.cfg.training,
             trainable_params,
+            true,
         )
     }
 
@@ -249,10 +245,7 @@ impl Stage for DpoStage<'_> {
     /// micro-batch's summed per-pair losses divided by the step's pair count.
     fn step(&mut self, ctx: StepCtx) -> Result<StepOutcome> {
         let accum = self.cfg.training.gradient_accumulation_steps as u64;
-        let batches: Vec<Vec<usize>> = (0..accum)
-            .map(|k| self.order.batch(*ctx.position + k))
-            .collect();
-        *ctx.position += accum;
+        let batches = self.order.step_batches(ctx.position, accum);
         let n_total: usize = batches.iter().map(Vec::len).sum();
         let model = self.pre.model.as_ref();
         let dev = model.info().device.clone();
@@ -261,11 +254,11 @@ impl Stage for DpoStage<'_> {
         let mut acc = ctx.updater.accumulator();
         let mut loss_sum = 0f64;
         for idx in &batches {
-            // 1. The reference's log-probs (adapter off, no graph), or the stored ones.
-            let (rc, rr) = self.reference_logps(idx, false)?;
-            // 2. The policy's, with gradients, and the loss.
             let pairs: Vec<&Pair> = idx.iter().map(|&i| &self.train[i]).collect();
             let batch = PairBatch::new(&pairs, self.pad, average, &dev)?;
+            // 1. The reference's log-probs (adapter off, no graph), or the stored ones.
+            let (rc, rr) = self.reference_logps(&batch, idx, false)?;
+            // 2. The policy's, with gradients, and the loss.
             let fwd = ForwardCtx::train(self.trainable.adapter(), ctx.dropout);
             let params = ctx.updater.params();
             let window = &mut self.window;
@@ -363,15 +356,9 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<DpoOutcome> {
     let loss = cfg.loss()?;
     let (mut pre, device) = stage::load_model(&cfg.model, t)?;
     if let Some(sft) = &d.sft_adapter {
-        let a = Adapter::load(sft, pre.model.as_ref())
-            .with_context(|| format!("loading sft_adapter {}", sft.display()))?;
-        a.merge_into(pre.model.as_mut())?;
-        tracing::info!(
-            "merged the SFT adapter {} into the base: it is the reference",
-            sft.display()
-        );
+        stage::merge_sft_adapter(&mut pre, sft)?;
     }
-    let len = max_len(cfg.model.max_seq_len, pre.model.as_ref());
+    let len = stage::max_len(cfg.model.max_seq_len, pre.model.as_ref());
     let train = load_pairs(&cfg.data.train_file, &pre.tokenizer, len)?;
     let eval = match &cfg.data.eval_file {
         Some(p) => Some(load_pairs(p, &pre.tokenizer, len)?),

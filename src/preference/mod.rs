@@ -10,30 +10,17 @@ pub mod rm;
 
 use crate::data::preference::{tokenize_all, Pair};
 use crate::data::read_jsonl;
+use crate::train::memory;
+use crate::train::stage::MemoryNeed;
 use anyhow::{bail, Result};
 use rlft_policies::{CausalLm, Tokenizer};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// Options of a `rlft rm` / `rlft dpo` run besides its configuration.
-pub struct RunOptions {
-    /// "latest" or a checkpoint folder.
-    pub resume: Option<String>,
-    pub quiet: bool,
-}
+pub use crate::train::stage::RunOptions;
 
-/// `model.max_seq_len`, capped at the model's positions (with a warning).
-pub fn max_len(configured: usize, model: &dyn CausalLm) -> usize {
-    let positions = model.info().max_positions;
-    if configured > positions {
-        tracing::warn!(
-            "model.max_seq_len {configured} exceeds the model's {positions} positions; using {positions}"
-        );
-    }
-    configured.min(positions)
-}
-
-/// Reads and tokenizes a preference file; warns once with the number of truncated pairs.
+/// Reads and tokenizes a preference file; warns once with the number of truncated pairs and
+/// once with the number of skipped rows (each skipped row is also a warning of its own).
 pub fn load_pairs(path: &Path, tok: &Tokenizer, max_len: usize) -> Result<Vec<Pair>> {
     let rows = read_jsonl(path)?;
     if rows.is_empty() {
@@ -62,18 +49,48 @@ pub fn load_pairs(path: &Path, tok: &Tokenizer, max_len: usize) -> Result<Vec<Pa
     Ok(pairs)
 }
 
+/// The memory check of a stage that runs micro-batches of pairs (2 sequences each);
+/// `logits`: whether its loss reads the vocabulary (DPO) or only the final hidden states (a
+/// reward model).
+pub(crate) fn pair_memory_needs(
+    model: &dyn CausalLm,
+    train: &[Pair],
+    t: &crate::config::common::TrainingSection,
+    trainable_params: usize,
+    logits: bool,
+) -> Vec<MemoryNeed> {
+    let longest = train
+        .iter()
+        .map(|p| p.prompt.len() + p.chosen.len().max(p.rejected.len()))
+        .max()
+        .unwrap_or(1);
+    let micro = 2 * t.per_device_train_batch_size.min(train.len()).max(1);
+    let ckpt = t.gradient_checkpointing;
+    let bytes = |c| {
+        if logits {
+            memory::training_bytes(model, micro, longest, trainable_params, c)
+        } else {
+            memory::headless_training_bytes(model, micro, longest, trainable_params, c)
+        }
+    };
+    vec![MemoryNeed {
+        bytes: bytes(ckpt),
+        with_checkpointing: (!ckpt).then(|| bytes(true)),
+        what: format!("a micro-batch of {} pairs ({micro} × {longest} tokens)", micro / 2),
+        lower: "training.per_device_train_batch_size (raise gradient_accumulation_steps to keep the effective batch) or model.max_seq_len".into(),
+    }]
+}
+
 /// Per-pair figures summed over a window (a logging interval or an evaluation), reported
-/// as means, plus minima and maxima where asked.
+/// as means over its pairs.
 #[derive(Debug, Default, Clone)]
 pub struct PairStats {
     sums: BTreeMap<&'static str, f64>,
-    mins: BTreeMap<&'static str, f64>,
-    maxs: BTreeMap<&'static str, f64>,
     pub pairs: usize,
 }
 
 impl PairStats {
-    /// Adds one value per pair under `name`.
+    /// Adds `values` under `name` (one per pair, or per whatever `name` counts).
     pub fn add(&mut self, name: &'static str, values: &[f32]) {
         let s = self.sums.entry(name).or_default();
         for &v in values {
@@ -81,27 +98,13 @@ impl PairStats {
         }
     }
 
-    /// Tracks the extremes of `values` under `name`.
-    pub fn extremes(&mut self, name: &'static str, values: &[f32]) {
-        for &v in values {
-            let v = v as f64;
-            let lo = self.mins.entry(name).or_insert(f64::INFINITY);
-            *lo = lo.min(v);
-            let hi = self.maxs.entry(name).or_insert(f64::NEG_INFINITY);
-            *hi = hi.max(v);
-        }
+    /// The total of `name`.
+    pub fn sum(&self, name: &str) -> f64 {
+        self.sums.get(name).copied().unwrap_or(f64::NAN)
     }
 
     /// The mean of `name` over the window's pairs (`per` values per pair).
     pub fn mean(&self, name: &str, per: usize) -> f64 {
-        self.sums.get(name).copied().unwrap_or(f64::NAN) / (self.pairs * per).max(1) as f64
-    }
-
-    pub fn min(&self, name: &str) -> f64 {
-        self.mins.get(name).copied().unwrap_or(f64::NAN)
-    }
-
-    pub fn max(&self, name: &str) -> f64 {
-        self.maxs.get(name).copied().unwrap_or(f64::NAN)
+        self.sum(name) / (self.pairs * per).max(1) as f64
     }
 }

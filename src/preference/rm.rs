@@ -9,13 +9,12 @@
 
 use super::logps::PairBatch;
 use super::losses::reward_model_loss;
-use super::{load_pairs, max_len, PairStats, RunOptions};
+use super::{load_pairs, pair_memory_needs, PairStats, RunOptions};
 use crate::config::preference::{RmConfig, ScoreInit};
 use crate::data::preference::Pair;
-use crate::rewards::scores_from_hidden;
+use crate::rewards::{score_pad_id, scores_from_hidden};
 use crate::telemetry::METRICS;
 use crate::train::checkpoint::save_tensors;
-use crate::train::memory;
 use crate::train::order::DataOrder;
 use crate::train::stage::{self, MemoryNeed, Resume, Stage, StepCtx, StepOutcome};
 use crate::train::trainable::Trainable;
@@ -53,9 +52,15 @@ pub struct RmEval {
     pub margin: f64,
 }
 
-/// Scores `(r_chosen, r_rejected)` `[n]` of a batch from its final hidden states.
-fn pair_scores(batch: &PairBatch, hidden: &Tensor, score: &Tensor) -> Result<(Tensor, Tensor)> {
-    let s = scores_from_hidden(&batch.input, hidden, score)?.squeeze(1)?;
+/// Scores `(r_chosen, r_rejected)` `[n]` of a batch from its final hidden states, each read
+/// at its last token that is not `pad` ([`scores_from_hidden`]).
+fn pair_scores(
+    batch: &PairBatch,
+    hidden: &Tensor,
+    score: &Tensor,
+    pad: u32,
+) -> Result<(Tensor, Tensor)> {
+    let s = scores_from_hidden(&batch.input, hidden, score, pad)?.squeeze(1)?;
     let n = batch.pairs;
     Ok((s.narrow(0, 0, n)?, s.narrow(0, n, n)?))
 }
@@ -67,7 +72,7 @@ fn margins(pairs: &[&Pair], dev: &candle_core::Device) -> Result<Tensor> {
 
 /// The loss, accuracy and margin on `pairs` (in batches of `batch`) of the reward model
 /// `score · h` on `model` with `adapter` (if any).
-pub fn evaluate(
+pub fn evaluate_pairs(
     model: &dyn CausalLm,
     adapter: Option<&Adapter>,
     score: &Tensor,
@@ -84,7 +89,7 @@ pub fn evaluate(
         let refs: Vec<&Pair> = chunk.iter().collect();
         let b = PairBatch::new(&refs, pad, false, &dev)?;
         let hidden = model.forward_hidden(&b.input, &ctx, None)?;
-        let (rc, rr) = pair_scores(&b, &hidden, &score)?;
+        let (rc, rr) = pair_scores(&b, &hidden, &score, pad)?;
         let l = reward_model_loss(&rc, &rr, Some(&margins(&refs, &dev)?), center)?;
         loss += l.to_scalar::<f32>()? as f64 * chunk.len() as f64;
         let (c, r): (Vec<f32>, Vec<f32>) = (rc.to_vec1()?, rr.to_vec1()?);
@@ -142,6 +147,7 @@ struct RmStage<'a> {
     train: Vec<Pair>,
     eval: Option<Vec<Pair>>,
     order: DataOrder,
+    /// The pad id: left padding, and what the score reader skips.
     pad: u32,
     window: PairStats,
     window_loss: f64,
@@ -179,6 +185,7 @@ impl Stage for RmStage<'_> {
             &self.train,
             &self.cfg.training,
             trainable_params,
+            false,
         )
     }
 
@@ -201,18 +208,16 @@ impl Stage for RmStage<'_> {
     /// micro-batch's mean loss weighted by its share of the step's pairs.
     fn step(&mut self, ctx: StepCtx) -> Result<StepOutcome> {
         let accum = self.cfg.training.gradient_accumulation_steps as u64;
-        let batches: Vec<Vec<usize>> = (0..accum)
-            .map(|k| self.order.batch(*ctx.position + k))
-            .collect();
-        *ctx.position += accum;
+        let batches = self.order.step_batches(ctx.position, accum);
         let n_total: usize = batches.iter().map(Vec::len).sum();
         let model = self.pre.model.as_ref();
         let dev = model.info().device.clone();
-        let score = self.score.clone();
+        let (score, pad) = (self.score.clone(), self.pad);
         let center = self.cfg.rm.center_rewards_coefficient;
         let fwd = ForwardCtx::train(self.trainable.adapter(), ctx.dropout);
         let mut acc = ctx.updater.accumulator();
         let mut loss_sum = 0f64;
+        let mut step_rewards: Vec<f32> = Vec::new();
         for b in &batches {
             let pairs: Vec<&Pair> = b.iter().map(|&i| &self.train[i]).collect();
             let batch = PairBatch::new(&pairs, self.pad, false, &dev)?;
@@ -227,7 +232,7 @@ impl Stage for RmStage<'_> {
                 &fwd,
                 self.cfg.training.gradient_checkpointing,
                 &mut |hidden| {
-                    let (rc, rr) = pair_scores(&batch, hidden, score.as_tensor())?;
+                    let (rc, rr) = pair_scores(&batch, hidden, score.as_tensor(), pad)?;
                     let loss = reward_model_loss(&rc, &rr, Some(&m), center)?;
                     loss_sum += loss.to_scalar::<f32>()? as f64 * share;
                     let (c, r): (Vec<f32>, Vec<f32>) = (rc.to_vec1()?, rr.to_vec1()?);
@@ -237,8 +242,7 @@ impl Stage for RmStage<'_> {
                     window.add("margin", &diff);
                     window.add("reward", &c);
                     window.add("reward", &r);
-                    window.extremes("reward", &c);
-                    window.extremes("reward", &r);
+                    step_rewards.extend(c.iter().chain(&r));
                     window.pairs += c.len();
                     Ok((loss * share)?)
                 },
@@ -249,6 +253,14 @@ impl Stage for RmStage<'_> {
         self.last_loss = loss_sum;
         self.window_loss += loss_sum;
         self.window_steps += 1;
+        // TRL's min_reward / max_reward: each step's extremes, averaged over the window.
+        let (lo, hi) = step_rewards
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &r| {
+                (lo.min(r), hi.max(r))
+            });
+        self.window.add("min_reward", &[lo]);
+        self.window.add("max_reward", &[hi]);
         self.grad_norm += update.grad_norm;
         if ctx.log {
             let step = ctx.step + 1;
@@ -266,9 +278,9 @@ impl Stage for RmStage<'_> {
                 "train/loss" = loss,
                 accuracy,
                 margin = w.mean("margin", 1),
-                min_reward = w.min("reward"),
+                min_reward = w.sum("min_reward") / steps,
                 mean_reward = w.mean("reward", 2),
-                max_reward = w.max("reward"),
+                max_reward = w.sum("max_reward") / steps,
                 num_tokens = self.num_tokens,
                 lr = ctx.lr,
                 grad_norm,
@@ -285,7 +297,7 @@ impl Stage for RmStage<'_> {
 
     fn evaluate(&mut self, step: u64) -> Result<()> {
         if let Some(ev) = &self.eval {
-            let e = evaluate(
+            let e = evaluate_pairs(
                 self.pre.model.as_ref(),
                 self.trainable.adapter(),
                 self.score.as_tensor(),
@@ -330,7 +342,7 @@ impl Stage for RmStage<'_> {
             return Ok(dir);
         }
         let dir = out.join("model");
-        let pad = self.pre.tokenizer.pad_or_eos();
+        let pad = self.pad;
         save_pretrained_classifier(
             self.pre.model.as_mut(),
             self.score.as_tensor(),
@@ -342,47 +354,25 @@ impl Stage for RmStage<'_> {
     }
 }
 
-/// The memory check of a stage that runs micro-batches of pairs (2 sequences each).
-pub(super) fn pair_memory_needs(
-    model: &dyn CausalLm,
-    train: &[Pair],
-    t: &crate::config::common::TrainingSection,
-    trainable_params: usize,
-) -> Vec<MemoryNeed> {
-    let longest = train
-        .iter()
-        .map(|p| p.prompt.len() + p.chosen.len().max(p.rejected.len()))
-        .max()
-        .unwrap_or(1);
-    let micro = 2 * t.per_device_train_batch_size.min(train.len()).max(1);
-    let ckpt = t.gradient_checkpointing;
-    let bytes = |c| memory::training_bytes(model, micro, longest, trainable_params, c);
-    vec![MemoryNeed {
-        bytes: bytes(ckpt),
-        with_checkpointing: (!ckpt).then(|| bytes(true)),
-        what: format!("a micro-batch of {} pairs ({micro} × {longest} tokens)", micro / 2),
-        lower: "training.per_device_train_batch_size (raise gradient_accumulation_steps to keep the effective batch) or model.max_seq_len".into(),
-    }]
-}
-
 pub fn run(cfg: &RmConfig, opts: &RunOptions) -> Result<RmOutcome> {
     cfg.validate()?;
     let t = &cfg.training;
     let (mut pre, device) = stage::load_model(&cfg.model, t)?;
-    let len = max_len(cfg.model.max_seq_len, pre.model.as_ref());
+    let len = stage::max_len(cfg.model.max_seq_len, pre.model.as_ref());
     let train = load_pairs(&cfg.data.train_file, &pre.tokenizer, len)?;
     let eval = match &cfg.data.eval_file {
         Some(p) => Some(load_pairs(p, &pre.tokenizer, len)?),
         None => None,
     };
-    let pad = pre.tokenizer.pad_or_eos();
+    // Left padding and the score reader's skipped id: the classifier config's pad.
+    let pad = score_pad_id(&cfg.model.path, &pre.tokenizer);
     let config_json = serde_json::to_value(cfg)?;
     let resume = Resume::find(opts.resume.as_deref(), &t.output_dir)?;
     let ckpt = resume.as_ref().map(|r| r.dir.as_path());
     let mode = cfg
         .adapter
         .mode(&pre.model.info().model_type.clone(), &cfg.model.path);
-    let mut trainable = Trainable::build(pre.model.as_mut(), &mode, t.seed, ckpt)?;
+    let mut trainable = Trainable::build_without_head(pre.model.as_mut(), &mode, t.seed, ckpt)?;
     let model = pre.model.as_ref();
     // The head: in the adapter with LoRA (a checkpoint's adapter has it), else its own file.
     let score = match (&mut trainable, ckpt) {

@@ -408,13 +408,7 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
     let spec = AlgorithmSpec::of(cfg);
     let (mut pre, device) = stage::load_model(&cfg.model, t)?;
     if let Some(sft) = &r.sft_adapter {
-        let a = Adapter::load(sft, pre.model.as_ref())
-            .with_context(|| format!("loading sft_adapter {}", sft.display()))?;
-        a.merge_into(pre.model.as_mut())?;
-        tracing::info!(
-            "merged the SFT adapter {} into the base: it is the reference",
-            sft.display()
-        );
+        stage::merge_sft_adapter(&mut pre, sft)?;
     }
     let max_positions = cfg.model.max_seq_len.min(pre.model.info().max_positions);
     let prompt_max = max_positions.checked_sub(cfg.generation.max_new_tokens).filter(|&m| m > 0).with_context(|| {

@@ -39,6 +39,29 @@ pub fn training_bytes(
     trainable: usize,
     checkpointing: bool,
 ) -> u64 {
+    pass_bytes(model, batch, seq, trainable, checkpointing, true)
+}
+
+/// [`training_bytes`] of a pass that stops at the final hidden states (a reward model's
+/// score head reads them; no vocabulary logits are made).
+pub fn headless_training_bytes(
+    model: &dyn CausalLm,
+    batch: usize,
+    seq: usize,
+    trainable: usize,
+    checkpointing: bool,
+) -> u64 {
+    pass_bytes(model, batch, seq, trainable, checkpointing, false)
+}
+
+fn pass_bytes(
+    model: &dyn CausalLm,
+    batch: usize,
+    seq: usize,
+    trainable: usize,
+    checkpointing: bool,
+    logits: bool,
+) -> u64 {
     let info = model.info();
     let blocks: Vec<_> = model
         .linears()
@@ -59,7 +82,9 @@ pub fn training_bytes(
     };
     let tokens = batch * seq;
     let chunked = info.device.is_cpu() && matches!(info.dtype, DType::F32 | DType::F64);
-    let logit_rows = if chunked {
+    let logit_rows = if !logits {
+        0
+    } else if chunked {
         tokens.min(chunk_rows(info.vocab_size))
     } else {
         tokens

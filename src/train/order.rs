@@ -42,6 +42,13 @@ impl DataOrder {
         }
     }
 
+    /// The `accum` micro-batches of one optimizer step, from `position` on; advances it.
+    pub fn step_batches(&mut self, position: &mut u64, accum: u64) -> Vec<Vec<usize>> {
+        let batches = (0..accum).map(|k| self.batch(*position + k)).collect();
+        *position += accum;
+        batches
+    }
+
     /// Indices of batch number `position` of the stream.
     pub fn batch(&mut self, position: u64) -> Vec<usize> {
         let epoch = position / self.per_epoch();

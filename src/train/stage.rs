@@ -42,6 +42,37 @@ pub fn load_model(model: &ModelSection, t: &TrainingSection) -> Result<(Pretrain
     Ok((pre, device))
 }
 
+/// Options of a stage's run besides its configuration.
+pub struct RunOptions {
+    /// "latest" or a checkpoint folder.
+    pub resume: Option<String>,
+    pub quiet: bool,
+}
+
+/// `model.max_seq_len`, capped at the model's positions (with a warning).
+pub fn max_len(configured: usize, model: &dyn rlft_policies::CausalLm) -> usize {
+    let positions = model.info().max_positions;
+    if configured > positions {
+        tracing::warn!(
+            "model.max_seq_len {configured} exceeds the model's {positions} positions; using {positions}"
+        );
+    }
+    configured.min(positions)
+}
+
+/// Merges an SFT adapter into the base weights, so that the reference (the base with the
+/// adapter off) is the SFT model and a new adapter starts from it.
+pub fn merge_sft_adapter(pre: &mut Pretrained, sft: &Path) -> Result<()> {
+    let a = rlft_policies::Adapter::load(sft, pre.model.as_ref())
+        .with_context(|| format!("loading sft_adapter {}", sft.display()))?;
+    a.merge_into(pre.model.as_mut())?;
+    tracing::info!(
+        "merged the SFT adapter {} into the base: it is the reference",
+        sft.display()
+    );
+    Ok(())
+}
+
 /// The checkpoint a run continues from.
 pub struct Resume {
     pub dir: PathBuf,

@@ -33,6 +33,29 @@ impl Trainable {
         seed: u64,
         resume: Option<&Path>,
     ) -> Result<Self> {
+        Self::build_filtered(model, mode, seed, resume, &|_| true)
+    }
+
+    /// As [`Self::build`], without the output head (`lm_head`, when untied) among the base
+    /// weights trained: for a model whose loss never reads the vocabulary (a reward model's
+    /// score head reads the final hidden states).
+    pub fn build_without_head(
+        model: &mut dyn CausalLm,
+        mode: &Mode,
+        seed: u64,
+        resume: Option<&Path>,
+    ) -> Result<Self> {
+        let head = format!("{}.weight", model.info().output_head);
+        Self::build_filtered(model, mode, seed, resume, &|name| name != head)
+    }
+
+    fn build_filtered(
+        model: &mut dyn CausalLm,
+        mode: &Mode,
+        seed: u64,
+        resume: Option<&Path>,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<Self> {
         Ok(match mode {
             Mode::Lora(cfg) => Trainable::Lora(match resume {
                 Some(dir) => Adapter::load(dir, model)
@@ -43,9 +66,9 @@ impl Trainable {
                 let vars = match mode {
                     Mode::LastNLayers(n) => {
                         let select = last_n_layers(model.info().num_layers, *n);
-                        make_trainable(model, &select)?
+                        make_trainable(model, &|name| select(name) && keep(name))?
                     }
-                    _ => make_trainable(model, &|_| true)?,
+                    _ => make_trainable(model, keep)?,
                 };
                 if let Some(dir) = resume {
                     let p = dir.join(WEIGHTS_FILE);

@@ -246,11 +246,13 @@ impl Adapter {
                 .filter(|h| modules_to_save.iter().any(|m| m == h));
             if let Some(h) = head {
                 if t.dims().len() != 2 || t.dims()[1] != hidden {
+                    // [num_labels, hidden]: the first dimension is the file's to choose.
+                    let labels = t.dims().first().copied().unwrap_or(1);
                     return Err(PolicyError::ShapeMismatch {
                         path: w_path.clone(),
                         key: key.clone(),
                         got: t.dims().to_vec(),
-                        expected: vec![1, hidden],
+                        expected: vec![labels, hidden],
                     });
                 }
                 heads.insert(h.to_string(), Var::from_tensor(&t.to_dtype(DType::F32)?)?);
