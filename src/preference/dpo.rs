@@ -136,10 +136,8 @@ struct DpoStage<'a> {
     pad: u32,
     loss: DpoLoss,
     reference: Reference,
+    /// The logging interval's figures.
     window: PairStats,
-    window_loss: f64,
-    window_steps: u64,
-    grad_norm: f64,
     last_loss: f64,
     last_eval: Option<DpoEval>,
 }
@@ -282,15 +280,11 @@ impl Stage for DpoStage<'_> {
         let loss = loss_sum / n_total.max(1) as f64;
         let update = ctx.updater.apply(acc, loss, "loss", ctx.lr, ctx.step)?;
         self.last_loss = loss;
-        self.window_loss += loss;
-        self.window_steps += 1;
-        self.grad_norm += update.grad_norm;
+        self.window.end_update(loss, update.grad_norm);
         if ctx.log {
             let step = ctx.step + 1;
             let w = std::mem::take(&mut self.window);
-            let steps = std::mem::take(&mut self.window_steps).max(1) as f64;
-            let loss = std::mem::take(&mut self.window_loss) / steps;
-            let grad_norm = std::mem::take(&mut self.grad_norm) / steps;
+            let (loss, grad_norm) = w.update_means();
             let accuracy = w.mean("rewards/accuracies", 1);
             let margin = w.mean("rewards/margins", 1);
             ctx.progress
@@ -405,9 +399,6 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<DpoOutcome> {
         loss,
         reference,
         window: PairStats::default(),
-        window_loss: 0.0,
-        window_steps: 0,
-        grad_norm: 0.0,
         last_loss: f64::NAN,
         last_eval: None,
     };

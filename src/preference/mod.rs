@@ -82,14 +82,35 @@ pub(crate) fn pair_memory_needs(
 }
 
 /// Per-pair figures summed over a window (a logging interval or an evaluation), reported
-/// as means over its pairs.
+/// as means over its pairs; and, over a logging interval, its updates' losses and gradient
+/// norms.
 #[derive(Debug, Default, Clone)]
 pub struct PairStats {
     sums: BTreeMap<&'static str, f64>,
     pub pairs: usize,
+    updates: u64,
+    loss: f64,
+    grad_norm: f64,
 }
 
 impl PairStats {
+    /// Records one optimizer update's loss and gradient norm.
+    pub fn end_update(&mut self, loss: f64, grad_norm: f64) {
+        self.updates += 1;
+        self.loss += loss;
+        self.grad_norm += grad_norm;
+    }
+
+    /// Updates recorded (at least 1, to divide by).
+    pub fn updates(&self) -> f64 {
+        self.updates.max(1) as f64
+    }
+
+    /// Mean loss and gradient norm over the recorded updates.
+    pub fn update_means(&self) -> (f64, f64) {
+        (self.loss / self.updates(), self.grad_norm / self.updates())
+    }
+
     /// Adds `values` under `name` (one per pair, or per whatever `name` counts).
     pub fn add(&mut self, name: &'static str, values: &[f32]) {
         let s = self.sums.entry(name).or_default();

@@ -149,10 +149,8 @@ struct RmStage<'a> {
     order: DataOrder,
     /// The pad id: left padding, and what the score reader skips.
     pad: u32,
+    /// The logging interval's figures.
     window: PairStats,
-    window_loss: f64,
-    window_steps: u64,
-    grad_norm: f64,
     /// Real tokens trained on since the run began (TRL's `num_tokens`).
     num_tokens: u64,
     last_loss: f64,
@@ -251,8 +249,7 @@ impl Stage for RmStage<'_> {
         }
         let update = ctx.updater.apply(acc, loss_sum, "loss", ctx.lr, ctx.step)?;
         self.last_loss = loss_sum;
-        self.window_loss += loss_sum;
-        self.window_steps += 1;
+        self.window.end_update(loss_sum, update.grad_norm);
         // TRL's min_reward / max_reward: each step's extremes, averaged over the window.
         let (lo, hi) = step_rewards
             .iter()
@@ -261,13 +258,10 @@ impl Stage for RmStage<'_> {
             });
         self.window.add("min_reward", &[lo]);
         self.window.add("max_reward", &[hi]);
-        self.grad_norm += update.grad_norm;
         if ctx.log {
             let step = ctx.step + 1;
             let w = std::mem::take(&mut self.window);
-            let steps = std::mem::take(&mut self.window_steps).max(1) as f64;
-            let loss = std::mem::take(&mut self.window_loss) / steps;
-            let grad_norm = std::mem::take(&mut self.grad_norm) / steps;
+            let (loss, grad_norm) = w.update_means();
             let accuracy = w.mean("accuracy", 1);
             ctx.progress
                 .set_message(format!("loss {loss:.4} acc {accuracy:.3}"));
@@ -278,9 +272,9 @@ impl Stage for RmStage<'_> {
                 "train/loss" = loss,
                 accuracy,
                 margin = w.mean("margin", 1),
-                min_reward = w.sum("min_reward") / steps,
+                min_reward = w.sum("min_reward") / w.updates(),
                 mean_reward = w.mean("reward", 2),
-                max_reward = w.sum("max_reward") / steps,
+                max_reward = w.sum("max_reward") / w.updates(),
                 num_tokens = self.num_tokens,
                 lr = ctx.lr,
                 grad_norm,
@@ -415,9 +409,6 @@ pub fn run(cfg: &RmConfig, opts: &RunOptions) -> Result<RmOutcome> {
         order,
         pad,
         window: PairStats::default(),
-        window_loss: 0.0,
-        window_steps: 0,
-        grad_norm: 0.0,
         num_tokens: resume
             .as_ref()
             .and_then(|r| r.state.extra["num_tokens"].as_u64())
