@@ -106,6 +106,10 @@ pub fn kind(config: &Value) -> &'static str {
             Some("rloo") => "rloo",
             _ => "ppo",
         }
+    } else if config.get("rm").is_some() {
+        "rm"
+    } else if config.get("dpo").is_some() {
+        "dpo"
     } else if config.get("data").is_some() {
         "sft"
     } else {
@@ -123,6 +127,34 @@ pub fn config(run: &Run) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each stage's saved configuration names its kind (the sections only it has).
+    #[test]
+    fn every_stage_is_recognised_by_its_config() {
+        use crate::config::{preference, rl, sft};
+        let kinds = [
+            (
+                serde_json::to_value(sft::SftConfig::default()).unwrap(),
+                "sft",
+            ),
+            (
+                serde_json::to_value(rl::RlConfig::default()).unwrap(),
+                "ppo",
+            ),
+            (
+                serde_json::to_value(preference::RmConfig::default()).unwrap(),
+                "rm",
+            ),
+            (
+                serde_json::to_value(preference::DpoConfig::default()).unwrap(),
+                "dpo",
+            ),
+            (serde_json::json!({}), "run"),
+        ];
+        for (cfg, want) in kinds {
+            assert_eq!(kind(&cfg), want);
+        }
+    }
 
     #[test]
     fn a_half_written_last_line_waits_for_the_next_read() {
