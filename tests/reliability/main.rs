@@ -32,6 +32,7 @@ mod memory;
 mod mid_run;
 mod model;
 mod output;
+mod preference;
 mod prompts;
 mod rewards;
 
