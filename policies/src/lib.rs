@@ -20,6 +20,7 @@ pub mod lora;
 pub mod ops;
 pub mod params;
 pub mod pretrained;
+pub mod quant;
 pub mod rope;
 pub mod sampling;
 pub mod tokenizer;

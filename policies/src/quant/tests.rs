@@ -1,0 +1,152 @@
+//! Against bitsandbytes (`tests/fixtures/kbit/reference.safetensors`, made by
+//! `tests/fixtures/make_kbit_fixture.py`): code books, dynamic map, packed 4-bit indices,
+//! absmax (plain and double-quantized), dequantized values, and int8 row-wise codes.
+
+use super::*;
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn reference() -> HashMap<String, Tensor> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/kbit/reference.safetensors");
+    candle_core::safetensors::load(p, &Device::Cpu).unwrap()
+}
+
+fn f32s(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn u8s(t: &Tensor) -> Vec<u8> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn code_books_and_the_dynamic_map_are_bitsandbytes_own() {
+    let r = reference();
+    assert_eq!(f32s(&r["code.nf4"]), NF4.to_vec());
+    let fp4 = f32s(&r["code.fp4"]);
+    assert_eq!(fp4, FP4.to_vec());
+    assert!(FP4[8].is_sign_negative() && FP4[0].is_sign_positive());
+    assert_eq!(f32s(&r["code.dynamic"]), dynamic_map().to_vec());
+}
+
+#[test]
+fn four_bit_codes_and_values_equal_bitsandbytes() {
+    let r = reference();
+    let w = f32s(&r["weight"]);
+    for (name, kind) in [("nf4", FourBit::Nf4), ("fp4", FourBit::Fp4)] {
+        // Plain absmax: the same bytes, absmax and values.
+        let q = FourBitWeight::quantize(&w, 24, 160, kind, false);
+        assert_eq!(
+            q.packed,
+            u8s(&r[&format!("{name}.packed")]),
+            "{name} indices"
+        );
+        let Absmax::Plain(a) = &q.absmax else {
+            panic!()
+        };
+        assert_eq!(a, &f32s(&r[&format!("{name}.absmax")]), "{name} absmax");
+        assert_eq!(
+            q.dequantize(),
+            f32s(&r[&format!("{name}.dequantized")]),
+            "{name} values"
+        );
+        // Double quantization: bitsandbytes' stored codes dequantize to its values exactly.
+        let k = format!("{name}_dq");
+        let theirs = FourBitWeight {
+            kind,
+            rows: 24,
+            cols: 160,
+            packed: u8s(&r[&format!("{k}.packed")]),
+            absmax: Absmax::Double {
+                codes: u8s(&r[&format!("{k}.absmax_codes")]),
+                scale: f32s(&r[&format!("{k}.absmax_scale")]),
+                offset: f32s(&r[&format!("{k}.offset")])[0],
+            },
+        };
+        let want = f32s(&r[&format!("{k}.dequantized")]);
+        assert_eq!(
+            theirs.dequantize(),
+            want,
+            "{k}: dequantizing bitsandbytes' codes"
+        );
+        // And rlft's own double quantization gives the same codes (its mean may differ from
+        // torch's in the last bit, so values within a rounding of it).
+        let ours = FourBitWeight::quantize(&w, 24, 160, kind, true);
+        assert_eq!(ours.packed, theirs.packed, "{k} indices");
+        let Absmax::Double { codes, offset, .. } = &ours.absmax else {
+            panic!()
+        };
+        let Absmax::Double {
+            codes: tc,
+            offset: to,
+            ..
+        } = &theirs.absmax
+        else {
+            panic!()
+        };
+        assert_eq!(codes, tc, "{k} absmax codes");
+        assert!(
+            (offset - to).abs() <= f32::EPSILON * to.abs(),
+            "{k} offset {offset} vs {to}"
+        );
+        assert!(max_diff(&ours.dequantize(), &want) < 1e-7, "{k} values");
+        assert_eq!(ours.bytes(), 1920 + 60 + 4 + 4);
+    }
+}
+
+#[test]
+fn int8_row_codes_equal_bitsandbytes() {
+    let r = reference();
+    let w = f32s(&r["weight"]);
+    let q = Int8Weight::quantize(&w, 24, 160);
+    let want: Vec<i8> = r["int8.values"]
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::I64)
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as i8)
+        .collect();
+    assert_eq!(q.values, want);
+    assert_eq!(q.row_absmax, f32s(&r["int8.row_absmax"]));
+    // Dequantized within half a step of the weight.
+    let d = q.dequantize();
+    for (r, (row, wrow)) in d.chunks(160).zip(w.chunks(160)).enumerate() {
+        let half_step = q.row_absmax[r] / 127.0 / 2.0;
+        assert!(max_diff(row, wrow) <= half_step * 1.0001, "row {r}");
+    }
+}
+
+#[test]
+fn dequantizing_some_rows_equals_the_same_rows_of_the_whole() {
+    let w: Vec<f32> = (0..24 * 160)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 97.0)
+        .collect();
+    let q = FourBitWeight::quantize(&w, 24, 160, FourBit::Nf4, true);
+    let all = q.dequantize();
+    let absmax = q.absmax.values();
+    let mut part = vec![0f32; 5 * 160];
+    q.dequantize_rows(7, 12, &absmax, &mut part);
+    assert_eq!(part, all[7 * 160..12 * 160].to_vec());
+    let q8 = Int8Weight::quantize(&w, 24, 160);
+    let mut part = vec![0f32; 3 * 160];
+    q8.dequantize_rows(20, 23, &mut part);
+    assert_eq!(part, q8.dequantize()[20 * 160..23 * 160].to_vec());
+}
