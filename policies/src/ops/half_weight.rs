@@ -65,6 +65,13 @@ impl HalfRows<'_> {
             HalfRows::F16(w) => w[start..end].convert_to_f32_slice(dst),
         }
     }
+}
+
+/// A weight whose values can be written out as f32 a run at a time: half precision widened,
+/// k-bit codes dequantized. The block loop below runs the f32 kernels on what it writes.
+pub trait RowSource: Sync {
+    /// `dst[i] = f32(w[start + i])` for the row-major weight's values from `start`.
+    fn widen(&self, start: usize, dst: &mut [f32]);
 
     /// [`Self::widen`] split across rayon's threads for large blocks.
     fn widen_par(&self, start: usize, dst: &mut [f32]) {
@@ -75,6 +82,12 @@ impl HalfRows<'_> {
         dst.par_chunks_mut(PIECE)
             .enumerate()
             .for_each(|(c, d)| self.widen(start + c * PIECE, d));
+    }
+}
+
+impl RowSource for HalfRows<'_> {
+    fn widen(&self, start: usize, dst: &mut [f32]) {
+        HalfRows::widen(self, start, dst)
     }
 }
 
@@ -128,8 +141,22 @@ fn matmul_t_blocks(x: &[f32], m: usize, k: usize, w: &Tensor, block: usize) -> R
         if m <= ROWDOT_MAX_ROWS {
             return Ok(rowdot_half(x, rows, m, n, k, n * k >= PARALLEL_MIN_WEIGHT));
         }
+        Ok(source_matmul_t(x, m, &rows, (n, k), block))
+    })
+}
+
+/// `x · wᵀ` for `x` [m, k] and any [`RowSource`] weight [n, k], a block of at most `block`
+/// values of the weight written out as f32 at a time.
+pub fn source_matmul_t(
+    x: &[f32],
+    m: usize,
+    rows: &impl RowSource,
+    (n, k): (usize, usize),
+    block: usize,
+) -> Vec<f32> {
+    {
         if k == 0 || n == 0 {
-            return Ok(vec![0.0; m * n]);
+            return vec![0.0; m * n];
         }
         let mut dst: Vec<f32> = Vec::with_capacity(m * n);
         widened_blocks(rows, (n, k), block, |j0, rb, blk| {
@@ -149,8 +176,8 @@ fn matmul_t_blocks(x: &[f32], m: usize, k: usize, w: &Tensor, block: usize) -> R
         });
         // SAFETY: the blocks wrote every column of every row (read_dst = false).
         unsafe { dst.set_len(m * n) };
-        Ok(dst)
-    })
+        dst
+    }
 }
 
 /// `a · w` for a row-major `a` [m, n] and a half-precision `w` [n, k]: [m, k] values (the
@@ -165,9 +192,23 @@ fn matmul_n_blocks(a: &[f32], m: usize, n: usize, w: &Tensor, block: usize) -> R
         if nw != n {
             candle_core::bail!("half-weight matmul: weight [{nw}, {k}] for inputs of width {n}");
         }
+        Ok(source_matmul_n(a, m, &rows, (n, k), block))
+    })
+}
+
+/// `a · w` for `a` [m, n] and any [`RowSource`] weight [n, k], accumulated over blocks of at
+/// most `block` values of the weight.
+pub fn source_matmul_n(
+    a: &[f32],
+    m: usize,
+    rows: &impl RowSource,
+    (n, k): (usize, usize),
+    block: usize,
+) -> Vec<f32> {
+    {
         let mut dst = vec![0f32; m * k];
         if k == 0 || n == 0 || m == 0 {
-            return Ok(dst);
+            return dst;
         }
         widened_blocks(rows, (n, k), block, |j0, rb, blk| {
             // SAFETY: a's columns j0..j0+rb (row stride n) and blk (rb × k, row-major) are
@@ -184,14 +225,14 @@ fn matmul_n_blocks(a: &[f32], m: usize, n: usize, w: &Tensor, block: usize) -> R
                 );
             }
         });
-        Ok(dst)
-    })
+        dst
+    }
 }
 
 /// `f(j0, rb, block)` for consecutive blocks of `rb` rows of the weight [n, k] (n, k > 0),
 /// each widened to f32 into this thread's scratch buffer; at most `block` values a block.
 fn widened_blocks(
-    rows: HalfRows<'_>,
+    rows: &impl RowSource,
     (n, k): (usize, usize),
     block: usize,
     mut f: impl FnMut(usize, usize, &[f32]),

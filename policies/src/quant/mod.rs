@@ -232,11 +232,16 @@ impl FourBitWeight {
         }
     }
 
-    /// Rows `r0..r1` dequantized into `out` (`(r1 − r0) · cols` values).
+    /// Rows `r0..r1` dequantized into `out` (`(r1 − r0) · cols` values), given the
+    /// dequantized `absmax` ([`Absmax::values`]).
     pub fn dequantize_rows(&self, r0: usize, r1: usize, absmax: &[f32], out: &mut [f32]) {
+        self.dequantize_range(r0 * self.cols, absmax, &mut out[..(r1 - r0) * self.cols]);
+    }
+
+    /// The row-major values from `start` on dequantized into `out`.
+    pub fn dequantize_range(&self, start: usize, absmax: &[f32], out: &mut [f32]) {
         let code = self.kind.code();
-        let (start, end) = (r0 * self.cols, r1 * self.cols);
-        for (o, e) in out.iter_mut().zip(start..end) {
+        for (o, e) in out.iter_mut().zip(start..) {
             let byte = self.packed[e / 2];
             let q = if e % 2 == 0 { byte >> 4 } else { byte & 0xF };
             *o = code[q as usize] * absmax[e / BLOCK];
@@ -330,6 +335,70 @@ impl Int8Weight {
         let mut out = vec![0f32; self.rows * self.cols];
         self.dequantize_rows(0, self.rows, &mut out);
         out
+    }
+}
+
+/// A frozen k-bit weight `[rows, cols]` ready to multiply: its codes and, for 4 bits, the
+/// absmax values dequantized once. Products write a block of rows out as f32 at a time into
+/// a reused buffer and run the f32 kernels on it (`ops::half_weight`'s block loop), so the
+/// whole weight never exists in f32.
+#[derive(Debug, Clone)]
+pub enum QuantWeight {
+    FourBit(FourBitWeight, Vec<f32>),
+    Int8(Int8Weight),
+}
+
+impl QuantWeight {
+    pub fn four_bit(w: FourBitWeight) -> Self {
+        let absmax = w.absmax.values();
+        QuantWeight::FourBit(w, absmax)
+    }
+
+    /// `[rows, cols]`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            QuantWeight::FourBit(w, _) => (w.rows, w.cols),
+            QuantWeight::Int8(w) => (w.rows, w.cols),
+        }
+    }
+
+    /// Bytes held (codes, scales; the dequantized absmax of a 4-bit weight included).
+    pub fn bytes(&self) -> usize {
+        match self {
+            QuantWeight::FourBit(w, a) => w.bytes() + 4 * a.len(),
+            QuantWeight::Int8(w) => w.values.len() + 4 * w.row_absmax.len(),
+        }
+    }
+
+    /// `x · Wᵀ` for a row-major `x` [m, cols]: [m, rows].
+    pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.matmul_t_blocks(x, m, crate::ops::half_weight::BLOCK_ELEMS)
+    }
+
+    /// `a · W` for a row-major `a` [m, rows]: [m, cols] (the input gradient of `x · Wᵀ`).
+    pub fn matmul_n(&self, a: &[f32], m: usize) -> Vec<f32> {
+        self.matmul_n_blocks(a, m, crate::ops::half_weight::BLOCK_ELEMS)
+    }
+
+    fn matmul_t_blocks(&self, x: &[f32], m: usize, block: usize) -> Vec<f32> {
+        crate::ops::half_weight::source_matmul_t(x, m, self, self.dims(), block)
+    }
+
+    fn matmul_n_blocks(&self, a: &[f32], m: usize, block: usize) -> Vec<f32> {
+        crate::ops::half_weight::source_matmul_n(a, m, self, self.dims(), block)
+    }
+}
+
+impl crate::ops::half_weight::RowSource for QuantWeight {
+    fn widen(&self, start: usize, dst: &mut [f32]) {
+        match self {
+            QuantWeight::FourBit(w, absmax) => w.dequantize_range(start, absmax, dst),
+            QuantWeight::Int8(w) => {
+                for (o, e) in dst.iter_mut().zip(start..) {
+                    *o = w.values[e] as f32 * (w.row_absmax[e / w.cols] / 127.0);
+                }
+            }
+        }
     }
 }
 

@@ -150,3 +150,58 @@ fn dequantizing_some_rows_equals_the_same_rows_of_the_whole() {
     q8.dequantize_rows(20, 23, &mut part);
     assert_eq!(part, q8.dequantize()[20 * 160..23 * 160].to_vec());
 }
+
+/// Both products of every kind of k-bit weight, one block and several (a block smaller than a
+/// row included), equal the f32 products of the dequantized weight to f32 rounding.
+#[test]
+fn quantized_products_equal_products_with_the_dequantized_weight() {
+    let dev = Device::Cpu;
+    for (m, n, k) in [(3, 37, 64), (40, 70, 48), (17, 9, 130)] {
+        let w: Vec<f32> = Tensor::randn(0f32, 0.05, n * k, &dev)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let weights = [
+            QuantWeight::four_bit(FourBitWeight::quantize(&w, n, k, FourBit::Nf4, true)),
+            QuantWeight::four_bit(FourBitWeight::quantize(&w, n, k, FourBit::Fp4, false)),
+            QuantWeight::Int8(Int8Weight::quantize(&w, n, k)),
+        ];
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let dy = Tensor::randn(0f32, 1.0, (m, n), &dev).unwrap();
+        let (xv, dv): (Vec<f32>, Vec<f32>) = (
+            x.flatten_all().unwrap().to_vec1().unwrap(),
+            dy.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        for q in &weights {
+            let deq = match q {
+                QuantWeight::FourBit(w, _) => w.dequantize(),
+                QuantWeight::Int8(w) => w.dequantize(),
+            };
+            let wt = Tensor::from_vec(deq, (n, k), &dev).unwrap();
+            let want_t: Vec<f32> = x
+                .matmul(&wt.t().unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let want_n: Vec<f32> = dy
+                .matmul(&wt)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for block in [crate::ops::half_weight::BLOCK_ELEMS, 5 * k, 1] {
+                assert!(
+                    max_diff(&q.matmul_t_blocks(&xv, m, block), &want_t) < 1e-5,
+                    "t {m}x{n}x{k} {block}"
+                );
+                assert!(
+                    max_diff(&q.matmul_n_blocks(&dv, m, block), &want_n) < 1e-5,
+                    "n {m}x{n}x{k} {block}"
+                );
+            }
+        }
+    }
+}
