@@ -52,7 +52,11 @@ impl CustomOp1 for QuantLinear {
         debug_assert_eq!(n, self.w.dims().0);
         let dx = self.w.matmul_n(dv, m);
         drop(s);
-        Ok(Some(Tensor::from_vec(dx, (m, self.w.dims().1), dy.device())?))
+        Ok(Some(Tensor::from_vec(
+            dx,
+            (m, self.w.dims().1),
+            dy.device(),
+        )?))
     }
 }
 
