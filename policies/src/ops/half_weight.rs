@@ -154,30 +154,28 @@ pub fn source_matmul_t(
     (n, k): (usize, usize),
     block: usize,
 ) -> Vec<f32> {
-    {
-        if k == 0 || n == 0 {
-            return vec![0.0; m * n];
-        }
-        let mut dst: Vec<f32> = Vec::with_capacity(m * n);
-        widened_blocks(rows, (n, k), block, |j0, rb, blk| {
-            // SAFETY: x holds m·k values; blk rb·k (read as its transpose: column stride
-            // k); columns j0..j0+rb of the m × n row-major dst are in its capacity.
-            unsafe {
-                gemm_f32_strided(
-                    dst.as_mut_ptr().add(j0),
-                    n as isize,
-                    false,
-                    (m, rb, k),
-                    (x.as_ptr(), 1, k as isize),
-                    (blk.as_ptr(), k as isize, 1),
-                    parallelism(m, rb, k),
-                );
-            }
-        });
-        // SAFETY: the blocks wrote every column of every row (read_dst = false).
-        unsafe { dst.set_len(m * n) };
-        dst
+    if k == 0 || n == 0 {
+        return vec![0.0; m * n];
     }
+    let mut dst: Vec<f32> = Vec::with_capacity(m * n);
+    widened_blocks(rows, (n, k), block, |j0, rb, blk| {
+        // SAFETY: x holds m·k values; blk rb·k (read as its transpose: column stride
+        // k); columns j0..j0+rb of the m × n row-major dst are in its capacity.
+        unsafe {
+            gemm_f32_strided(
+                dst.as_mut_ptr().add(j0),
+                n as isize,
+                false,
+                (m, rb, k),
+                (x.as_ptr(), 1, k as isize),
+                (blk.as_ptr(), k as isize, 1),
+                parallelism(m, rb, k),
+            );
+        }
+    });
+    // SAFETY: the blocks wrote every column of every row (read_dst = false).
+    unsafe { dst.set_len(m * n) };
+    dst
 }
 
 /// `a · w` for a row-major `a` [m, n] and a half-precision `w` [n, k]: [m, k] values (the
@@ -205,28 +203,26 @@ pub fn source_matmul_n(
     (n, k): (usize, usize),
     block: usize,
 ) -> Vec<f32> {
-    {
-        let mut dst = vec![0f32; m * k];
-        if k == 0 || n == 0 || m == 0 {
-            return dst;
-        }
-        widened_blocks(rows, (n, k), block, |j0, rb, blk| {
-            // SAFETY: a's columns j0..j0+rb (row stride n) and blk (rb × k, row-major) are
-            // in bounds; dst holds m·k values (read from the second block on).
-            unsafe {
-                gemm_f32_strided(
-                    dst.as_mut_ptr(),
-                    k as isize,
-                    j0 > 0,
-                    (m, k, rb),
-                    (a.as_ptr().add(j0), 1, n as isize),
-                    (blk.as_ptr(), 1, k as isize),
-                    parallelism(m, k, rb),
-                );
-            }
-        });
-        dst
+    let mut dst = vec![0f32; m * k];
+    if k == 0 || n == 0 || m == 0 {
+        return dst;
     }
+    widened_blocks(rows, (n, k), block, |j0, rb, blk| {
+        // SAFETY: a's columns j0..j0+rb (row stride n) and blk (rb × k, row-major) are
+        // in bounds; dst holds m·k values (read from the second block on).
+        unsafe {
+            gemm_f32_strided(
+                dst.as_mut_ptr(),
+                k as isize,
+                j0 > 0,
+                (m, k, rb),
+                (a.as_ptr().add(j0), 1, n as isize),
+                (blk.as_ptr(), 1, k as isize),
+                parallelism(m, k, rb),
+            );
+        }
+    });
+    dst
 }
 
 /// `f(j0, rb, block)` for consecutive blocks of `rb` rows of the weight [n, k] (n, k > 0),
