@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 use rlft_policies::device::{parse_device, parse_dtype};
 use rlft_policies::lora::ADAPTER_CONFIG;
 use rlft_policies::weights::WeightFiles;
-use rlft_policies::{Adapter, BatchInput, CausalLm, ForwardCtx, Pretrained, Tokenizer};
+use rlft_policies::{Adapter, BatchInput, CausalLm, ForwardCtx, Pretrained};
 use rlft_reward::{Options, Registry, Reward, RewardError, Sample};
 use std::path::PathBuf;
 
@@ -80,8 +80,8 @@ impl RewardModel {
                 ))
             }
         };
-        let (pre, adapter, score, model_dir) = if path.join(ADAPTER_CONFIG).is_file() {
-            let (pre, adapter, base) = load_adapter_form(o, &path, dtype, &device)?;
+        let (pre, adapter, score) = if path.join(ADAPTER_CONFIG).is_file() {
+            let (pre, adapter) = load_adapter_form(o, &path, dtype, &device)?;
             let score = ["score", "classifier"]
                 .into_iter()
                 .find_map(|h| adapter.head(h))
@@ -96,7 +96,7 @@ impl RewardModel {
                 })?
                 .as_tensor()
                 .clone();
-            (pre, Some(adapter), score, base)
+            (pre, Some(adapter), score)
         } else {
             let pre = Pretrained::load(&path, dtype, &device).map_err(|e| bad("path", e))?;
             let w = WeightFiles::open(&path, dtype, &device).map_err(|e| bad("path", e))?;
@@ -113,9 +113,9 @@ impl RewardModel {
                     )
                 })?;
             let score = w.get_any_shape(name).map_err(|e| bad("path", e))?;
-            (pre, None, score, path.clone())
+            (pre, None, score)
         };
-        let pad = score_pad_id(&model_dir, &pre.tokenizer);
+        let pad = score_pad_id(&pre);
         let hidden = pre.model.info().hidden_size;
         if score.dims().len() != 2 || score.dims()[1] != hidden {
             return Err(bad(
@@ -180,23 +180,19 @@ impl RewardModel {
     }
 }
 
-/// The base model named by `base` (or the adapter's `base_model_name_or_path`), the
-/// adapter on it, and the base's folder.
+/// The base model named by `base` (or the adapter's `base_model_name_or_path`) and the
+/// adapter on it.
 fn load_adapter_form(
     o: &Options,
     path: &std::path::Path,
     dtype: DType,
     device: &candle_core::Device,
-) -> Result<(Pretrained, Adapter, PathBuf), RewardError> {
+) -> Result<(Pretrained, Adapter), RewardError> {
     let base = match o.get("base") {
         Some(_) => PathBuf::from(o.required_str("base")?),
         None => {
-            let cfg_path = path.join(ADAPTER_CONFIG);
-            let cfg: serde_json::Value = std::fs::read_to_string(&cfg_path)
-                .map_err(|e| e.to_string())
-                .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
-                .map_err(|e| bad("path", format!("{}: {e}", cfg_path.display())))?;
-            match cfg["base_model_name_or_path"].as_str() {
+            let cfg = Adapter::read_config(path).map_err(|e| bad("path", e))?;
+            match cfg.base_model_name_or_path.as_deref() {
                 // As given (from the working directory), else beside the adapter.
                 Some(b) if !b.is_empty() => {
                     let b = PathBuf::from(b);
@@ -220,18 +216,17 @@ fn load_adapter_form(
     };
     let pre = Pretrained::load(&base, dtype, device).map_err(|e| bad("base", e))?;
     let adapter = Adapter::load(path, pre.model.as_ref()).map_err(|e| bad("path", e))?;
-    Ok((pre, adapter, base))
+    Ok((pre, adapter))
 }
 
 /// The pad id a score reader skips: `config.json`'s `pad_token_id`, else the tokenizer's pad
 /// (or EOS) — what transformers uses, and what `rlft merge` writes into a classifier folder
 /// that has none.
-pub fn score_pad_id(model_dir: &std::path::Path, tok: &Tokenizer) -> u32 {
-    std::fs::read_to_string(model_dir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|c| c["pad_token_id"].as_u64())
-        .map_or_else(|| tok.pad_or_eos(), |p| p as u32)
+pub fn score_pad_id(pre: &Pretrained) -> u32 {
+    pre.model
+        .info()
+        .pad_token_id
+        .unwrap_or_else(|| pre.tokenizer.pad_or_eos())
 }
 
 /// `[b, num_labels]` f32: `score · h` at each row's last token that is not `pad_id` — the

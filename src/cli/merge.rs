@@ -18,13 +18,14 @@ pub fn run(args: Args) -> Result<()> {
     let (mut pre, adapter) = args.model.load()?;
     let adapter = adapter.context("rlft merge needs --adapter")?;
     adapter.merge_into(pre.model.as_mut())?;
+    let pad = crate::rewards::score_pad_id(&pre);
     // A reward-model adapter (`rlft rm`: SEQ_CLS with a `score` head) merges into a
     // `…ForSequenceClassification` folder; a causal-LM adapter into a causal LM.
     match adapter.head("score") {
         Some(score) => save_pretrained_classifier(
             pre.model.as_mut(),
             score.as_tensor(),
-            crate::rewards::score_pad_id(&args.model.model, &pre.tokenizer),
+            pad,
             &args.model.model,
             &args.out,
         ),

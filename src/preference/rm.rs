@@ -106,24 +106,14 @@ pub fn evaluate_pairs(
 
 /// A fresh `score` head `[1, hidden]`: N(0, initializer_range²) as transformers initialises
 /// it, or zeros.
-fn new_score_head(
-    model: &dyn CausalLm,
-    model_dir: &Path,
-    init: ScoreInit,
-    seed: u64,
-) -> Result<Var> {
+fn new_score_head(model: &dyn CausalLm, init: ScoreInit, seed: u64) -> Result<Var> {
     let hidden = model.info().hidden_size;
     let dev = model.info().device.clone();
     let values = match init {
         ScoreInit::Zeros => vec![0f32; hidden],
         ScoreInit::Normal => {
-            let cfg: serde_json::Value = std::fs::read_to_string(model_dir.join("config.json"))
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok())
-                .unwrap_or_default();
-            let std = cfg["initializer_range"].as_f64().unwrap_or(0.02);
             let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(3));
-            rlft_policies::init::normal(&mut rng, hidden, std)
+            rlft_policies::init::normal(&mut rng, hidden, model.info().initializer_range)
         }
     };
     Ok(Var::from_tensor(&Tensor::from_vec(
@@ -359,7 +349,7 @@ pub fn run(cfg: &RmConfig, opts: &RunOptions) -> Result<RmOutcome> {
         None => None,
     };
     // Left padding and the score reader's skipped id: the classifier config's pad.
-    let pad = score_pad_id(&cfg.model.path, &pre.tokenizer);
+    let pad = score_pad_id(&pre);
     let config_json = serde_json::to_value(cfg)?;
     let resume = Resume::find(opts.resume.as_deref(), &t.output_dir)?;
     let ckpt = resume.as_ref().map(|r| r.dir.as_path());
@@ -388,7 +378,7 @@ pub fn run(cfg: &RmConfig, opts: &RunOptions) -> Result<RmOutcome> {
                 .with_context(|| format!("{}: no tensor `score.weight`", p.display()))?;
             Var::from_tensor(w)?
         }
-        (_, None) => new_score_head(model, &cfg.model.path, cfg.rm.score_init, t.seed)?,
+        (_, None) => new_score_head(model, cfg.rm.score_init, t.seed)?,
     };
     if let Trainable::Lora(a) = &mut trainable {
         a.set_head("score", score.clone())?;

@@ -47,12 +47,18 @@ pub struct ModelInfo {
     /// What the matrices (linear weights, embeddings) are stored in: the dtype asked for.
     pub weight_dtype: DType,
     pub device: Device,
+    /// `config.json`'s `pad_token_id`, if set (transformers' score readers skip it).
+    pub pad_token_id: Option<u32>,
+    /// `config.json`'s `initializer_range` (transformers' default 0.02): the std of a newly
+    /// initialised head.
+    pub initializer_range: f64,
 }
 
 /// A causal language model. Base weights are immutable during a forward pass; the active
 /// adapter (if any) comes with the [`ForwardCtx`], so one model serves policy and reference.
 pub trait CausalLm: Send + Sync {
     fn info(&self) -> &ModelInfo;
+    fn info_mut(&mut self) -> &mut ModelInfo;
 
     /// The embeddings of `input` `[b, t, hidden]`, and the [`PassCtx`] that every block of
     /// this pass reads (attention biases, rotary tables). With a cache, `input` holds only
@@ -155,13 +161,24 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Box<dyn C
         });
     }
     let weights = WeightFiles::open(dir, dtype, device)?;
-    Ok(match model_type.as_str() {
+    let mut model: Box<dyn CausalLm> = match model_type.as_str() {
         "llama" => Box::new(llama::load(&cfg, &cfg_path, &weights)?),
         "mistral" => Box::new(mistral::load(&cfg, &cfg_path, &weights)?),
         "qwen2" => Box::new(qwen2::load(&cfg, &cfg_path, &weights)?),
         "gpt2" => Box::new(gpt2::load(&cfg, &cfg_path, &weights)?),
         _ => unreachable!("checked against SUPPORTED"),
-    })
+    };
+    // The keys of config.json that are the model's whatever its family.
+    let info = model.info_mut();
+    info.pad_token_id = cfg
+        .get("pad_token_id")
+        .and_then(Value::as_u64)
+        .map(|p| p as u32);
+    info.initializer_range = cfg
+        .get("initializer_range")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.02);
+    Ok(model)
 }
 
 /// Block `i` of a model's `blocks`, or an error saying how many there are.

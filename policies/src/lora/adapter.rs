@@ -53,6 +53,21 @@ pub struct Adapter {
     heads: BTreeMap<String, Var>,
 }
 
+/// `dir/adapter_config.json`: the LoRA configuration and the `modules_to_save` names.
+fn read_config_file(dir: &Path) -> Result<(LoraConfig, Vec<String>)> {
+    if !dir.is_dir() {
+        return Err(PolicyError::MissingFolder(dir.to_path_buf()));
+    }
+    let cfg_path = dir.join(ADAPTER_CONFIG);
+    if !cfg_path.is_file() {
+        return Err(PolicyError::MissingFile {
+            path: cfg_path,
+            what: "PEFT adapter configuration".into(),
+        });
+    }
+    read_peft_config(&cfg_path)
+}
+
 /// Adapter weights are f32 (PEFT's `autocast_adapter_dtype`) on an f32/bf16/f16 base, and
 /// f64 on an f64 base.
 fn adapter_dtype(model: &dyn CausalLm) -> DType {
@@ -186,20 +201,16 @@ impl Adapter {
         names
     }
 
+    /// A PEFT adapter folder's configuration alone (e.g. its `base_model_name_or_path`,
+    /// before the base is loaded), checked as [`Self::load`] checks it.
+    pub fn read_config(dir: &Path) -> Result<LoraConfig> {
+        Ok(read_config_file(dir)?.0)
+    }
+
     /// Reads a PEFT adapter folder and checks it against `model`: every key names a linear
     /// module of the model and every shape fits it.
     pub fn load(dir: &Path, model: &dyn CausalLm) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(PolicyError::MissingFolder(dir.to_path_buf()));
-        }
-        let cfg_path = dir.join(ADAPTER_CONFIG);
-        if !cfg_path.is_file() {
-            return Err(PolicyError::MissingFile {
-                path: cfg_path,
-                what: "PEFT adapter configuration".into(),
-            });
-        }
-        let (config, modules_to_save) = read_peft_config(&cfg_path)?;
+        let (config, modules_to_save) = read_config_file(dir)?;
         let w_path = dir.join(ADAPTER_WEIGHTS);
         if !w_path.is_file() {
             let what = if dir.join("adapter_model.bin").is_file() {

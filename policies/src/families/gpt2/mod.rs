@@ -120,6 +120,9 @@ impl Gpt2 {
             dtype: w.dtype(),
             weight_dtype: w.weight_dtype(),
             device: w.device().clone(),
+            // Set by `load_model` from config.json.
+            pad_token_id: None,
+            initializer_range: 0.02,
         };
         Ok(Self {
             info,
@@ -155,6 +158,10 @@ impl Gpt2 {
 impl CausalLm for Gpt2 {
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    fn info_mut(&mut self) -> &mut ModelInfo {
+        &mut self.info
     }
 
     fn embed(

@@ -105,6 +105,9 @@ impl RotaryDecoder {
             dtype: w.dtype(),
             weight_dtype: w.weight_dtype(),
             device: w.device().clone(),
+            // Set by `load_model` from config.json.
+            pad_token_id: None,
+            initializer_range: 0.02,
         };
         Ok(Self {
             info,
@@ -140,6 +143,10 @@ impl RotaryDecoder {
 impl CausalLm for RotaryDecoder {
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    fn info_mut(&mut self) -> &mut ModelInfo {
+        &mut self.info
     }
 
     fn embed(
