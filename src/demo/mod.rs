@@ -193,16 +193,16 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     let sft_adapter = Adapter::load(&sft.output, base.model.as_ref())?;
     let sft_accuracy = accuracy(&base, Some(&sft_adapter), &ppo_cfg)?;
     let mut eval_secs = t0.elapsed().as_secs_f64();
+    let rl_opts = RlOptions {
+        resume: None,
+        quiet: opts.quiet,
+        separate_old_pass: false,
+    };
+    let run_ppo = |cfg: &RlConfig| {
+        crate::rl::trainer::run(cfg, &crate::rewards::default_registry(), &rl_opts)
+    };
     let t0 = Instant::now();
-    let ppo = crate::rl::trainer::run(
-        &ppo_cfg,
-        &crate::rewards::default_registry(),
-        &RlOptions {
-            resume: None,
-            quiet: opts.quiet,
-            separate_old_pass: false,
-        },
-    )?;
+    let ppo = run_ppo(&ppo_cfg)?;
     seconds.insert("ppo".into(), json!(t0.elapsed().as_secs_f64()));
     let t0 = Instant::now();
     let mut merged = Pretrained::load(
@@ -211,9 +211,16 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         &rlft_policies::candle_core::Device::Cpu,
     )?;
     sft_adapter.merge_into(merged.model.as_mut())?;
-    let policy = Adapter::load(&ppo.output, merged.model.as_ref())?;
-    let ppo_accuracy = accuracy(&merged, Some(&policy), &ppo_cfg)?;
-    let ppo_kl = sequence_kl(&merged, &policy, &ppo_cfg)?;
+    // A policy adapter on the SFT model: held-out exact match (the task's own reward, not a
+    // learned one) and KL to the SFT model.
+    let judge = |adapter: &Path| -> Result<(f64, f64)> {
+        let policy = Adapter::load(adapter, merged.model.as_ref())?;
+        Ok((
+            accuracy(&merged, Some(&policy), &ppo_cfg)?,
+            sequence_kl(&merged, &policy, &ppo_cfg)?,
+        ))
+    };
+    let (ppo_accuracy, ppo_kl) = judge(&ppo.output)?;
     eval_secs += t0.elapsed().as_secs_f64();
 
     // Stage 3: a reward model from the preference pairs, on the base model.
@@ -257,15 +264,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
             .insert("base".into(), json!(base_dir.display().to_string()));
     }
     let t0 = Instant::now();
-    let ppo_rm = crate::rl::trainer::run(
-        &ppo_rm_cfg,
-        &crate::rewards::default_registry(),
-        &RlOptions {
-            resume: None,
-            quiet: opts.quiet,
-            separate_old_pass: false,
-        },
-    )?;
+    let ppo_rm = run_ppo(&ppo_rm_cfg)?;
     seconds.insert("ppo_rm".into(), json!(t0.elapsed().as_secs_f64()));
 
     // Stage 5: DPO from the SFT adapter on the same pairs.
@@ -283,15 +282,9 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     let dpo = crate::preference::dpo::run(&dpo_cfg, &stage_opts)?;
     seconds.insert("dpo".into(), json!(t0.elapsed().as_secs_f64()));
 
-    // Held-out exact match (the task's own reward, not the learned one) and KL to the SFT
-    // model for both.
     let t0 = Instant::now();
-    let ppo_rm_policy = Adapter::load(&ppo_rm.output, merged.model.as_ref())?;
-    let ppo_rm_accuracy = accuracy(&merged, Some(&ppo_rm_policy), &ppo_cfg)?;
-    let ppo_rm_kl = sequence_kl(&merged, &ppo_rm_policy, &ppo_cfg)?;
-    let dpo_policy = Adapter::load(&dpo.output, merged.model.as_ref())?;
-    let dpo_accuracy = accuracy(&merged, Some(&dpo_policy), &ppo_cfg)?;
-    let dpo_kl = sequence_kl(&merged, &dpo_policy, &ppo_cfg)?;
+    let (ppo_rm_accuracy, ppo_rm_kl) = judge(&ppo_rm.output)?;
+    let (dpo_accuracy, dpo_kl) = judge(&dpo.output)?;
     eval_secs += t0.elapsed().as_secs_f64();
     seconds.insert("eval".into(), json!(eval_secs));
     let summary = Summary {
