@@ -155,15 +155,6 @@ impl Adapter {
         self.heads.get(name)
     }
 
-    /// `SEQ_CLS` with a head, `CAUSAL_LM` without (PEFT's `task_type`).
-    pub fn task_type(&self) -> &'static str {
-        if self.heads.is_empty() {
-            "CAUSAL_LM"
-        } else {
-            "SEQ_CLS"
-        }
-    }
-
     pub fn scale(&self) -> f64 {
         self.config.scale()
     }
