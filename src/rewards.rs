@@ -66,10 +66,17 @@ impl RewardModel {
             "dtype",
             "device",
             "batch_size",
+            "quantization",
+            "bnb_4bit_use_double_quant",
         ])?;
         let path = PathBuf::from(o.required_str("path")?);
         let dtype = parse_dtype(&o.str_or("dtype", "f32")?).map_err(|e| bad("dtype", e))?;
         let device = parse_device(&o.str_or("device", "cpu")?).map_err(|e| bad("device", e))?;
+        let quant = crate::config::common::quant_config(
+            &o.str_or("quantization", "none")?,
+            o.bool_or("bnb_4bit_use_double_quant", false)?,
+        )
+        .map_err(|e| bad("quantization", e))?;
         let input = match o.str_or("input", "text")?.as_str() {
             "text" => Input::Text,
             "ids" => Input::Ids,
@@ -81,7 +88,7 @@ impl RewardModel {
             }
         };
         let (pre, adapter, score) = if path.join(ADAPTER_CONFIG).is_file() {
-            let (pre, adapter) = load_adapter_form(o, &path, dtype, &device)?;
+            let (pre, adapter) = load_adapter_form(o, &path, dtype, quant, &device)?;
             let score = ["score", "classifier"]
                 .into_iter()
                 .find_map(|h| adapter.head(h))
@@ -98,7 +105,8 @@ impl RewardModel {
                 .clone();
             (pre, Some(adapter), score)
         } else {
-            let pre = Pretrained::load(&path, dtype, &device).map_err(|e| bad("path", e))?;
+            let pre = Pretrained::load_quantized(&path, dtype, quant, &device)
+                .map_err(|e| bad("path", e))?;
             let w = WeightFiles::open(&path, dtype, &device).map_err(|e| bad("path", e))?;
             let name = ["score.weight", "classifier.weight"]
                 .into_iter()
@@ -186,6 +194,7 @@ fn load_adapter_form(
     o: &Options,
     path: &std::path::Path,
     dtype: DType,
+    quant: rlft_policies::quant::QuantConfig,
     device: &candle_core::Device,
 ) -> Result<(Pretrained, Adapter), RewardError> {
     let base = match o.get("base") {
@@ -214,7 +223,8 @@ fn load_adapter_form(
             }
         }
     };
-    let pre = Pretrained::load(&base, dtype, device).map_err(|e| bad("base", e))?;
+    let pre =
+        Pretrained::load_quantized(&base, dtype, quant, device).map_err(|e| bad("base", e))?;
     let adapter = Adapter::load(path, pre.model.as_ref()).map_err(|e| bad("path", e))?;
     Ok((pre, adapter))
 }

@@ -94,6 +94,79 @@ fn loss_falls_and_the_saved_adapter_lowers_nll_on_its_data() {
     }
 }
 
+/// QLoRA: an adapter trained on a k-bit base (NF4 with double quantization, FP4, int8) lowers
+/// the loss, is an ordinary PEFT adapter (no quantization in its config; the base weights are
+/// not in it), and lowers the NLL of its data on the quantized base it was trained on and on
+/// the full-precision base it is then served on. The memory estimate counts the quantized
+/// weights: below the bf16 base's.
+#[test]
+fn qlora_on_a_quantized_base_learns_and_the_adapter_serves_the_full_precision_base() {
+    use rlft::policies::quant::{QuantConfig, Quantization};
+    for (m, kind, double_quant) in [
+        ("llama", Quantization::Nf4, true),
+        ("qwen2", Quantization::Fp4, false),
+        ("gpt2", Quantization::Int8, false),
+    ] {
+        let tmp = TempDir::new(&format!("qlora-{m}"));
+        let cfg = config(
+            m,
+            &tmp.0,
+            &[
+                "training.max_steps=30",
+                "adapter.lora_dropout=0.0",
+                &format!("model.quantization={:?}", kind.name()),
+                &format!("model.bnb_4bit_use_double_quant={double_quant}"),
+            ],
+        );
+        let out = run(&cfg, &quiet()).unwrap();
+        let losses: Vec<f64> = metrics(&tmp.0)
+            .iter()
+            .filter_map(|r| r["train/loss"].as_f64())
+            .collect();
+        let first: f64 = losses[..3].iter().sum::<f64>() / 3.0;
+        let last: f64 = losses[27..].iter().sum::<f64>() / 3.0;
+        assert!(last < first - 1.0, "{m}: loss {first:.3} → {last:.3}");
+        let peft: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.output.join("adapter_config.json")).unwrap())
+                .unwrap();
+        assert_eq!(peft["peft_type"], "LORA");
+        assert!(
+            !peft.to_string().contains("quant"),
+            "{m}: the adapter config is PEFT's own: {peft}"
+        );
+        let q = QuantConfig { kind, double_quant };
+        for (what, pre) in [
+            (
+                "full precision",
+                Pretrained::load(&fixture(m), DType::F32, &Device::Cpu).unwrap(),
+            ),
+            (
+                "quantized",
+                Pretrained::load_quantized(&fixture(m), DType::F32, q, &Device::Cpu).unwrap(),
+            ),
+        ] {
+            let adapter = Adapter::load(&out.output, pre.model.as_ref()).unwrap();
+            let exs = load_examples(&cfg.data.train_file, &pre.tokenizer, true, 128).unwrap();
+            let ctx = ForwardCtx::inference(None);
+            let base = evaluate(pre.model.as_ref(), &ctx, &exs, 8, 0).unwrap();
+            let ctx = ForwardCtx::inference(Some(&adapter));
+            let tuned = evaluate(pre.model.as_ref(), &ctx, &exs, 8, 0).unwrap();
+            assert!(
+                tuned < base - 1.0,
+                "{m} on the {what} base: NLL {base:.3} → {tuned:.3}"
+            );
+        }
+        // In bf16 both hold a widening buffer per thread; the quantized blocks are smaller.
+        let full = Pretrained::load(&fixture(m), DType::BF16, &Device::Cpu).unwrap();
+        let quant = Pretrained::load_quantized(&fixture(m), DType::BF16, q, &Device::Cpu).unwrap();
+        let (wf, wq) = (
+            rlft::train::memory::weight_bytes(full.model.as_ref()),
+            rlft::train::memory::weight_bytes(quant.model.as_ref()),
+        );
+        assert!(wq < wf, "{m}: {wq} quantized bytes vs {wf}");
+    }
+}
+
 #[test]
 fn completion_only_masking_of_a_hand_built_case() {
     let pre = Pretrained::load(&fixture("llama"), DType::F32, &Device::Cpu).unwrap();
@@ -226,6 +299,11 @@ fn resuming_after_an_interruption_is_bit_identical() {
             "training.gradient_checkpointing=true",
         ],
         &["model.dtype=\"bf16\"", "adapter.lora_dropout=0.1"],
+        &[
+            "model.quantization=\"nf4\"",
+            "model.bnb_4bit_use_double_quant=true",
+            "adapter.lora_dropout=0.1",
+        ],
     ] {
         let mut sets = vec![
             "training.save_steps=3",
@@ -550,6 +628,20 @@ fn bad_config_keys_and_values_are_explained() {
         .unwrap_err()
         .to_string()
         .contains("adapter.r must be at least 1"));
+    let mut cfg = config("llama", &tmp.0, &[]);
+    cfg.model.quantization = "nf3".into();
+    let err = run(&cfg, &quiet()).unwrap_err().to_string();
+    assert!(
+        err.contains("model.quantization") && err.contains("\"nf3\"") && err.contains("nf4, fp4"),
+        "{err}"
+    );
+    let mut cfg = config("llama", &tmp.0, &["adapter.trainable=\"full\""]);
+    cfg.model.quantization = "nf4".into();
+    let err = run(&cfg, &quiet()).unwrap_err().to_string();
+    assert!(
+        err.contains("adapter.trainable = \"full\"") && err.contains("QLoRA"),
+        "{err}"
+    );
     let mut cfg = config("llama", &tmp.0, &[]);
     cfg.adapter.bias = "all".into();
     assert!(run(&cfg, &quiet())

@@ -5,26 +5,88 @@
 
 use crate::ctx::ForwardCtx;
 use crate::ops::frozen_matmul_t;
+use crate::quant::QuantWeight;
 use candle_core::{DType, Result, Tensor};
+use std::sync::Arc;
+
+/// A linear layer's weight `[out, in]`.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    /// A tensor in the model's dtype (a variable when the base is trained).
+    Dense(Tensor),
+    /// Frozen k-bit codes (`model.quantization`): products dequantize a block of rows at a
+    /// time on the CPU; off the CPU the weight is dequantized for each product.
+    Quantized(Arc<QuantWeight>),
+}
+
+impl LinearWeight {
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            LinearWeight::Dense(t) => (t.dims()[0], t.dims()[1]),
+            LinearWeight::Quantized(q) => q.dims(),
+        }
+    }
+
+    pub fn dense(&self) -> Option<&Tensor> {
+        match self {
+            LinearWeight::Dense(t) => Some(t),
+            LinearWeight::Quantized(_) => None,
+        }
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, LinearWeight::Quantized(_))
+    }
+
+    /// Bytes held: the tensor's, or the codes and scales of a quantized weight.
+    pub fn bytes(&self) -> usize {
+        match self {
+            LinearWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            LinearWeight::Quantized(q) => q.bytes(),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// Module path as Hugging Face names it, e.g. `model.layers.0.self_attn.q_proj`.
     pub path: String,
     /// `[out, in]` (GPT-2's Conv1D weights are transposed at load).
-    pub weight: Tensor,
+    pub weight: LinearWeight,
     pub bias: Option<Tensor>,
     /// Stored `[in, out]` in the checkpoint (GPT-2 Conv1D): PEFT's `fan_in_fan_out`.
     pub conv1d: bool,
 }
 
 impl Linear {
+    /// A layer with a dense weight.
+    pub fn dense(path: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            path: path.into(),
+            weight: LinearWeight::Dense(weight),
+            bias,
+            conv1d: false,
+        }
+    }
+
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        self.weight.dims().1
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.dims().0
+    }
+
+    /// The dense weight, or an error naming the layer when it is quantized (an output head,
+    /// a merge or an export needs the tensor).
+    pub fn dense_weight(&self) -> Result<&Tensor> {
+        self.weight.dense().ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "{}: the weight is quantized; this needs the full-precision base (load it with quantization = \"none\")",
+                self.path
+            ))
+        })
     }
 
     /// `x`: [..., in] → [..., out].
@@ -45,10 +107,9 @@ impl Linear {
                 // One op for base + adapter (ops::lora_linear): one output in the graph.
                 let p = adapter.config.lora_dropout;
                 let mask = ctx.dropout_mask(p, x2.elem_count());
-                let w = self.weight.detach();
                 let y = crate::ops::lora_linear::lora_linear(
                     &x2,
-                    &w,
+                    &self.weight,
                     self.bias.as_ref(),
                     &a,
                     &b,
@@ -58,12 +119,7 @@ impl Linear {
                 return y.reshape(out_dims);
             }
         }
-        let mut y = if self.weight.is_variable() && ctx.grad {
-            x2.matmul(&self.weight.t()?)?
-        } else {
-            // Frozen base: no weight gradient is ever computed.
-            frozen_matmul_t(&x2, &self.weight.detach())?
-        };
+        let mut y = self.base_product(&x2, ctx)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&ctx.param(b))?;
         }
@@ -74,18 +130,56 @@ impl Linear {
         y.reshape(out_dims)
     }
 
+    /// `x Wᵀ` for `x` [n, in].
+    fn base_product(&self, x2: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w) if w.is_variable() && ctx.grad => x2.matmul(&w.t()?),
+            // Frozen base: no weight gradient is ever computed.
+            LinearWeight::Dense(w) => frozen_matmul_t(x2, &w.detach()),
+            LinearWeight::Quantized(q) if x2.device().is_cpu() && x2.dtype() == DType::F32 => {
+                crate::ops::quant_linear::quant_matmul_t(x2, q)
+            }
+            LinearWeight::Quantized(q) => {
+                // Off the CPU (or in another dtype): the weight dequantized for this product.
+                let (n, k) = q.dims();
+                let w =
+                    Tensor::from_vec(q.dequantize(), (n, k), x2.device())?.to_dtype(x2.dtype())?;
+                frozen_matmul_t(x2, &w)
+            }
+        }
+    }
+
     /// `W ← W + scale · B A` in f32, stored back in the weight's dtype.
     pub fn merge(&mut self, a: &Tensor, b: &Tensor, scale: f64) -> Result<()> {
-        let dtype = self.weight.dtype();
+        let w = self.dense_weight()?;
+        let dtype = w.dtype();
         let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
-        self.weight = (self.weight.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?;
+        self.weight = LinearWeight::Dense((w.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?);
+        Ok(())
+    }
+
+    /// Replaces a dense weight by its `cfg` quantization (a no-op for `none` or a weight
+    /// already quantized).
+    pub fn quantize(&mut self, cfg: crate::quant::QuantConfig) -> Result<()> {
+        let LinearWeight::Dense(w) = &self.weight else {
+            return Ok(());
+        };
+        let (n, k) = w.dims2()?;
+        let v: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        if let Some(q) = QuantWeight::quantize(&v, n, k, cfg) {
+            self.weight = LinearWeight::Quantized(Arc::new(q));
+        }
         Ok(())
     }
 }
 
-/// `(path.weight, W)` and `(path.bias, b)` of a linear layer.
+/// `(path.weight, W)` and `(path.bias, b)` of a linear layer; a quantized weight is not a
+/// parameter (it is frozen and has no tensor) and is not listed.
 pub fn linear_params(lin: &mut Linear) -> Vec<(String, &mut Tensor)> {
-    let mut out = vec![(format!("{}.weight", lin.path), &mut lin.weight)];
+    let mut out = Vec::new();
+    if let LinearWeight::Dense(w) = &mut lin.weight {
+        out.push((format!("{}.weight", lin.path), w));
+    }
     if let Some(b) = lin.bias.as_mut() {
         out.push((format!("{}.bias", lin.path), b));
     }

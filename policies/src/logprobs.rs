@@ -53,13 +53,12 @@ fn frozen_head<'m>(
     let head = model.output_head()?;
     let trained = |t: &Tensor| ctx.grad && t.is_variable();
     let adapted = ctx.adapter.is_some_and(|a| a.module(&head.path).is_some());
-    let w = &head.weight;
+    let w = head.weight.dense()?;
     let supported = hidden.device().is_cpu()
         && matches!(hidden.dtype(), DType::F32 | DType::F64)
         && (w.dtype() == hidden.dtype()
             || hidden.dtype() == DType::F32 && matches!(w.dtype(), DType::BF16 | DType::F16));
-    let ok =
-        supported && !adapted && !trained(&head.weight) && !head.bias.as_ref().is_some_and(trained);
+    let ok = supported && !adapted && !trained(w) && !head.bias.as_ref().is_some_and(trained);
     ok.then_some(head)
 }
 
@@ -110,7 +109,7 @@ pub fn score_hidden(
             _ => chunk_rows(head.out_features()),
         };
         let head = FrozenHead {
-            weight: head.weight.detach(),
+            weight: head.dense_weight()?.detach(),
             bias: head.bias.as_ref().map(Tensor::detach),
             tau,
         };

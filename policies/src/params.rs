@@ -51,6 +51,12 @@ pub fn last_n_layers(num_layers: usize, n: usize) -> impl Fn(&str) -> bool {
 /// in the dtype the model was loaded in (`weight_dtype`: a CPU bf16 model's f32 vectors
 /// and trained variables go back to bf16, as transformers would save it).
 pub fn export_weights(model: &mut dyn CausalLm) -> Result<Vec<(String, Tensor)>> {
+    if let Some(q) = model.linears().iter().find(|l| l.weight.is_quantized()) {
+        return Err(PolicyError::InvalidArgument(format!(
+            "{}: the base is quantized; a model folder is written from the full-precision base (load it with quantization = \"none\")",
+            q.path
+        )));
+    }
     let dtype = model.info().weight_dtype;
     let conv1d: Vec<String> = model
         .linears()

@@ -1,7 +1,8 @@
 //! A Hugging Face model folder loaded whole: model, tokenizer and stop ids.
 
 use crate::error::{PolicyError, Result};
-use crate::families::{load_model, CausalLm};
+use crate::families::{load_model_quantized, CausalLm};
+use crate::quant::QuantConfig;
 use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
@@ -15,6 +16,16 @@ pub struct Pretrained {
 impl Pretrained {
     /// Loads `dir`, checking first that the files a causal LM needs are there.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_quantized(dir, dtype, QuantConfig::default(), device)
+    }
+
+    /// [`Pretrained::load`] with the blocks' linear weights quantized (`model.quantization`).
+    pub fn load_quantized(
+        dir: &Path,
+        dtype: DType,
+        quant: QuantConfig,
+        device: &Device,
+    ) -> Result<Self> {
         if !dir.is_dir() {
             return Err(PolicyError::MissingFolder(dir.to_path_buf()));
         }
@@ -26,7 +37,7 @@ impl Pretrained {
             });
         }
         let tokenizer = Tokenizer::load(dir)?;
-        let model = load_model(dir, dtype, device)?;
+        let model = load_model_quantized(dir, dtype, quant, device)?;
         let vocab = model.info().vocab_size;
         if tokenizer.vocab_size() > vocab {
             return Err(PolicyError::Tokenizer {

@@ -12,12 +12,15 @@
 
 use crate::device::activation_dtype;
 use crate::error::{read_json, PolicyError, Result};
+use crate::linear::LinearWeight;
+use crate::quant::{QuantConfig, QuantWeight};
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype as StDtype, Metadata};
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::Mutex;
 
 pub struct WeightFiles {
@@ -32,6 +35,8 @@ pub struct WeightFiles {
     /// Vectors, and every activation, are in this one.
     activation: DType,
     device: Device,
+    /// How the blocks' linear weights are held ([`WeightFiles::block_linear`]).
+    quant: QuantConfig,
 }
 
 /// One safetensors file: its parsed header and the open file the tensors are read from.
@@ -186,7 +191,49 @@ impl WeightFiles {
             weights: dtype,
             activation: activation_dtype(dtype, device),
             device: device.clone(),
+            quant: QuantConfig::default(),
         })
+    }
+
+    /// The blocks' linear weights are quantized as `quant` says as they are read.
+    pub fn with_quantization(mut self, quant: QuantConfig) -> Self {
+        self.quant = quant;
+        self
+    }
+
+    /// The weight `name` of a block's linear layer, `[out, in]` (`transposed`: stored
+    /// `[in, out]`, GPT-2's Conv1D): in the matrices' dtype, or quantized from it (as
+    /// bitsandbytes quantizes the weight transformers loaded) when the load is quantized.
+    /// One tensor is read, converted and quantized at a time, so a quantized load never holds
+    /// the full-precision model. The embedding, norms and output head are read by
+    /// [`WeightFiles::get`] and stay in the model's dtype.
+    pub fn block_linear(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        transposed: bool,
+    ) -> Result<LinearWeight> {
+        let w = if transposed {
+            self.get(name, &[shape[1], shape[0]])?.t()?.contiguous()?
+        } else {
+            self.get(name, &shape)?
+        };
+        if self.quant.is_none() {
+            return Ok(LinearWeight::Dense(w));
+        }
+        let v: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        drop(w);
+        Ok(
+            match QuantWeight::quantize(&v, shape[0], shape[1], self.quant) {
+                Some(q) => LinearWeight::Quantized(Arc::new(q)),
+                None => unreachable!("checked is_none above"),
+            },
+        )
+    }
+
+    /// The quantization of the blocks' linear weights.
+    pub fn quantization(&self) -> QuantConfig {
+        self.quant
     }
 
     pub fn contains(&self, name: &str) -> bool {

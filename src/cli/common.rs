@@ -1,7 +1,9 @@
 //! Arguments and loading shared by the commands that run a model.
 
+use crate::config::common::quant_config;
 use anyhow::{Context, Result};
 use rlft_policies::device::{parse_device, parse_dtype};
+use rlft_policies::quant::QuantConfig;
 use rlft_policies::{Adapter, Pretrained};
 use std::path::PathBuf;
 
@@ -19,13 +21,27 @@ pub struct ModelArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// none, int8, nf4 or fp4: the base's block linear weights held in 8 or 4 bits
+    /// (as `model.quantization`), computing in `--dtype`.
+    #[arg(long, default_value = "none")]
+    pub quantization: String,
+    /// With nf4/fp4: the blocks' absmax in 8 bits too (`bnb_4bit_use_double_quant`).
+    #[arg(long)]
+    pub bnb_4bit_use_double_quant: bool,
 }
 
 impl ModelArgs {
+    /// `--quantization` and `--bnb-4bit-use-double-quant` as a load setting.
+    pub fn quant_config(&self) -> Result<QuantConfig> {
+        quant_config(&self.quantization, self.bnb_4bit_use_double_quant)
+            .map_err(|e| anyhow::anyhow!("--quantization: {e}"))
+    }
+
     pub fn load(&self) -> Result<(Pretrained, Option<Adapter>)> {
         let dtype = parse_dtype(&self.dtype)?;
         let device = parse_device(&self.device)?;
-        let pre = Pretrained::load(&self.model, dtype, &device)
+        let quant = self.quant_config()?;
+        let pre = Pretrained::load_quantized(&self.model, dtype, quant, &device)
             .with_context(|| format!("loading model {}", self.model.display()))?;
         let adapter = match &self.adapter {
             Some(dir) => Some(

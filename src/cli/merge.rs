@@ -1,7 +1,7 @@
 //! `rlft merge`: fold an adapter into the base weights and write a Hugging Face folder.
 
 use super::common::ModelArgs;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use rlft_policies::params::{save_pretrained, save_pretrained_classifier};
 use std::path::PathBuf;
 
@@ -15,6 +15,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if !args.model.quant_config()?.is_none() {
+        bail!(
+            "rlft merge writes full-precision weights: it merges into the base as stored (drop --quantization {}); an adapter trained on a quantized base merges into it unchanged, as QLoRA's do",
+            args.model.quantization
+        );
+    }
     let (mut pre, adapter) = args.model.load()?;
     let adapter = adapter.context("rlft merge needs --adapter")?;
     adapter.merge_into(pre.model.as_mut())?;
@@ -32,15 +38,28 @@ pub fn run(args: Args) -> Result<()> {
         None => save_pretrained(pre.model.as_mut(), &args.model.model, &args.out),
     }
     .with_context(|| format!("writing {}", args.out.display()))?;
+    let adapter_dir = args.model.adapter.clone().unwrap_or_default();
+    if let Some(q) = trained_quantization(&adapter_dir) {
+        println!(
+            "{} was trained on a {q} base (its run's config.json); it is merged into the full-precision base, as QLoRA adapters are: the merged weights differ from what training saw by the base's quantization error",
+            adapter_dir.display()
+        );
+    }
     println!(
-        "merged {} into {} → {}",
-        args.model
-            .adapter
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default(),
+        "merged {} into the full-precision ({}) base {} → {}",
+        adapter_dir.display(),
+        args.model.dtype,
         args.model.model.display(),
         args.out.display()
     );
     Ok(())
+}
+
+/// `model.quantization` of the rlft run that saved the adapter `dir` (`dir/../config.json`),
+/// when it was not `none`.
+fn trained_quantization(dir: &std::path::Path) -> Option<String> {
+    let run = dir.parent()?.join("config.json");
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(run).ok()?).ok()?;
+    let q = cfg.get("model")?.get("quantization")?.as_str()?;
+    (q != "none").then(|| q.to_string())
 }

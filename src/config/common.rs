@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Result};
 use rlft_policies::lora::LoraInit;
+use rlft_policies::quant::{QuantConfig, Quantization};
 use rlft_policies::{LoraConfig, Targets};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -21,6 +22,12 @@ pub struct ModelSection {
     pub device: String,
     /// Examples are truncated to this many tokens.
     pub max_seq_len: usize,
+    /// none | int8 | nf4 | fp4: the frozen base's block linear weights held in 8 or 4 bits
+    /// (bitsandbytes' `load_in_8bit` / `load_in_4bit` with `bnb_4bit_quant_type`); the
+    /// compute dtype is `dtype`.
+    pub quantization: String,
+    /// bitsandbytes' `bnb_4bit_use_double_quant`: the 4-bit blocks' absmax in 8 bits too.
+    pub bnb_4bit_use_double_quant: bool,
 }
 
 impl Default for ModelSection {
@@ -30,8 +37,52 @@ impl Default for ModelSection {
             dtype: "f32".into(),
             device: "cpu".into(),
             max_seq_len: 512,
+            quantization: "none".into(),
+            bnb_4bit_use_double_quant: false,
         }
     }
+}
+
+impl ModelSection {
+    /// `quantization` and `bnb_4bit_use_double_quant` as a load setting.
+    pub fn quant_config(&self) -> Result<QuantConfig> {
+        quant_config(&self.quantization, self.bnb_4bit_use_double_quant)
+            .map_err(|e| anyhow::anyhow!("model.quantization: {e}"))
+    }
+
+    /// A quantized base trains adapters only (QLoRA): its weights have no full-precision
+    /// copy to update.
+    pub fn validate_quantization(&self, adapter: &AdapterSection) -> Result<()> {
+        let q = self.quant_config()?;
+        if !q.is_none() && adapter.trainable != TrainableKind::Lora {
+            bail!(
+                "adapter.trainable = \"{}\" trains the base's own weights, which model.quantization = \"{}\" holds frozen in k bits; QLoRA trains a LoRA adapter (adapter.trainable = \"lora\"), or load the base unquantized (model.quantization = \"none\")",
+                adapter.trainable.name(),
+                q.kind.name()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `"nf4"` (and the double-quantization flag) → the load setting; an unknown name is an
+/// error listing the known ones.
+pub fn quant_config(name: &str, double_quant: bool) -> Result<QuantConfig, String> {
+    let kind = Quantization::parse(name).ok_or_else(|| {
+        format!(
+            "unknown quantization {name:?}; expected one of {}",
+            Quantization::NAMES
+        )
+    })?;
+    if double_quant && !matches!(kind, Quantization::Nf4 | Quantization::Fp4) {
+        tracing::warn!(
+            "bnb_4bit_use_double_quant applies to nf4 and fp4 only; ignored with quantization = {name:?}"
+        );
+    }
+    Ok(QuantConfig {
+        kind,
+        double_quant: double_quant && matches!(kind, Quantization::Nf4 | Quantization::Fp4),
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -41,6 +92,16 @@ pub enum TrainableKind {
     Lora,
     LastNLayers,
     Full,
+}
+
+impl TrainableKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainableKind::Lora => "lora",
+            TrainableKind::LastNLayers => "last_n_layers",
+            TrainableKind::Full => "full",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -104,6 +104,7 @@ impl RmConfig {
             bail!("rm.center_rewards_coefficient must be ≥ 0, got {c}");
         }
         self.adapter.validate()?;
+        self.model.validate_quantization(&self.adapter)?;
         self.training.validate()
     }
 }
@@ -187,6 +188,7 @@ impl DpoConfig {
             bail!("adapter.trainable = {:?} changes the base weights, so the reference cannot be the base with the adapter off: set dpo.precompute_ref_log_probs = true", self.adapter.trainable);
         }
         self.adapter.validate()?;
+        self.model.validate_quantization(&self.adapter)?;
         self.training.validate()
     }
 

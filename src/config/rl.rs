@@ -233,6 +233,7 @@ impl RlConfig {
             bail!("no [[reward]]: add at least one, e.g.\n[[reward]]\nname = \"numeric_match\"\nfield = \"answer\"");
         }
         self.adapter.validate()?;
+        self.model.validate_quantization(&self.adapter)?;
         self.training.validate()?;
         if self.adapter.trainable != TrainableKind::Lora {
             bail!("adapter.trainable must be \"lora\" for RL: the reference shares the frozen base weights");

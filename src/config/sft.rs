@@ -51,6 +51,7 @@ impl SftConfig {
             bail!("model.max_seq_len must be at least 2");
         }
         self.adapter.validate()?;
+        self.model.validate_quantization(&self.adapter)?;
         self.training.validate()
     }
 }

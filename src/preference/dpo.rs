@@ -348,10 +348,7 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<DpoOutcome> {
     let t = &cfg.training;
     let d = &cfg.dpo;
     let loss = cfg.loss()?;
-    let (mut pre, device) = stage::load_model(&cfg.model, t)?;
-    if let Some(sft) = &d.sft_adapter {
-        stage::merge_sft_adapter(&mut pre, sft)?;
-    }
+    let (mut pre, device) = stage::load_base(&cfg.model, t, d.sft_adapter.as_deref())?;
     let len = stage::max_len(cfg.model.max_seq_len, pre.model.as_ref());
     let train = load_pairs(&cfg.data.train_file, &pre.tokenizer, len)?;
     let eval = match &cfg.data.eval_file {

@@ -25,6 +25,7 @@ use crate::train::order::DataOrder;
 use crate::train::stage::{self, MemoryNeed, Resume, Stage, StepCtx, StepOutcome};
 use anyhow::{bail, Context, Result};
 use candle_core::Var;
+use rlft_policies::linear::LinearWeight;
 use rlft_policies::{generate, Adapter, CausalLm, Pretrained, Tokenizer};
 use rlft_reward::{Combined, Options, Registry, WeightedReward};
 use std::path::{Path, PathBuf};
@@ -406,10 +407,7 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
     cfg.validate()?;
     let (t, r) = (&cfg.training, &cfg.rl);
     let spec = AlgorithmSpec::of(cfg);
-    let (mut pre, device) = stage::load_model(&cfg.model, t)?;
-    if let Some(sft) = &r.sft_adapter {
-        stage::merge_sft_adapter(&mut pre, sft)?;
-    }
+    let (pre, device) = stage::load_base(&cfg.model, t, r.sft_adapter.as_deref())?;
     let max_positions = cfg.model.max_seq_len.min(pre.model.info().max_positions);
     let prompt_max = max_positions.checked_sub(cfg.generation.max_new_tokens).filter(|&m| m > 0).with_context(|| {
         format!("generation.max_new_tokens {} leaves no room for a prompt within {max_positions} positions", cfg.generation.max_new_tokens)
@@ -516,11 +514,21 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
 fn hash_base(model: &dyn CausalLm) -> Result<u64> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for lin in model.linears() {
-        for t in std::iter::once(&lin.weight).chain(lin.bias.as_ref()) {
-            let v: Vec<f32> = t
+        let weight = match &lin.weight {
+            LinearWeight::Dense(t) => t
                 .to_dtype(candle_core::DType::F32)?
                 .flatten_all()?
-                .to_vec1()?;
+                .to_vec1()?,
+            LinearWeight::Quantized(q) => q.dequantize(),
+        };
+        let bias: Vec<f32> = match &lin.bias {
+            Some(b) => b
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1()?,
+            None => Vec::new(),
+        };
+        for v in [weight, bias] {
             for x in v {
                 h = (h ^ x.to_bits() as u64).wrapping_mul(0x0100_0000_01b3);
             }

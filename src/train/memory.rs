@@ -103,14 +103,16 @@ pub fn weight_bytes(model: &dyn CausalLm) -> u64 {
     let linears: usize = model
         .linears()
         .iter()
-        .map(|l| bytes(&l.weight) + l.bias.as_ref().map_or(0, bytes))
+        .map(|l| l.weight.bytes() + l.bias.as_ref().map_or(0, bytes))
         .sum();
+    let quantized = model.linears().iter().any(|l| l.weight.is_quantized());
     let embed = if info.tie_word_embeddings {
         0
     } else {
         info.vocab_size * info.hidden_size * info.weight_dtype.size_in_bytes()
     };
-    let scratch = if info.device.is_cpu() && matches!(info.weight_dtype, DType::BF16 | DType::F16) {
+    let widened = quantized || matches!(info.weight_dtype, DType::BF16 | DType::F16);
+    let scratch = if info.device.is_cpu() && widened {
         4 * rlft_policies::ops::half_weight::BLOCK_ELEMS
             * rlft_policies::candle_core::utils::get_num_threads()
     } else {

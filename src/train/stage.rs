@@ -25,20 +25,58 @@ use indicatif::ProgressBar;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rlft_policies::device::{parse_device, parse_dtype};
+use rlft_policies::quant::QuantConfig;
 use rlft_policies::Pretrained;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
 /// Before a stage is built: checks that `training.output_dir` is writable (before the
-/// slow model load), then loads `model.path` in `model.dtype` on `model.device`.
+/// slow model load), then loads `model.path` in `model.dtype` on `model.device`, its block
+/// linears quantized as `model.quantization` says.
 pub fn load_model(model: &ModelSection, t: &TrainingSection) -> Result<(Pretrained, Device)> {
+    load_base(model, t, None)
+}
+
+/// [`load_model`], with an SFT adapter merged into the base first when `sft` is given (so that
+/// the reference, the base with the adapter off, is the SFT model). On a quantized base the
+/// adapter is merged into the full-precision weights, which are then quantized: one rounding,
+/// as quantizing the merged model would; the load then peaks at the full-precision model.
+pub fn load_base(
+    model: &ModelSection,
+    t: &TrainingSection,
+    sft: Option<&Path>,
+) -> Result<(Pretrained, Device)> {
     telemetry::init();
     let dtype = parse_dtype(&model.dtype)?;
     let device = parse_device(&model.device)?;
+    let quant = model.quant_config()?;
     super::check_writable(&t.output_dir)?;
-    let pre = Pretrained::load(&model.path, dtype, &device)
+    let at_load = if sft.is_some() {
+        QuantConfig::default()
+    } else {
+        quant
+    };
+    let mut pre = Pretrained::load_quantized(&model.path, dtype, at_load, &device)
         .with_context(|| format!("loading model {}", model.path.display()))?;
+    if let Some(sft) = sft {
+        merge_sft_adapter(&mut pre, sft)?;
+        rlft_policies::families::quantize_blocks(pre.model.as_mut(), quant)?;
+    }
+    if !quant.is_none() {
+        let blocks: Vec<_> = pre
+            .model
+            .linears()
+            .into_iter()
+            .filter(|l| l.weight.is_quantized())
+            .collect();
+        tracing::info!(
+            "base quantized: {} linear weights in {} ({:.1} MB)",
+            blocks.len(),
+            quant.describe(),
+            blocks.iter().map(|l| l.weight.bytes()).sum::<usize>() as f64 / 1e6
+        );
+    }
     Ok((pre, device))
 }
 

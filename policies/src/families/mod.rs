@@ -24,6 +24,7 @@ use crate::ctx::ForwardCtx;
 use crate::error::{PolicyError, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
+use crate::quant::QuantConfig;
 use crate::weights::WeightFiles;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
@@ -146,6 +147,17 @@ pub const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "gpt2"];
 
 /// Parses `config.json` of `dir` and loads the weights into the matching family.
 pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Box<dyn CausalLm>> {
+    load_model_quantized(dir, dtype, QuantConfig::default(), device)
+}
+
+/// [`load_model`] with the blocks' linear weights quantized as `quant` says, one tensor at a
+/// time as they are read (the embedding, norms and output head stay in `dtype`).
+pub fn load_model_quantized(
+    dir: &Path,
+    dtype: DType,
+    quant: QuantConfig,
+    device: &Device,
+) -> Result<Box<dyn CausalLm>> {
     let cfg_path = dir.join("config.json");
     let cfg: Value = crate::error::read_json(&cfg_path)?;
     let model_type = cfg
@@ -160,7 +172,7 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Box<dyn C
             supported: SUPPORTED.join(", "),
         });
     }
-    let weights = WeightFiles::open(dir, dtype, device)?;
+    let weights = WeightFiles::open(dir, dtype, device)?.with_quantization(quant);
     let mut model: Box<dyn CausalLm> = match model_type.as_str() {
         "llama" => Box::new(llama::load(&cfg, &cfg_path, &weights)?),
         "mistral" => Box::new(mistral::load(&cfg, &cfg_path, &weights)?),
@@ -179,6 +191,18 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Box<dyn C
         .and_then(Value::as_f64)
         .unwrap_or(0.02);
     Ok(model)
+}
+
+/// Quantizes the blocks' linear weights of a loaded model (after merging an SFT adapter into
+/// the full-precision base); the output head, tied or not, stays as it is.
+pub fn quantize_blocks(model: &mut dyn CausalLm, quant: QuantConfig) -> Result<()> {
+    let head = model.info().output_head.clone();
+    for lin in model.linears_mut() {
+        if lin.path != head {
+            lin.quantize(quant)?;
+        }
+    }
+    Ok(())
 }
 
 /// Block `i` of a model's `blocks`, or an error saying how many there are.

@@ -1,5 +1,5 @@
-//! The LoRA linear layer as one op on the CPU (f32 activations, f32 adapter, a frozen f32 or
-//! bf16/f16 base weight):
+//! The LoRA linear layer as one op on the CPU (f32 activations, f32 adapter, a frozen f32,
+//! bf16/f16 or k-bit base weight):
 //!
 //! `y = x Wᵀ + b + s · (m ⊙ x) Aᵀ Bᵀ`
 //!
@@ -15,18 +15,31 @@
 //! where the composed path draws it.
 
 use super::gemm::{gemm_f32_strided, matmul, parallelism};
+use crate::linear::LinearWeight;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 /// Whether the fused op computes this layer: CPU, `x` [n, in] f32, a frozen base weight
-/// (f32 or bf16/f16) and bias, an f32 adapter.
-pub fn applies(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Tensor) -> bool {
+/// (f32, bf16/f16 or k-bit codes) and bias, an f32 adapter.
+pub fn applies(
+    x: &Tensor,
+    w: &LinearWeight,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+) -> bool {
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let frozen_base = match w {
+        LinearWeight::Dense(w) => {
+            w.device().is_cpu()
+                && w.rank() == 2
+                && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16)
+                && !w.is_variable()
+        }
+        LinearWeight::Quantized(_) => true,
+    };
     cpu_f32(x)
         && x.rank() == 2
-        && w.device().is_cpu()
-        && w.rank() == 2
-        && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16)
-        && !w.is_variable()
+        && frozen_base
         && bias.is_none_or(|b| cpu_f32(b) && !b.is_variable())
         && cpu_f32(a)
         && cpu_f32(b)
@@ -36,7 +49,7 @@ pub fn applies(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Te
 /// `mask` [n·in] → `y` [n, out]; gradients reach `x`, `a` and `b` (when they are tracked).
 pub fn lora_linear(
     x: &Tensor,
-    w: &Tensor,
+    w: &LinearWeight,
     bias: Option<&Tensor>,
     a: &Tensor,
     b: &Tensor,
@@ -47,8 +60,12 @@ pub fn lora_linear(
     if mask.as_ref().is_some_and(|m| m.len() != x.elem_count()) {
         candle_core::bail!("lora-linear: a dropout mask of the wrong length");
     }
+    let w = match w {
+        LinearWeight::Dense(t) => LinearWeight::Dense(t.contiguous()?),
+        q => q.clone(),
+    };
     let op = LoraLinear {
-        w: w.contiguous()?,
+        w,
         bias: bias.map(|b| b.to_vec1::<f32>()).transpose()?,
         scale,
         mask,
@@ -57,7 +74,7 @@ pub fn lora_linear(
 }
 
 struct LoraLinear {
-    w: Tensor,
+    w: LinearWeight,
     bias: Option<Vec<f32>>,
     scale: f64,
     /// The keep-mask's values, [n·in] like `x`.
@@ -92,7 +109,7 @@ impl CustomOp3 for LoraLinear {
         let (n, k) = lx.shape().dims2()?;
         let (r, ka) = la.shape().dims2()?;
         let (out, rb) = lb.shape().dims2()?;
-        if ka != k || rb != r || self.w.dims() != [out, k] {
+        if ka != k || rb != r || self.w.dims() != (out, k) {
             candle_core::bail!(
                 "lora-linear: x [{n}, {k}], A [{r}, {ka}], B [{out}, {rb}], W {:?}",
                 self.w.dims()
@@ -104,9 +121,12 @@ impl CustomOp3 for LoraLinear {
             values(sb, lb, "B")?,
         );
         // y = x Wᵀ (+ b), by the frozen linear's own kernels.
-        let mut y = match self.w.dtype() {
-            DType::F32 => super::gemm::matmul_t_f32(x, n, k, &self.w)?,
-            _ => super::half_weight::matmul_t(x, n, k, &self.w)?,
+        let mut y = match &self.w {
+            LinearWeight::Dense(w) if w.dtype() == DType::F32 => {
+                super::gemm::matmul_t_f32(x, n, k, w)?
+            }
+            LinearWeight::Dense(w) => super::half_weight::matmul_t(x, n, k, w)?,
+            LinearWeight::Quantized(q) => q.matmul_t(x, n),
         };
         if let Some(bias) = &self.bias {
             for row in y.chunks_exact_mut(out) {
@@ -184,7 +204,11 @@ impl CustomOp3 for LoraLinear {
             if let Some(m) = &mask {
                 lora = (lora * m)?;
             }
-            Some((matmul(&dy, &self.w, false)? + lora)?)
+            let base = match &self.w {
+                LinearWeight::Dense(w) => matmul(&dy, w, false)?,
+                LinearWeight::Quantized(q) => q.matmul(&dy, false)?,
+            };
+            Some((base + lora)?)
         } else {
             None
         };
@@ -199,6 +223,60 @@ impl CustomOp3 for LoraLinear {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// On k-bit codes the fused layer equals the composed layer on the dequantized weight:
+    /// values and the gradients of x, A and B, with a dropout mask, few rows and many.
+    #[test]
+    fn fused_on_a_quantized_base_equals_the_composed_dequantized_layer() {
+        use crate::quant::{QuantConfig, QuantWeight, Quantization};
+        let dev = Device::Cpu;
+        let (k, out, r, s) = (128, 24, 4, 0.5);
+        let wv: Vec<f32> = Tensor::randn(0f32, 0.1, out * k, &dev)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for kind in [Quantization::Nf4, Quantization::Int8] {
+            let cfg = QuantConfig {
+                kind,
+                double_quant: true,
+            };
+            let q = std::sync::Arc::new(QuantWeight::quantize(&wv, out, k, cfg).unwrap());
+            let wt = Tensor::from_vec(q.dequantize(), (out, k), &dev).unwrap();
+            for n in [2, 33] {
+                let mask: Vec<f32> = (0..n * k)
+                    .map(|i| if i % 4 == 1 { 0.0 } else { 4.0 / 3.0 })
+                    .collect();
+                let x = Var::randn(0f32, 1.0, (n, k), &dev).unwrap();
+                let a = Var::randn(0f32, 0.3, (r, k), &dev).unwrap();
+                let b = Var::randn(0f32, 0.3, (out, r), &dev).unwrap();
+                let c = Tensor::randn(0f32, 1.0, (n, out), &dev).unwrap();
+                let grads = |y: &Tensor| {
+                    let g = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+                    [x.as_tensor(), a.as_tensor(), b.as_tensor()].map(|v| vals(g.get(v).unwrap()))
+                };
+                let w = LinearWeight::Quantized(q.clone());
+                let fused =
+                    lora_linear(x.as_tensor(), &w, None, &a, &b, s, Some(mask.clone())).unwrap();
+                let m = Tensor::from_vec(mask, (n, k), &dev).unwrap();
+                let xd = (x.as_tensor() * m).unwrap();
+                let delta = (xd
+                    .matmul(&a.t().unwrap())
+                    .unwrap()
+                    .matmul(&b.t().unwrap())
+                    .unwrap()
+                    * s)
+                    .unwrap();
+                let composed = (x.as_tensor().matmul(&wt.t().unwrap()).unwrap() + delta).unwrap();
+                assert!(
+                    max_diff(&vals(&fused), &vals(&composed)) < 1e-4,
+                    "{kind:?} n={n}"
+                );
+                for (gf, gc) in grads(&fused).iter().zip(grads(&composed).iter()) {
+                    assert!(max_diff(gf, gc) < 1e-4, "{kind:?} n={n}: gradients");
+                }
+            }
+        }
+    }
 
     fn vals(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1().unwrap()
@@ -235,9 +313,17 @@ mod tests {
                         [x.as_tensor(), a.as_tensor(), b.as_tensor()]
                             .map(|v| vals(g.get(v).unwrap()))
                     };
-                    let fused =
-                        lora_linear(x.as_tensor(), &w, bias.as_ref(), &a, &b, s, mask.clone())
-                            .unwrap();
+                    let dense = LinearWeight::Dense(w.clone());
+                    let fused = lora_linear(
+                        x.as_tensor(),
+                        &dense,
+                        bias.as_ref(),
+                        &a,
+                        &b,
+                        s,
+                        mask.clone(),
+                    )
+                    .unwrap();
                     // The composed reference, on the widened weight.
                     let w32 = w.to_dtype(DType::F32).unwrap();
                     let mut y = x.as_tensor().matmul(&w32.t().unwrap()).unwrap();

@@ -4,6 +4,7 @@
 //! of a decoding profile. With `m ≤ ROWDOT_MAX_ROWS` rows each weight row is read once,
 //! straight from memory, against every input row.
 
+use super::half_weight::RowSource;
 use rayon::prelude::*;
 
 /// Up to this many rows take the dot-product path.
@@ -51,7 +52,7 @@ pub fn rowdot_half(
         unsafe { out.set_len(m * n) };
         return out;
     }
-    rowdot_half_widened(x, w, m, n, k, parallel)
+    rowdot_widened(x, &w, HALF_BLOCK_ROWS, (m, n, k), parallel)
 }
 
 /// `f(0..count)`, split across rayon's threads when `parallel`.
@@ -63,19 +64,22 @@ fn for_each_index(count: usize, parallel: bool, f: impl Fn(usize) + Send + Sync)
     }
 }
 
-/// [`rowdot_half`]'s portable path: blocks of weight rows widened into a buffer per task.
-fn rowdot_half_widened(
+/// [`rowdot`] for any [`RowSource`] weight [n, k] (k-bit codes; [`rowdot_half`]'s portable
+/// path): blocks of `block_rows` weight rows widened into a buffer per task, then dotted
+/// with every input row.
+pub fn rowdot_widened(
     x: &[f32],
-    w: super::half_weight::HalfRows<'_>,
-    m: usize,
-    n: usize,
-    k: usize,
+    w: &impl RowSource,
+    block_rows: usize,
+    (m, n, k): (usize, usize, usize),
     parallel: bool,
 ) -> Vec<f32> {
+    assert!(x.len() >= m * k);
+    let block_rows = block_rows.max(1);
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let dst = SendPtr(out.as_mut_ptr());
     let block = |buf: &mut Vec<f32>, b: usize| {
-        let (j0, j1) = (b * HALF_BLOCK_ROWS, ((b + 1) * HALF_BLOCK_ROWS).min(n));
+        let (j0, j1) = (b * block_rows, ((b + 1) * block_rows).min(n));
         buf.resize((j1 - j0) * k, 0.0);
         w.widen(j0 * k, buf);
         for j in j0..j1 {
@@ -83,7 +87,7 @@ fn rowdot_half_widened(
             column(x, &buf[r..r + k], j, (m, n, k), dst);
         }
     };
-    let blocks = n.div_ceil(HALF_BLOCK_ROWS);
+    let blocks = n.div_ceil(block_rows);
     if parallel {
         (0..blocks).into_par_iter().for_each_init(Vec::new, block);
     } else {
@@ -520,7 +524,7 @@ mod tests {
                 for parallel in [false, true] {
                     for out in [
                         rowdot_half(&x, rows, m, n, k, parallel),
-                        rowdot_half_widened(&x, rows, m, n, k, parallel),
+                        rowdot_widened(&x, &rows, HALF_BLOCK_ROWS, (m, n, k), parallel),
                     ] {
                         for i in 0..m {
                             for j in 0..n {

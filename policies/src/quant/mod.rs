@@ -14,6 +14,11 @@
 //! All arithmetic is in f32, in bitsandbytes' order, so the codes and the dequantized values
 //! equal its own (`tests/fixtures/make_kbit_fixture.py`).
 
+use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+mod simd;
+
 /// bitsandbytes' NF4 code book (`get_4bit_type("nf4")`): the quantiles of N(0, 1) scaled to
 /// [−1, 1], with an exact zero (Dettmers et al. 2023, QLoRA).
 pub const NF4: [f32; 16] = [
@@ -210,14 +215,18 @@ impl FourBitWeight {
         let absmax = block_absmax(w, BLOCK);
         let buckets = Buckets::new(kind.code());
         let mut packed = vec![0u8; w.len().div_ceil(2)];
-        for (b, chunk) in w.chunks(BLOCK).enumerate() {
-            let inv = 1.0 / absmax[b].max(1e-38);
-            for (k, &x) in chunk.iter().enumerate() {
-                let q = buckets.index((x * inv).clamp(-1.0, 1.0));
-                let e = b * BLOCK + k;
-                packed[e / 2] |= if e % 2 == 0 { q << 4 } else { q };
-            }
-        }
+        // A block's 64 values fill 32 bytes of their own: the blocks run in parallel.
+        packed
+            .par_chunks_mut(BLOCK / 2)
+            .zip(w.par_chunks(BLOCK))
+            .zip(&absmax)
+            .for_each(|((bytes, chunk), &am)| {
+                let inv = 1.0 / am.max(1e-38);
+                for (k, &x) in chunk.iter().enumerate() {
+                    let q = buckets.index((x * inv).clamp(-1.0, 1.0));
+                    bytes[k / 2] |= if k % 2 == 0 { q << 4 } else { q };
+                }
+            });
         let absmax = if double {
             double_quantize(&absmax)
         } else {
@@ -238,13 +247,41 @@ impl FourBitWeight {
         self.dequantize_range(r0 * self.cols, absmax, &mut out[..(r1 - r0) * self.cols]);
     }
 
-    /// The row-major values from `start` on dequantized into `out`.
+    /// The row-major values from `start` on dequantized into `out`:
+    /// `x̂_e = code[q_e] · absmax[e / 64]`.
     pub fn dequantize_range(&self, start: usize, absmax: &[f32], out: &mut [f32]) {
         let code = self.kind.code();
-        for (o, e) in out.iter_mut().zip(start..) {
+        let one = |e: usize| {
             let byte = self.packed[e / 2];
             let q = if e % 2 == 0 { byte >> 4 } else { byte & 0xF };
-            *o = code[q as usize] * absmax[e / BLOCK];
+            code[q as usize] * absmax[e / BLOCK]
+        };
+        let end = start + out.len();
+        let mut e = start;
+        if e % 2 == 1 && e < end {
+            out[0] = one(e);
+            e += 1;
+        }
+        // Whole bytes: both values of a byte are in one block (64 is even).
+        let pairs = (end - e) / 2;
+        let bytes = &self.packed[e / 2..e / 2 + pairs];
+        let dst = &mut out[e - start..e - start + 2 * pairs];
+        #[cfg(target_arch = "x86_64")]
+        if simd::available() {
+            // SAFETY: AVX2 was detected; the slices are as the kernel documents.
+            unsafe { simd::dequantize_pairs(code, bytes, e / 2, absmax, dst) };
+            if e + 2 * pairs < end {
+                out[out.len() - 1] = one(end - 1);
+            }
+            return;
+        }
+        for (i, (d, &byte)) in dst.chunks_exact_mut(2).zip(bytes).enumerate() {
+            let a = absmax[(e + 2 * i) / BLOCK];
+            d[0] = code[(byte >> 4) as usize] * a;
+            d[1] = code[(byte & 0xF) as usize] * a;
+        }
+        if e + 2 * pairs < end {
+            out[out.len() - 1] = one(end - 1);
         }
     }
 
@@ -268,8 +305,7 @@ impl FourBitWeight {
 /// bitsandbytes' `compress_statistics`: `offset = mean(absmax)`, then `absmax − offset` in
 /// 8 bits with the dynamic map, blocks of 256, each with its own absmax.
 fn double_quantize(absmax: &[f32]) -> Absmax {
-    // torch's f32 mean; summed in f64 and rounded, the closest f32 to the exact mean.
-    let offset = (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len() as f64) as f32;
+    let offset = torch_sum_f32(absmax) / absmax.len() as f32;
     let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
     let scale = block_absmax(&centred, DOUBLE_BLOCK);
     let buckets = Buckets::new(&dynamic_map());
@@ -286,6 +322,84 @@ fn double_quantize(absmax: &[f32]) -> Absmax {
         scale,
         offset,
     }
+}
+
+/// `torch.sum` of a contiguous f32 vector on the CPU, in its order (ATen's `SumKernel.cpp`,
+/// AVX2 build: 8-lane vectors), so that the double quantization's offset `absmax.mean()`
+/// (= sum / n) has bitsandbytes' last bit, which decides some absmax codes:
+/// - the `n / 8` vectors are summed lane-wise as rows of 4 vectors (`row_sum`, ILP 4), each
+///   of the 4 columns in a cascade of 4 levels that flushes every 16 rows (`multi_row_sum`),
+///   leftover vectors into column 0, then columns 1–3 into column 0;
+/// - the scalar tail is summed first, then the 8 lanes in order.
+///
+/// On an AVX-512 build torch sums 16 lanes; its offset can then differ in the last bit.
+fn torch_sum_f32(v: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    const ILP: usize = 4;
+    const LEVELS: usize = 4;
+    type Lanes = [f32; LANES];
+    let add = |a: &mut Lanes, b: &Lanes| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+    let vector = |i: usize| -> Lanes { std::array::from_fn(|l| v[i * LANES + l]) };
+    let vecs = v.len() / LANES;
+    let rows = vecs / ILP;
+    // multi_row_sum: a cascade per column; level_power = max(4, ⌈log2 rows⌉ / 4).
+    let ceil_log2 = if rows <= 1 {
+        0
+    } else {
+        usize::BITS - (rows - 1).leading_zeros()
+    } as usize;
+    let power = (ceil_log2 / LEVELS).max(4);
+    let step = 1usize << power;
+    let mask = step - 1;
+    let mut acc = [[[0f32; LANES]; ILP]; LEVELS];
+    let mut i = 0;
+    while i + step <= rows {
+        for _ in 0..step {
+            for k in 0..ILP {
+                add(&mut acc[0][k], &vector(i * ILP + k));
+            }
+            i += 1;
+        }
+        for j in 1..LEVELS {
+            for k in 0..ILP {
+                let lower = acc[j - 1][k];
+                add(&mut acc[j][k], &lower);
+                acc[j - 1][k] = [0.0; LANES];
+            }
+            if i & (mask << (j * power)) != 0 {
+                break;
+            }
+        }
+    }
+    for r in i..rows {
+        for k in 0..ILP {
+            add(&mut acc[0][k], &vector(r * ILP + k));
+        }
+    }
+    for j in 1..LEVELS {
+        for k in 0..ILP {
+            let upper = acc[j][k];
+            add(&mut acc[0][k], &upper);
+        }
+    }
+    // row_sum: the leftover vectors into column 0, then the other columns.
+    let mut sums = acc[0];
+    for r in rows * ILP..vecs {
+        add(&mut sums[0], &vector(r));
+    }
+    for k in 1..ILP {
+        let col = sums[k];
+        add(&mut sums[0], &col);
+    }
+    // vectorized_inner_sum: the scalar tail, then the lanes.
+    let mut total = 0f32;
+    for &x in &v[vecs * LANES..] {
+        total += x;
+    }
+    for lane in sums[0] {
+        total += lane;
+    }
+    total
 }
 
 /// A `[rows, cols]` weight in 8 bits, row-wise absmax (bitsandbytes' `int8_vectorwise_quant`
@@ -372,6 +486,14 @@ impl QuantWeight {
 
     /// `x · Wᵀ` for a row-major `x` [m, cols]: [m, rows].
     pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+        use crate::ops::rowdot::{rowdot_widened, ROWDOT_MAX_ROWS};
+        let (n, k) = self.dims();
+        if m <= ROWDOT_MAX_ROWS && k > 0 {
+            // Decoding's few rows: each task dequantizes a few weight rows (≈ 64 KiB, in
+            // cache) and dots them with every input row; no gemm packing.
+            let parallel = n * k >= crate::ops::gemm::PARALLEL_MIN_WEIGHT;
+            return rowdot_widened(x, self, (16_384 / k).clamp(1, 32), (m, n, k), parallel);
+        }
         self.matmul_t_blocks(x, m, crate::ops::half_weight::BLOCK_ELEMS)
     }
 
@@ -394,13 +516,142 @@ impl crate::ops::half_weight::RowSource for QuantWeight {
         match self {
             QuantWeight::FourBit(w, absmax) => w.dequantize_range(start, absmax, dst),
             QuantWeight::Int8(w) => {
-                for (o, e) in dst.iter_mut().zip(start..) {
-                    *o = w.values[e] as f32 * (w.row_absmax[e / w.cols] / 127.0);
+                // Row by row: `q · (absmax_r / 127)`, as `Int8Weight::dequantize_rows`.
+                let mut e = start;
+                let mut rest = dst;
+                while !rest.is_empty() {
+                    let r = e / w.cols;
+                    let take = ((r + 1) * w.cols - e).min(rest.len());
+                    let (d, tail) = rest.split_at_mut(take);
+                    let s = w.row_absmax[r] / 127.0;
+                    for (o, &q) in d.iter_mut().zip(&w.values[e..e + take]) {
+                        *o = q as f32 * s;
+                    }
+                    e += take;
+                    rest = tail;
                 }
             }
         }
     }
 }
 
+/// How the frozen base's linear weights are held (`model.quantization`), named as
+/// bitsandbytes / transformers name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quantization {
+    /// In `model.dtype`, as loaded.
+    #[default]
+    None,
+    /// 8-bit row-wise absmax (`load_in_8bit`).
+    Int8,
+    /// 4-bit NormalFloat (`load_in_4bit`, `bnb_4bit_quant_type = "nf4"`).
+    Nf4,
+    /// 4-bit float (`bnb_4bit_quant_type = "fp4"`).
+    Fp4,
+}
+
+impl Quantization {
+    pub const NAMES: &'static str = "none, int8, nf4, fp4";
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "none" => Quantization::None,
+            "int8" => Quantization::Int8,
+            "nf4" => Quantization::Nf4,
+            "fp4" => Quantization::Fp4,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantization::None => "none",
+            Quantization::Int8 => "int8",
+            Quantization::Nf4 => "nf4",
+            Quantization::Fp4 => "fp4",
+        }
+    }
+}
+
+/// The quantization of a load: the kind and, for 4 bits, `bnb_4bit_use_double_quant`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QuantConfig {
+    pub kind: Quantization,
+    pub double_quant: bool,
+}
+
+impl QuantConfig {
+    pub fn is_none(&self) -> bool {
+        self.kind == Quantization::None
+    }
+
+    /// `nf4 (double quantization)`, `int8`, …
+    pub fn describe(&self) -> String {
+        match self.kind {
+            Quantization::Nf4 | Quantization::Fp4 if self.double_quant => {
+                format!("{} (double quantization)", self.kind.name())
+            }
+            k => k.name().to_string(),
+        }
+    }
+}
+
+impl QuantWeight {
+    /// A row-major `[rows, cols]` weight held as `cfg` says; `None` for no quantization.
+    pub fn quantize(w: &[f32], rows: usize, cols: usize, cfg: QuantConfig) -> Option<Self> {
+        let four = |kind| FourBitWeight::quantize(w, rows, cols, kind, cfg.double_quant);
+        Some(match cfg.kind {
+            Quantization::None => return None,
+            Quantization::Int8 => QuantWeight::Int8(Int8Weight::quantize(w, rows, cols)),
+            Quantization::Nf4 => QuantWeight::four_bit(four(FourBit::Nf4)),
+            Quantization::Fp4 => QuantWeight::four_bit(four(FourBit::Fp4)),
+        })
+    }
+
+    /// The whole weight in f32 (for the products off the CPU, and merging).
+    pub fn dequantize(&self) -> Vec<f32> {
+        match self {
+            QuantWeight::FourBit(w, _) => w.dequantize(),
+            QuantWeight::Int8(w) => w.dequantize(),
+        }
+    }
+
+    /// `x Wᵀ` (`transpose`, `x` [m, cols]) or `x W` (`x` [m, rows]) for an f32 CPU tensor;
+    /// no gradient.
+    pub fn matmul(
+        &self,
+        x: &candle_core::Tensor,
+        transpose: bool,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        use candle_core::{CpuStorage, Storage, Tensor};
+        let x = x.contiguous()?;
+        let (m, k) = x.dims2()?;
+        let (rows, cols) = self.dims();
+        let (want, out_cols) = if transpose {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        if k != want {
+            candle_core::bail!("k-bit matmul: weight [{rows}, {cols}] for inputs of width {k}");
+        }
+        let (s, l) = x.storage_and_layout();
+        let Storage::Cpu(CpuStorage::F32(v)) = &*s else {
+            candle_core::bail!("k-bit matmul: expected an f32 CPU input");
+        };
+        let v = &v[l.start_offset()..l.start_offset() + m * k];
+        let out = if transpose {
+            self.matmul_t(v, m)
+        } else {
+            self.matmul_n(v, m)
+        };
+        drop(s);
+        Tensor::from_vec(out, (m, out_cols), x.device())
+    }
+}
+
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod model_tests;

@@ -21,7 +21,7 @@ use super::{nth_block, CausalLm, ModelInfo};
 use crate::ctx::ForwardCtx;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
-use crate::linear::{Embedding, Linear};
+use crate::linear::{Embedding, Linear, LinearWeight};
 use crate::weights::WeightFiles;
 use candle_core::Tensor;
 use serde_json::Value;
@@ -54,10 +54,14 @@ fn layer_norm(w: &WeightFiles, p: &str, n: usize, eps: f64) -> Result<LayerNorm>
 
 /// The Conv1D `transformer.{p}` (`[inp, out]` in the file), as a linear layer `[out, inp]`.
 fn conv1d(w: &WeightFiles, p: &str, inp: usize, out: usize) -> Result<Linear> {
-    let weight = w.get_any(&names(&format!("{p}.weight")), &[inp, out])?;
+    let candidates = names(&format!("{p}.weight"));
+    let name = candidates
+        .iter()
+        .find(|n| w.contains(n))
+        .unwrap_or(&candidates[0]);
     Ok(Linear {
         path: format!("transformer.{p}"),
-        weight: weight.t()?.contiguous()?,
+        weight: w.block_linear(name, [out, inp], true)?,
         bias: Some(w.get_any(&names(&format!("{p}.bias")), &[out])?),
         conv1d: true,
     })
@@ -102,12 +106,7 @@ impl Gpt2 {
         let blocks = (0..cfg.n_layer)
             .map(|i| Block::new(&cfg, w, i))
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = Linear {
-            path: "lm_head".into(),
-            weight: wte.weight.clone(),
-            bias: None,
-            conv1d: false,
-        };
+        let lm_head = Linear::dense("lm_head", wte.weight.clone(), None);
         let ln_f = layer_norm(w, "ln_f", h, cfg.layer_norm_epsilon)?;
         let info = ModelInfo {
             model_type: "gpt2".into(),
@@ -212,6 +211,6 @@ impl CausalLm for Gpt2 {
     }
 
     fn sync_tied(&mut self) {
-        self.lm_head.weight = self.wte.weight.clone();
+        self.lm_head.weight = LinearWeight::Dense(self.wte.weight.clone());
     }
 }

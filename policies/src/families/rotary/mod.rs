@@ -21,7 +21,7 @@ use super::{nth_block, CausalLm, ModelInfo};
 use crate::ctx::ForwardCtx;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
-use crate::linear::{Embedding, Linear};
+use crate::linear::{Embedding, Linear, LinearWeight};
 use crate::rope::RopeTables;
 use crate::weights::WeightFiles;
 use candle_core::Tensor;
@@ -37,11 +37,12 @@ pub struct RotaryDecoder {
     rope: RopeTables,
 }
 
-/// The linear layer `{path}.weight` `[out, inp]` (and `{path}.bias` `[out]`).
+/// A block's linear layer `{path}.weight` `[out, inp]` (and `{path}.bias` `[out]`), its
+/// weight quantized when the load is.
 fn linear(w: &WeightFiles, path: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
     Ok(Linear {
         path: path.to_string(),
-        weight: w.get(&format!("{path}.weight"), &[out, inp])?,
+        weight: w.block_linear(&format!("{path}.weight"), [out, inp], false)?,
         bias: if bias {
             Some(w.get(&format!("{path}.bias"), &[out])?)
         } else {
@@ -82,14 +83,11 @@ impl RotaryDecoder {
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(w, "model.norm", h, spec.rms_norm_eps)?;
         let lm_head = if spec.tie_word_embeddings {
-            Some(Linear {
-                path: "lm_head".into(),
-                weight: embed_tokens.weight.clone(),
-                bias: None,
-                conv1d: false,
-            })
+            Some(Linear::dense("lm_head", embed_tokens.weight.clone(), None))
         } else if w.contains("lm_head.weight") || !spec.headless_ok {
-            Some(linear(w, "lm_head", spec.vocab_size, h, false)?)
+            // The output head stays in the model's dtype, quantized load or not.
+            let head = w.get("lm_head.weight", &[spec.vocab_size, h])?;
+            Some(Linear::dense("lm_head", head, None))
         } else {
             None
         };
@@ -205,7 +203,7 @@ impl CausalLm for RotaryDecoder {
     fn sync_tied(&mut self) {
         if self.spec.tie_word_embeddings {
             if let Some(head) = self.lm_head.as_mut() {
-                head.weight = self.embed_tokens.weight.clone();
+                head.weight = LinearWeight::Dense(self.embed_tokens.weight.clone());
             }
         }
     }
