@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rlft_policies::logprobs::token_logprobs;
+use rlft_policies::quant::QuantConfig;
 use rlft_policies::{
     generate, Adapter, BatchInput, ForwardCtx, GenerationConfig, LoraConfig, Pretrained,
     SamplingParams, Targets,
@@ -341,6 +342,9 @@ pub struct Job {
     pub checkpointing: bool,
     /// Measured steps (calls for W2/W6); each workload's default when absent.
     pub steps: Option<usize>,
+    /// W5 and W6 on a k-bit base: none, int8, nf4 (with double quantization, QLoRA's
+    /// recipe) or fp4.
+    pub quantization: String,
 }
 
 impl Job {
@@ -354,6 +358,7 @@ impl Job {
             device: device.into(),
             checkpointing: false,
             steps: None,
+            quantization: "none".into(),
         }
     }
 
@@ -386,7 +391,16 @@ impl Job {
         if self.checkpointing {
             a.push("--gradient-checkpointing".into());
         }
+        if self.quantization != "none" {
+            a.extend(["--quantization".into(), self.quantization.clone()]);
+        }
         a
+    }
+
+    /// The base's quantization: 4-bit kinds with double quantization, as QLoRA sets them.
+    pub fn quant_config(&self) -> Result<QuantConfig> {
+        crate::config::common::quant_config(&self.quantization, self.quantization.ends_with('4'))
+            .map_err(|e| anyhow::anyhow!("--quantization: {e}"))
     }
 }
 
@@ -437,6 +451,10 @@ pub fn run_one(job: &Job, work: &Path) -> Result<Value> {
     if job.checkpointing && !GRADIENT_CHECKPOINTING {
         bail!(CHECKPOINTING_UNAVAILABLE);
     }
+    let quant = job.quant_config()?;
+    if !quant.is_none() && !["W5", "W6"].contains(&w) {
+        bail!("--quantization applies to W5 and W6");
+    }
     let dir = match &job.model {
         Some(m) => m.clone(),
         None => ensure_model(shape, work)?,
@@ -472,11 +490,12 @@ pub fn run_one(job: &Job, work: &Path) -> Result<Value> {
                 job.checkpointing,
                 &dev,
                 dtype,
+                quant,
             )?
         }
         _ => {
             let (b, n) = job.size.unwrap_or((8, 64));
-            w6(&dir, b, n, 1, job.steps.unwrap_or(3), &dev, dtype)?
+            w6(&dir, b, n, 1, job.steps.unwrap_or(3), &dev, dtype, quant)?
         }
     };
     if ["W1", "W5"].contains(&w) {
@@ -501,6 +520,7 @@ pub fn run_one(job: &Job, work: &Path) -> Result<Value> {
         .map_or(shape.name.clone(), |m| m.display().to_string()));
     v["model_type"] = json!(shape.model_type());
     v["dtype"] = json!(job.dtype);
+    v["quantization"] = json!(quant.describe());
     v["impl"] = json!("rlft");
     Ok(v)
 }

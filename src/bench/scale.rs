@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rlft_policies::backward::backward_from_hidden;
+use rlft_policies::quant::QuantConfig;
 use rlft_policies::{
     generate, Adapter, BatchInput, CausalLm, ForwardCtx, GenerationConfig, LoraConfig, Pretrained,
     SamplingParams, Targets,
@@ -93,6 +94,7 @@ pub fn w5(
     checkpointing: bool,
     dev: &Device,
     dtype: DType,
+    quant: QuantConfig,
 ) -> Result<Value> {
     if checkpointing && !GRADIENT_CHECKPOINTING {
         bail!(CHECKPOINTING_UNAVAILABLE);
@@ -103,7 +105,7 @@ pub fn w5(
     let rss_before =
         crate::train::memory::proc_kb("/proc/self/status", "VmRSS:").unwrap_or(0) << 10;
     let t_load = Instant::now();
-    let pre = Pretrained::load(dir, dtype, dev)?;
+    let pre = Pretrained::load_quantized(dir, dtype, quant, dev)?;
     let model = pre.model.as_ref();
     let vocab = model.info().vocab_size;
     let adapter = Adapter::new(model, w5_lora(), 0)?;
@@ -180,9 +182,10 @@ pub fn w6(
     reps: usize,
     dev: &Device,
     dtype: DType,
+    quant: QuantConfig,
 ) -> Result<Value> {
     let t_load = Instant::now();
-    let pre = Pretrained::load(dir, dtype, dev)?;
+    let pre = Pretrained::load_quantized(dir, dtype, quant, dev)?;
     let load_s = t_load.elapsed().as_secs_f64();
     let model = pre.model.as_ref();
     let mut rng = ChaCha8Rng::seed_from_u64(1);

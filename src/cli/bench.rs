@@ -40,6 +40,11 @@ pub struct Args {
     /// W5 with gradient checkpointing (per-block recompute).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// W5 and W6 on a k-bit base (int8, nf4 or fp4; 4 bits with double quantization, as
+    /// QLoRA sets it). At real size the suite then runs each row on the unquantized and on
+    /// the quantized base, side by side.
+    #[arg(long)]
+    pub quantization: Option<String>,
     /// Measured steps (W1, W5) or generate calls (W2, W6), after the warm-up.
     #[arg(long)]
     pub steps: Option<usize>,
@@ -81,18 +86,26 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(d) = &args.dtype {
         rlft_policies::device::parse_dtype(d)?;
     }
+    let quantization = args.quantization.clone().unwrap_or_else(|| "none".into());
     let job = |w: &str, dtype: &str| Job {
         size: args.batch.zip(args.len),
         model: args.model.clone(),
         checkpointing: args.gradient_checkpointing,
         steps: args.steps,
+        quantization: quantization.clone(),
         ..Job::new(w, shape.clone(), dtype, &args.device)
     };
+    job("W5", "f32").quant_config()?;
     if let Some(w) = &args.workload {
         let v = run_one(&job(w, args.dtype.as_deref().unwrap_or("f32")), &work)?;
         println!("{v}");
         return Ok(());
     }
+    // Each real-size row on the unquantized base, and on the quantized one when asked.
+    let quantizations: Vec<String> = match &args.quantization {
+        Some(q) if q != "none" => vec!["none".into(), q.clone()],
+        _ => vec!["none".into()],
+    };
     let real_size = args.model.is_some() || !["small", "gpu"].contains(&shape.name.as_str());
     let mut list: Vec<Job> = Vec::new();
     if real_size {
@@ -110,19 +123,28 @@ pub fn run(args: Args) -> Result<()> {
         };
         for d in &dtypes {
             for &c in ckpt {
-                list.push(Job {
-                    checkpointing: c,
-                    ..job("W5", d)
-                });
+                for q in &quantizations {
+                    list.push(Job {
+                        checkpointing: c,
+                        quantization: q.clone(),
+                        ..job("W5", d)
+                    });
+                }
             }
         }
         for d in &dtypes {
-            list.push(Job {
-                checkpointing: false,
-                ..job("W6", d)
-            });
+            for q in &quantizations {
+                list.push(Job {
+                    checkpointing: false,
+                    quantization: q.clone(),
+                    ..job("W6", d)
+                });
+            }
         }
     } else {
+        if quantizations.len() > 1 {
+            bail!("--quantization applies to W5 and W6 (at real size)");
+        }
         let dtype = args.dtype.as_deref().unwrap_or("f32");
         let workloads: &[&str] = if shape.name == "small" && dtype == "f32" {
             &["W1", "W2", "W3", "W4"]
@@ -153,19 +175,26 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<5} {:<5} {:>6} {:>6} {:>12} {:>12} {:>12} {:>10}  phases (s)",
+        "{:<5} {:<9} {:>6} {:>6} {:>12} {:>12} {:>12} {:>10}  phases (s)",
         "load", "dtype", "B", "T", "s/step", "tokens/s", "samples/s", "peak MB"
     );
     for r in rows {
         let name = r["workload"].as_str().unwrap_or("?");
-        let dtype = r["dtype"].as_str().unwrap_or("?");
+        let dtype = match r["quantization"].as_str() {
+            Some(q) if q != "none" => format!(
+                "{}+{}",
+                r["dtype"].as_str().unwrap_or("?"),
+                q.split(' ').next().unwrap_or(q)
+            ),
+            _ => r["dtype"].as_str().unwrap_or("?").to_string(),
+        };
         let ckpt = if r["gradient_checkpointing"] == true {
             "checkpointing; "
         } else {
             ""
         };
         if let Some(why) = r.get("skipped").and_then(|v| v.as_str()) {
-            println!("{name:<5} {dtype:<5} {ckpt}skipped: {why}");
+            println!("{name:<5} {dtype:<9} {ckpt}skipped: {why}");
             continue;
         }
         let phases = r
@@ -183,7 +212,7 @@ pub fn run(args: Args) -> Result<()> {
             .map(|v| format!("unmerged {} tok/s", fmt(v)))
             .unwrap_or_default();
         println!(
-            "{name:<5} {dtype:<5} {:>6} {:>6} {:>12} {:>12} {:>12} {:>10}  {ckpt}{phases}{extra}",
+            "{name:<5} {dtype:<9} {:>6} {:>6} {:>12} {:>12} {:>12} {:>10}  {ckpt}{phases}{extra}",
             r.get("batch").map(|v| v.to_string()).unwrap_or("8".into()),
             r.get("seq")
                 .or(r.get("new_tokens"))

@@ -488,6 +488,12 @@ impl QuantWeight {
     pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
         use crate::ops::rowdot::{rowdot_widened, ROWDOT_MAX_ROWS};
         let (n, k) = self.dims();
+        #[cfg(target_arch = "x86_64")]
+        if let QuantWeight::FourBit(w, absmax) = self {
+            if m <= ROWDOT_MAX_ROWS && m > 0 && k % BLOCK == 0 && simd::dot_available() {
+                return four_bit_rowdot(w, absmax, x, m);
+            }
+        }
         if m <= ROWDOT_MAX_ROWS && k > 0 {
             // Decoding's few rows: each task dequantizes a few weight rows (≈ 64 KiB, in
             // cache) and dots them with every input row; no gemm packing.
@@ -509,6 +515,58 @@ impl QuantWeight {
     fn matmul_n_blocks(&self, a: &[f32], m: usize, block: usize) -> Vec<f32> {
         crate::ops::half_weight::source_matmul_n(a, m, self, self.dims(), block)
     }
+}
+
+/// Decoding's `x Wᵀ` for a 4-bit weight whose rows start at block boundaries: each weight
+/// row's codes are read once, dequantized in registers and dotted with every input row (up to
+/// 8 at a time), the rows split across rayon's threads.
+#[cfg(target_arch = "x86_64")]
+fn four_bit_rowdot(w: &FourBitWeight, absmax: &[f32], x: &[f32], m: usize) -> Vec<f32> {
+    let (n, k) = (w.rows, w.cols);
+    let xp = simd::interleave_for_dot(x, m, k);
+    let code = w.kind.code();
+    // Output column j (all m rows) into `col`.
+    let column = |j: usize, col: &mut [f32]| {
+        let bytes = &w.packed[j * k / 2..(j + 1) * k / 2];
+        let am = &absmax[j * k / BLOCK..(j + 1) * k / BLOCK];
+        for (g, out) in col.chunks_mut(8).enumerate() {
+            let xr = &xp[g * 8 * k..];
+            // SAFETY: AVX2 + FMA were detected; k % 64 == 0; xr holds out.len() · k values.
+            unsafe {
+                macro_rules! rows {
+                    ($($r:literal)+) => {
+                        match out.len() {
+                            $($r => out.copy_from_slice(&simd::dot_rows::<$r>(xr, k, code, bytes, am)),)+
+                            _ => unreachable!(),
+                        }
+                    };
+                }
+                rows!(1 2 3 4 5 6 7 8);
+            }
+        }
+    };
+    // Columns in tasks of 32 weight rows, written transposed ([n, m]), then turned around.
+    const ROWS_PER_TASK: usize = 32;
+    let mut t = vec![0f32; n * m];
+    let task = |(c, chunk): (usize, &mut [f32])| {
+        for (r, col) in chunk.chunks_mut(m).enumerate() {
+            column(c * ROWS_PER_TASK + r, col);
+        }
+    };
+    if n * k >= crate::ops::gemm::PARALLEL_MIN_WEIGHT {
+        t.par_chunks_mut(ROWS_PER_TASK * m)
+            .enumerate()
+            .for_each(task);
+    } else {
+        t.chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(task);
+    }
+    let mut out = vec![0f32; m * n];
+    for (j, col) in t.chunks_exact(m).enumerate() {
+        for (i, v) in col.iter().enumerate() {
+            out[i * n + j] = *v;
+        }
+    }
+    out
 }
 
 impl crate::ops::half_weight::RowSource for QuantWeight {
