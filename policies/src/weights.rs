@@ -23,6 +23,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
 
+/// Values read and converted at a time when a tensor's stored dtype is not the one it is
+/// kept in.
+const CONVERT_CHUNK: usize = 1 << 20;
+
 pub struct WeightFiles {
     /// One open file per shard.
     shards: Vec<Shard>,
@@ -100,8 +104,13 @@ impl Shard {
         self.meta.tensors().into_keys().collect()
     }
 
-    /// Reads tensor `name` in its stored dtype.
-    fn load(&self, name: &str, device: &Device) -> std::result::Result<Tensor, String> {
+    /// Reads tensor `name` converted to `target(stored dtype, rank)`.
+    fn load(
+        &self,
+        name: &str,
+        device: &Device,
+        target: impl Fn(DType, usize) -> DType,
+    ) -> std::result::Result<Tensor, String> {
         let info = self.meta.info(name).ok_or("not in the header")?;
         let dtype = match info.dtype {
             StDtype::F64 => DType::F64,
@@ -115,6 +124,7 @@ impl Shard {
         };
         let (start, end) = info.data_offsets;
         let numel: usize = info.shape.iter().product();
+        let target = target(dtype, info.shape.len());
         if end - start != numel * dtype.size_in_bytes() {
             return Err(format!(
                 "{} bytes for shape {:?} in {dtype:?}",
@@ -122,14 +132,88 @@ impl Shard {
                 info.shape
             ));
         }
-        let mut bytes = vec![0u8; end - start];
-        {
-            let mut f = self.file.lock().map_err(|_| "file lock poisoned")?;
-            f.seek(SeekFrom::Start(self.data_start + start as u64))
-                .and_then(|_| f.read_exact(&mut bytes))
+        let converts = device.is_cpu()
+            && target != dtype
+            && matches!(
+                (dtype, target),
+                (DType::F32, DType::BF16 | DType::F16) | (DType::BF16 | DType::F16, DType::F32)
+            );
+        let mut f = self.file.lock().map_err(|_| "file lock poisoned")?;
+        f.seek(SeekFrom::Start(self.data_start + start as u64))
+            .map_err(|e| format!("reading its bytes: {e}"))?;
+        if !converts {
+            let mut bytes = vec![0u8; end - start];
+            f.read_exact(&mut bytes)
                 .map_err(|e| format!("reading its bytes: {e}"))?;
+            drop(f);
+            let t = Tensor::from_raw_buffer(&bytes, dtype, &info.shape, device)
+                .map_err(|e| e.to_string())?;
+            return t.to_dtype(target).map_err(|e| e.to_string());
         }
-        Tensor::from_raw_buffer(&bytes, dtype, &info.shape, device).map_err(|e| e.to_string())
+        // Read and converted a chunk at a time: an f32 embedding loaded into bf16 never
+        // exists whole in f32 (its raw bytes alone would be twice the bf16 table).
+        let mut chunk = vec![0u8; (CONVERT_CHUNK * dtype.size_in_bytes()).min(end - start)];
+        fn read<'c>(
+            f: &mut File,
+            chunk: &'c mut [u8],
+            remaining: usize,
+        ) -> std::result::Result<&'c [u8], String> {
+            let len = remaining.min(chunk.len());
+            f.read_exact(&mut chunk[..len])
+                .map_err(|e| format!("reading its bytes: {e}"))?;
+            Ok(&chunk[..len])
+        }
+        let size = dtype.size_in_bytes();
+        let le16 = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
+        let le32 = |b: &[u8]| f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let mut done = 0;
+        let t = match (dtype, target) {
+            (DType::F32, DType::BF16) | (DType::F32, DType::F16) => {
+                let mut out: Vec<u16> = Vec::with_capacity(numel);
+                while done < numel {
+                    let b = read(&mut f, &mut chunk, (numel - done) * size)?;
+                    if target == DType::BF16 {
+                        out.extend(
+                            b.chunks_exact(4)
+                                .map(|c| half::bf16::from_f32(le32(c)).to_bits()),
+                        );
+                    } else {
+                        out.extend(
+                            b.chunks_exact(4)
+                                .map(|c| half::f16::from_f32(le32(c)).to_bits()),
+                        );
+                    }
+                    done = out.len();
+                }
+                if target == DType::BF16 {
+                    let v: Vec<half::bf16> = out.into_iter().map(half::bf16::from_bits).collect();
+                    Tensor::from_vec(v, info.shape.as_slice(), device)
+                } else {
+                    let v: Vec<half::f16> = out.into_iter().map(half::f16::from_bits).collect();
+                    Tensor::from_vec(v, info.shape.as_slice(), device)
+                }
+            }
+            _ => {
+                let mut out: Vec<f32> = Vec::with_capacity(numel);
+                while done < numel {
+                    let b = read(&mut f, &mut chunk, (numel - done) * size)?;
+                    if dtype == DType::BF16 {
+                        out.extend(
+                            b.chunks_exact(2)
+                                .map(|c| half::bf16::from_bits(le16(c)).to_f32()),
+                        );
+                    } else {
+                        out.extend(
+                            b.chunks_exact(2)
+                                .map(|c| half::f16::from_bits(le16(c)).to_f32()),
+                        );
+                    }
+                    done = out.len();
+                }
+                Tensor::from_vec(out, info.shape.as_slice(), device)
+            }
+        };
+        t.map_err(|e| e.to_string())
     }
 }
 
@@ -269,7 +353,7 @@ impl WeightFiles {
 
     /// Loads `name`, checks its shape, converts to the dtype of its rank.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.get_raw(name)?;
+        let t = self.get_raw(name, |_, rank| self.dtype_for(rank))?;
         if t.dims() != shape {
             return Err(PolicyError::ShapeMismatch {
                 path: self.path_of(name),
@@ -278,13 +362,12 @@ impl WeightFiles {
                 expected: shape.to_vec(),
             });
         }
-        Ok(t.to_dtype(self.dtype_for(t.rank()))?)
+        Ok(t)
     }
 
     /// Loads `name` whatever its shape, converted to the dtype of its rank.
     pub fn get_any_shape(&self, name: &str) -> Result<Tensor> {
-        let t = self.get_raw(name)?;
-        Ok(t.to_dtype(self.dtype_for(t.rank()))?)
+        self.get_raw(name, |_, rank| self.dtype_for(rank))
     }
 
     /// The first of `names` present (for checkpoints that differ by a prefix).
@@ -306,7 +389,7 @@ impl WeightFiles {
         }
     }
 
-    fn get_raw(&self, name: &str) -> Result<Tensor> {
+    fn get_raw(&self, name: &str, target: impl Fn(DType, usize) -> DType) -> Result<Tensor> {
         let Some(&i) = self.index.get(name) else {
             let hint = match self
                 .index
@@ -324,7 +407,7 @@ impl WeightFiles {
         };
         let shard = &self.shards[i];
         shard
-            .load(name, &self.device)
+            .load(name, &self.device, target)
             .map_err(|e| PolicyError::Safetensors {
                 path: shard.path.clone(),
                 msg: format!("tensor `{name}`: {e}"),
