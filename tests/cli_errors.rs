@@ -205,3 +205,72 @@ fn every_command_has_help() {
         assert!(stdout(&out).contains(flag), "{flag}");
     }
 }
+
+/// `--quantization`: an unknown kind lists the known ones; `rlft merge` refuses to write a
+/// quantized model (it merges into the base as stored); `logprobs` on an NF4 base runs and
+/// its log-probs move from the full-precision ones.
+#[test]
+fn quantization_flags() {
+    let model = fixture("llama");
+    let m = model.to_str().unwrap();
+    let err = fails(&[
+        "logprobs",
+        "--model",
+        m,
+        "--text",
+        "hi",
+        "--quantization",
+        "nf3",
+    ]);
+    assert!(
+        err.contains("--quantization") && err.contains("\"nf3\"") && err.contains("int8, nf4, fp4"),
+        "{err}"
+    );
+    let adapter = fixture("llama-lora");
+    let tmp = TempDir::new("merge-q");
+    let out = tmp.0.join("m");
+    let err = fails(&[
+        "merge",
+        "--model",
+        m,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quantization",
+        "nf4",
+    ]);
+    assert!(
+        err.contains("full-precision") && err.contains("drop --quantization"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing written");
+    let run = |q: &str| -> Vec<f64> {
+        let o = rlft(&[
+            "logprobs",
+            "--model",
+            m,
+            "--text",
+            "12+35=47",
+            "--json",
+            "--quantization",
+            q,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().next().unwrap())
+                .unwrap();
+        v["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let (full, nf4) = (run("none"), run("nf4"));
+    assert_eq!(full.len(), nf4.len());
+    assert!(
+        full.iter().zip(&nf4).any(|(a, b)| (a - b).abs() > 1e-4),
+        "{full:?} vs {nf4:?}"
+    );
+}

@@ -551,3 +551,41 @@ fn the_score_is_read_at_the_last_non_pad_token() {
     let c = read(&[with_eos, other], 0);
     assert!((c[0] - b[0]).abs() > 1e-4, "{c:?} vs {b:?}");
 }
+
+/// QLoRA for preferences: a reward model and DPO (from an SFT adapter, merged into the
+/// full-precision base and then quantized, the reference) train on an NF4 base: the losses
+/// fall, and DPO's first loss is exactly ln 2 (policy = reference on the quantized base).
+#[test]
+fn rm_and_dpo_learn_on_a_quantized_base() {
+    let q = [
+        "model.quantization=\"nf4\"",
+        "model.bnb_4bit_use_double_quant=true",
+    ];
+    let d = TempDir::new("rm-nf4");
+    let mut extra = q.to_vec();
+    extra.push("training.max_steps=24");
+    let cfg: RmConfig = config::load(None, &sets(&d.0, &extra)).unwrap();
+    rm::run(&cfg, &quiet()).unwrap();
+    let loss = series(&d.0, "train/loss");
+    let (first, last) = (
+        loss[..4].iter().sum::<f64>(),
+        loss[20..].iter().sum::<f64>(),
+    );
+    assert!(last < 0.7 * first, "rm on nf4: {loss:?}");
+
+    let d = TempDir::new("dpo-nf4");
+    let sft = format!(
+        "dpo.sft_adapter={:?}",
+        fixture("llama-lora").display().to_string()
+    );
+    let mut extra = q.to_vec();
+    extra.extend([sft.as_str(), "training.max_steps=16"]);
+    let cfg: DpoConfig = config::load(None, &sets(&d.0, &extra)).unwrap();
+    dpo::run(&cfg, &quiet()).unwrap();
+    let loss = series(&d.0, "train/loss");
+    assert!((loss[0] - std::f64::consts::LN_2).abs() < 1e-5, "{loss:?}");
+    assert!(
+        loss[12..].iter().sum::<f64>() < 0.8 * 4.0 * std::f64::consts::LN_2,
+        "dpo on nf4: {loss:?}"
+    );
+}

@@ -704,3 +704,71 @@ fn grpo_old_logprobs_from_the_update_equal_a_separate_pass() {
         "{t1:?} {t2:?}"
     );
 }
+
+/// QLoRA for RL: PPO on an NF4 base (policy and reference share the quantized weights) raises
+/// the reward, its first ratio is exactly 1 and the quantized base is unchanged; and a run
+/// from an SFT adapter gets the adapter merged into the full-precision base, then quantized
+/// once (the weights equal quantizing the merged model by hand).
+#[test]
+fn ppo_learns_on_a_quantized_base_and_an_sft_adapter_is_merged_before_quantizing() {
+    use rlft::policies::linear::LinearWeight;
+    use rlft::policies::quant::{QuantConfig, Quantization};
+    let tmp = TempDir::new("ppo-nf4");
+    let cfg = config(
+        &tmp.0,
+        "ppo",
+        &[
+            "model.quantization=\"nf4\"",
+            "model.bnb_4bit_use_double_quant=true",
+            "rl.kl_estimator=\"k3\"",
+            "rl.kl_coef=0.02",
+            "rl.num_mini_batches=2",
+            "training.learning_rate=3e-3",
+            "rl.verify_base_weights=true",
+        ],
+    );
+    run(&cfg, &default_registry(), &quiet()).unwrap();
+    let m = metrics(&tmp.0);
+    let scores = series(&m, "objective/scores");
+    let (first, last) = (mean(&scores[..5]), mean(&scores[25..]));
+    assert!(
+        last > first + 0.3,
+        "PPO on nf4: score {first:.3} → {last:.3}"
+    );
+    let check = |key: &str| m.iter().find_map(|r| r[key].as_bool()).unwrap();
+    assert!(check("check/first_ratio_exactly_one"));
+    assert!(check("check/base_weights_unchanged"));
+
+    let sft = fixture("llama-lora");
+    let (pre, _) =
+        rlft::train::stage::load_base(&cfg.model, &cfg.training, Some(sft.as_path())).unwrap();
+    let mut by_hand = Pretrained::load(&fixture("llama"), DType::F32, &Device::Cpu).unwrap();
+    Adapter::load(&sft, by_hand.model.as_ref())
+        .unwrap()
+        .merge_into(by_hand.model.as_mut())
+        .unwrap();
+    let q = QuantConfig {
+        kind: Quantization::Nf4,
+        double_quant: true,
+    };
+    rlft::policies::families::quantize_blocks(by_hand.model.as_mut(), q).unwrap();
+    let mut quantized = 0;
+    for (a, b) in pre.model.linears().iter().zip(by_hand.model.linears()) {
+        match (&a.weight, &b.weight) {
+            (LinearWeight::Quantized(x), LinearWeight::Quantized(y)) => {
+                assert_eq!(x.dequantize(), y.dequantize(), "{}", a.path);
+                quantized += 1;
+            }
+            (LinearWeight::Dense(x), LinearWeight::Dense(y)) => {
+                assert_eq!(a.path, "lm_head");
+                let (x, y): (Vec<f32>, Vec<f32>) = (
+                    x.flatten_all().unwrap().to_vec1().unwrap(),
+                    y.flatten_all().unwrap().to_vec1().unwrap(),
+                );
+                assert_eq!(x, y);
+            }
+            _ => panic!("{}: one quantized, one not", a.path),
+        }
+    }
+    assert_eq!(quantized, 14);
+}

@@ -156,6 +156,26 @@ fn qlora_on_a_quantized_base_learns_and_the_adapter_serves_the_full_precision_ba
                 "{m} on the {what} base: NLL {base:.3} → {tuned:.3}"
             );
         }
+        // `rlft merge` merges into the full-precision base and says the adapter was trained
+        // on a quantized one (its run's config.json).
+        let merged = tmp.0.join("merged");
+        let o = rlft(&[
+            "merge",
+            "--model",
+            fixture(m).to_str().unwrap(),
+            "--adapter",
+            out.output.to_str().unwrap(),
+            "--out",
+            merged.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let said = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(
+            said.contains(&format!("trained on a {} base", kind.name()))
+                && said.contains("full-precision"),
+            "{said}"
+        );
+        assert!(merged.join("model.safetensors").is_file());
         // In bf16 both hold a widening buffer per thread; the quantized blocks are smaller.
         let full = Pretrained::load(&fixture(m), DType::BF16, &Device::Cpu).unwrap();
         let quant = Pretrained::load_quantized(&fixture(m), DType::BF16, q, &Device::Cpu).unwrap();

@@ -21,6 +21,13 @@ pub struct Args {
     /// No progress bars.
     #[arg(long, global = true)]
     pub quiet: bool,
+    /// The base's dtype in every stage: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// The base's quantization in every stage: none, int8, nf4 or fp4 (4 bits with double
+    /// quantization, as QLoRA sets it).
+    #[arg(long, default_value = "none")]
+    pub quantization: String,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -41,10 +48,14 @@ pub fn run_cmd(args: Args) -> Result<()> {
         return build_base(&args.configs, work, out, args.quiet);
     }
     let s = run(&DemoOptions {
-        configs: args.configs.clone(),
-        out: args.out.clone(),
-        quick: args.quick,
-        quiet: args.quiet,
+        dtype: args.dtype.clone(),
+        quantization: args.quantization.clone(),
+        ..DemoOptions::new(
+            args.configs.clone(),
+            args.out.clone(),
+            args.quick,
+            args.quiet,
+        )
     })?;
     let secs = |k: &str| s.seconds.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
     println!();

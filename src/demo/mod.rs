@@ -27,6 +27,54 @@ pub struct DemoOptions {
     /// A shortened run (seconds): few steps, a sample of the held-out set.
     pub quick: bool,
     pub quiet: bool,
+    /// The base's dtype in every stage (`model.dtype`; f32 by default).
+    pub dtype: String,
+    /// The base's quantization in every stage (`model.quantization`; 4 bits with double
+    /// quantization, QLoRA's recipe): the stages, their reward model and the evaluation all
+    /// run on the quantized base.
+    pub quantization: String,
+}
+
+impl DemoOptions {
+    pub fn new(configs: PathBuf, out: PathBuf, quick: bool, quiet: bool) -> Self {
+        Self {
+            configs,
+            out,
+            quick,
+            quiet,
+            dtype: "f32".into(),
+            quantization: "none".into(),
+        }
+    }
+
+    /// The `model.*` settings every stage gets.
+    fn model_sets(&self) -> Vec<String> {
+        vec![
+            format!("model.dtype={:?}", self.dtype),
+            format!("model.quantization={:?}", self.quantization),
+            format!("model.bnb_4bit_use_double_quant={}", self.double_quant()),
+        ]
+    }
+
+    fn double_quant(&self) -> bool {
+        matches!(self.quantization.as_str(), "nf4" | "fp4")
+    }
+
+    fn quant(&self) -> Result<rlft_policies::quant::QuantConfig> {
+        crate::config::common::quant_config(&self.quantization, self.double_quant())
+            .map_err(|e| anyhow::anyhow!("--quantization: {e}"))
+    }
+
+    /// The base model as the stages load it.
+    fn load(&self, dir: &Path) -> Result<Pretrained> {
+        let dtype = rlft_policies::device::parse_dtype(&self.dtype)?;
+        Ok(Pretrained::load_quantized(
+            dir,
+            dtype,
+            self.quant()?,
+            &rlft_policies::candle_core::Device::Cpu,
+        )?)
+    }
 }
 
 /// What the demo measured (also written to `summary.json`).
@@ -149,6 +197,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     )?;
     task::write_jsonl(&data.join("pairs_eval.jsonl"), &eval_pairs)?;
     let mut seconds = serde_json::Map::new();
+    let model_sets = opts.model_sets();
 
     // Stage 1: SFT.
     let mut sft_sets = vec![
@@ -156,6 +205,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         format!("data.train_file={}", path_str(&data.join("sft.jsonl"))),
         format!("training.output_dir={}", path_str(&opts.out.join("sft"))),
     ];
+    sft_sets.extend(model_sets.iter().cloned());
     if opts.quick {
         sft_sets.push("training.max_steps=3".into());
     }
@@ -178,17 +228,14 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         format!("data.eval_file={}", path_str(&data.join("eval.jsonl"))),
         format!("training.output_dir={}", path_str(&opts.out.join("ppo"))),
     ];
+    ppo_sets.extend(model_sets.iter().cloned());
     if opts.quick {
         ppo_sets.push("training.max_steps=2".into());
     }
     let ppo_cfg: RlConfig = config::load(Some(&opts.configs.join("ppo.toml")), &ppo_sets)?;
     // Held-out accuracy of the base and of the SFT adapter (greedy, exact match).
     let t0 = Instant::now();
-    let base = Pretrained::load(
-        &base_dir,
-        rlft_policies::candle_core::DType::F32,
-        &rlft_policies::candle_core::Device::Cpu,
-    )?;
+    let base = opts.load(&base_dir)?;
     let base_accuracy = accuracy(&base, None, &ppo_cfg)?;
     let sft_adapter = Adapter::load(&sft.output, base.model.as_ref())?;
     let sft_accuracy = accuracy(&base, Some(&sft_adapter), &ppo_cfg)?;
@@ -205,12 +252,22 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     let ppo = run_ppo(&ppo_cfg)?;
     seconds.insert("ppo".into(), json!(t0.elapsed().as_secs_f64()));
     let t0 = Instant::now();
-    let mut merged = Pretrained::load(
-        &base_dir,
-        rlft_policies::candle_core::DType::F32,
-        &rlft_policies::candle_core::Device::Cpu,
-    )?;
-    sft_adapter.merge_into(merged.model.as_mut())?;
+    // The SFT model as the PPO stages' reference: the adapter merged into the full-precision
+    // base, then quantized when the base is (`stage::load_base`).
+    let full_precision = DemoOptions {
+        quantization: "none".into(),
+        dtype: opts.dtype.clone(),
+        ..DemoOptions::new(
+            opts.configs.clone(),
+            opts.out.clone(),
+            opts.quick,
+            opts.quiet,
+        )
+    };
+    let mut merged = full_precision.load(&base_dir)?;
+    let sft_on_merged = Adapter::load(&sft.output, merged.model.as_ref())?;
+    sft_on_merged.merge_into(merged.model.as_mut())?;
+    rlft_policies::families::quantize_blocks(merged.model.as_mut(), opts.quant()?)?;
     // A policy adapter on the SFT model: held-out exact match (the task's own reward, not a
     // learned one) and KL to the SFT model.
     let judge = |adapter: &Path| -> Result<(f64, f64)> {
@@ -233,6 +290,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         ),
         format!("training.output_dir={}", path_str(&opts.out.join("rm"))),
     ];
+    rm_sets.extend(model_sets.iter().cloned());
     if opts.quick {
         rm_sets.push("training.max_steps=2".into());
     }
@@ -262,6 +320,13 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
             .insert("path".into(), json!(rm.output.display().to_string()));
         r.options
             .insert("base".into(), json!(base_dir.display().to_string()));
+        r.options.insert("dtype".into(), json!(opts.dtype));
+        r.options
+            .insert("quantization".into(), json!(opts.quantization));
+        r.options.insert(
+            "bnb_4bit_use_double_quant".into(),
+            json!(opts.double_quant()),
+        );
     }
     let t0 = Instant::now();
     let ppo_rm = run_ppo(&ppo_rm_cfg)?;
@@ -274,6 +339,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         format!("data.train_file={}", path_str(&data.join("pairs.jsonl"))),
         format!("training.output_dir={}", path_str(&opts.out.join("dpo"))),
     ];
+    dpo_sets.extend(model_sets.iter().cloned());
     if opts.quick {
         dpo_sets.push("training.max_steps=2".into());
     }

@@ -70,11 +70,18 @@ pub fn load_base(
             .into_iter()
             .filter(|l| l.weight.is_quantized())
             .collect();
+        let bytes = blocks.iter().map(|l| l.weight.bytes()).sum::<usize>();
         tracing::info!(
-            "base quantized: {} linear weights in {} ({:.1} MB)",
+            "base quantized: {} linear weights in {} ({:.1} MB, {:.2} bytes a weight)",
             blocks.len(),
             quant.describe(),
-            blocks.iter().map(|l| l.weight.bytes()).sum::<usize>() as f64 / 1e6
+            bytes as f64 / 1e6,
+            bytes as f64
+                / blocks
+                    .iter()
+                    .map(|l| l.in_features() * l.out_features())
+                    .sum::<usize>()
+                    .max(1) as f64
         );
     }
     Ok((pre, device))
