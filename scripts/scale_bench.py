@@ -9,6 +9,8 @@
       (min_new_tokens = max_new_tokens), do_sample, temperature 1, no top-k / top-p, KV cache.
 
 --dtype bf16 loads the base in bfloat16 (PEFT keeps the adapter in float32, as rlft does); 2 threads.
+--quantization nf4|fp4|int8 loads it with bitsandbytes (BitsAndBytesConfig, 4-bit with double
+quantization, compute dtype --dtype) and, for W5, prepare_model_for_kbit_training: QLoRA.
 Warm-up steps (calls), then the median of --steps. Prints one JSON line with the keys of
 `rlft bench --json` (workload, seconds_per_step, tokens_per_s, samples_per_s, peak_rss_mb, ...), "impl":
 "pytorch", and other_procs_cpu_cores (CPU other processes used meanwhile; > ~0.2 on 2 cores = contended).
@@ -126,6 +128,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 2)))
+    ap.add_argument("--quantization", choices=["none", "int8", "nf4", "fp4"], default="none",
+                    help="the base in bitsandbytes' k bits (QLoRA; 4-bit with double quantization)")
     a = ap.parse_args()
     if a.gc and a.workload != "W5":
         ap.error("--gc applies to W5 only")
@@ -138,11 +142,27 @@ def main():
         pass
     from transformers import AutoModelForCausalLM
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16 if a.dtype == "bf16" else torch.float32)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    kw = {}
+    if a.quantization != "none":
+        # QLoRA's recipe: the frozen base in bitsandbytes' k bits (4-bit with double
+        # quantization), computing in --dtype; W5 then prepares it for k-bit training.
+        from transformers import BitsAndBytesConfig
+        kw["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True) if a.quantization == "int8" else
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=a.quantization,
+                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+        kw["device_map"] = "cpu"
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, **kw)
+    if a.quantization != "none" and a.workload == "W5":
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=a.gc)
     load_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
     v = (w5 if a.workload == "W5" else w6)(model, a)
     v.update(load_s=load_s, params=n_params, peak_rss_mb=round(peak_rss_mb(), 1), dtype=a.dtype, device="cpu",
+             quantization=(a.quantization + " (double quantization)" if a.quantization.endswith("4")
+                           else a.quantization),
              shape=a.model, model_type=model.config.model_type, impl="pytorch", torch=torch.__version__,
              threads=torch.get_num_threads(), other_procs_cpu_cores=other_procs_cpu_cores())
     v.setdefault("gradient_checkpointing", False)

@@ -7,7 +7,10 @@
 # usage: scripts/side_by_side_scale.sh PEER_VENV [WORK] [MODEL_DIR]
 #   PEER_VENV  a venv with torch, transformers, peft (e.g. from ../shared/peer/setup.sh)
 #   WORK       scratch folder (default: $TMPDIR/rlft-scale); the model and the JSON lines go here
-# env: ROWS   the rows to run (default: all), from W5-f32 W5-bf16 W5-f32-gc W5-bf16-gc W6-f32 W6-bf16
+# env: ROWS   the rows to run (default: all), from W5-f32 W5-bf16 W5-f32-gc W5-bf16-gc W6-f32 W6-bf16;
+#             a k-bit base (QLoRA, issue 15) by a suffix: W5-bf16-gc-nf4, W5-f32-nf4, W6-bf16-nf4 (rlft
+#             --quantization, PyTorch bitsandbytes + prepare_model_for_kbit_training; 4-bit with double
+#             quantization)
 #      STEPS  measured steps / generate calls per row after one warm-up (default 3)
 #      SIDES  which sides to run (default: "rlft pytorch")
 #      PT_BF16_STEPS  measured steps of the PyTorch bf16 rows, without a warm-up (default: STEPS after
@@ -55,13 +58,18 @@ a = b(); time.sleep(10); print((b() - a) / os.sysconf("SC_CLK_TCK") / 10)')
     done
 }
 for row in $ROWS; do
-    IFS=- read -r w dtype gc <<< "$row"
+    IFS=- read -r w dtype rest <<< "$row"
+    gc=""; q=none
+    for part in ${rest//-/ }; do
+        case "$part" in gc) gc=gc ;; int8|nf4|fp4) q=$part ;; esac
+    done
     rargs=(bench --workload "$w" --dtype "$dtype" --model "$MODEL" --steps "$STEPS" --json --work "$WORK")
     pargs=("$MODEL" --workload "$w" --dtype "$dtype" --steps "$STEPS")
     if [ "$dtype" = bf16 ] && [ -n "${PT_BF16_STEPS:-}" ]; then
         pargs=("$MODEL" --workload "$w" --dtype "$dtype" --steps "$PT_BF16_STEPS" --warmup 0)
     fi
     if [ "$gc" = gc ]; then rargs+=(--gradient-checkpointing); pargs+=(--gc); fi
+    if [ "$q" != none ]; then rargs+=(--quantization "$q"); pargs+=(--quantization "$q"); fi
     for side in $SIDES; do
         if [ "$side" = rlft ]; then cmd=($RLFT "${rargs[@]}"); else cmd=($PY scripts/scale_bench.py "${pargs[@]}"); fi
         quiet

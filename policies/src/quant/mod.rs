@@ -333,6 +333,8 @@ fn double_quantize(absmax: &[f32]) -> Absmax {
 /// - the scalar tail is summed first, then the 8 lanes in order.
 ///
 /// On an AVX-512 build torch sums 16 lanes; its offset can then differ in the last bit.
+// Index loops, as ATen's, so the order of every addition can be read against it.
+#[allow(clippy::needless_range_loop)]
 fn torch_sum_f32(v: &[f32]) -> f32 {
     const LANES: usize = 8;
     const ILP: usize = 4;

@@ -294,7 +294,8 @@ fn quantized_logprobs_equal_transformers_with_bitsandbytes() {
                 let want: Vec<Vec<f32>> =
                     serde_json::from_value(reference[name][key][which].clone()).unwrap();
                 for (row, want) in ids.iter().zip(&want) {
-                    let input = BatchInput::left_padded(&[row.clone()], 0, &Device::Cpu).unwrap();
+                    let input = BatchInput::left_padded(std::slice::from_ref(row), 0, &Device::Cpu)
+                        .unwrap();
                     let ctx = ForwardCtx::inference(adapter);
                     let got: Vec<f32> = token_logprobs(model.as_ref(), &input, &ctx, 1.0)
                         .unwrap()
@@ -313,50 +314,4 @@ fn quantized_logprobs_equal_transformers_with_bitsandbytes() {
         }
     }
     eprintln!("max |Δ log p| vs transformers + bitsandbytes (no double quantization): {worst:.2e}");
-}
-
-/// Timing probe (not a test of speed): `cargo test --release -p rlft-policies probe -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn probe_decode_product_speed() {
-    use std::time::Instant;
-    let (n, k, m) = (4864, 896, 8);
-    let w: Vec<f32> = (0..n * k)
-        .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-4)
-        .collect();
-    let x: Vec<f32> = (0..m * k)
-        .map(|i| ((i * 31 % 97) as f32 - 48.0) * 1e-2)
-        .collect();
-    let q = QuantWeight::quantize(&w, n, k, cfg((Quantization::Nf4, true))).unwrap();
-    let wb = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::BF16)
-        .unwrap();
-    let mut buf = vec![0f32; n * k];
-    let (mut bq, mut bb) = (f64::MAX, f64::MAX);
-    for _ in 0..10 {
-        let t = Instant::now();
-        for _ in 0..20 {
-            std::hint::black_box(q.matmul_t(&x, m));
-        }
-        let tq = t.elapsed().as_secs_f64() / 20.0;
-        let t = Instant::now();
-        for _ in 0..20 {
-            std::hint::black_box(crate::ops::half_weight::matmul_t(&x, m, k, &wb).unwrap());
-        }
-        let tb = t.elapsed().as_secs_f64() / 20.0;
-        let t = Instant::now();
-        for _ in 0..20 {
-            crate::ops::half_weight::RowSource::widen(&q, 0, &mut buf);
-        }
-        let td = t.elapsed().as_secs_f64() / 20.0;
-        let _ = td;
-        bq = bq.min(tq);
-        bb = bb.min(tb);
-    }
-    eprintln!(
-        "best of 10: nf4 {:.3} ms, bf16 {:.3} ms",
-        bq * 1e3,
-        bb * 1e3
-    );
 }
