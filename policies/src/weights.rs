@@ -152,69 +152,51 @@ impl Shard {
         }
         // Read and converted a chunk at a time: an f32 embedding loaded into bf16 never
         // exists whole in f32 (its raw bytes alone would be twice the bf16 table).
-        let mut chunk = vec![0u8; (CONVERT_CHUNK * dtype.size_in_bytes()).min(end - start)];
-        fn read<'c>(
-            f: &mut File,
-            chunk: &'c mut [u8],
-            remaining: usize,
-        ) -> std::result::Result<&'c [u8], String> {
-            let len = remaining.min(chunk.len());
-            f.read_exact(&mut chunk[..len])
-                .map_err(|e| format!("reading its bytes: {e}"))?;
-            Ok(&chunk[..len])
-        }
         let size = dtype.size_in_bytes();
+        let shape = info.shape.as_slice();
+        let f = &mut *f;
         let le16 = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
         let le32 = |b: &[u8]| f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        let mut done = 0;
+        use half::{bf16, f16};
         let t = match (dtype, target) {
-            (DType::F32, DType::BF16) | (DType::F32, DType::F16) => {
-                let mut out: Vec<u16> = Vec::with_capacity(numel);
-                while done < numel {
-                    let b = read(&mut f, &mut chunk, (numel - done) * size)?;
-                    if target == DType::BF16 {
-                        out.extend(
-                            b.chunks_exact(4)
-                                .map(|c| half::bf16::from_f32(le32(c)).to_bits()),
-                        );
-                    } else {
-                        out.extend(
-                            b.chunks_exact(4)
-                                .map(|c| half::f16::from_f32(le32(c)).to_bits()),
-                        );
-                    }
-                    done = out.len();
-                }
-                if target == DType::BF16 {
-                    let v: Vec<half::bf16> = out.into_iter().map(half::bf16::from_bits).collect();
-                    Tensor::from_vec(v, info.shape.as_slice(), device)
-                } else {
-                    let v: Vec<half::f16> = out.into_iter().map(half::f16::from_bits).collect();
-                    Tensor::from_vec(v, info.shape.as_slice(), device)
-                }
+            (DType::F32, DType::BF16) => {
+                let v = read_converted(f, numel, size, |c| bf16::from_f32(le32(c)))?;
+                Tensor::from_vec(v, shape, device)
+            }
+            (DType::F32, _) => {
+                let v = read_converted(f, numel, size, |c| f16::from_f32(le32(c)))?;
+                Tensor::from_vec(v, shape, device)
+            }
+            (DType::BF16, _) => {
+                let v = read_converted(f, numel, size, |c| bf16::from_bits(le16(c)).to_f32())?;
+                Tensor::from_vec(v, shape, device)
             }
             _ => {
-                let mut out: Vec<f32> = Vec::with_capacity(numel);
-                while done < numel {
-                    let b = read(&mut f, &mut chunk, (numel - done) * size)?;
-                    if dtype == DType::BF16 {
-                        out.extend(
-                            b.chunks_exact(2)
-                                .map(|c| half::bf16::from_bits(le16(c)).to_f32()),
-                        );
-                    } else {
-                        out.extend(
-                            b.chunks_exact(2)
-                                .map(|c| half::f16::from_bits(le16(c)).to_f32()),
-                        );
-                    }
-                    done = out.len();
-                }
-                Tensor::from_vec(out, info.shape.as_slice(), device)
+                let v = read_converted(f, numel, size, |c| f16::from_bits(le16(c)).to_f32())?;
+                Tensor::from_vec(v, shape, device)
             }
         };
         t.map_err(|e| e.to_string())
     }
+}
+
+/// `numel` values of `size` bytes each read from `f`'s position, [`CONVERT_CHUNK`] at a time,
+/// each converted by `convert` from its little-endian bytes.
+fn read_converted<T>(
+    f: &mut File,
+    numel: usize,
+    size: usize,
+    convert: impl Fn(&[u8]) -> T,
+) -> std::result::Result<Vec<T>, String> {
+    let mut out = Vec::with_capacity(numel);
+    let mut chunk = vec![0u8; CONVERT_CHUNK.min(numel) * size];
+    while out.len() < numel {
+        let len = ((numel - out.len()) * size).min(chunk.len());
+        f.read_exact(&mut chunk[..len])
+            .map_err(|e| format!("reading its bytes: {e}"))?;
+        out.extend(chunk[..len].chunks_exact(size).map(&convert));
+    }
+    Ok(out)
 }
 
 impl WeightFiles {
@@ -412,5 +394,72 @@ impl WeightFiles {
                 path: shard.path.clone(),
                 msg: format!("tensor `{name}`: {e}"),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reading a tensor into another float dtype a chunk at a time gives candle's own
+    /// conversion of the whole tensor, bit for bit: f32 → bf16 / f16, and bf16 / f16 → f32
+    /// (a file written here in half precision), a chunk boundary inside the tensor included.
+    #[test]
+    fn chunked_conversion_equals_candles_to_dtype() {
+        let dev = Device::Cpu;
+        let n = CONVERT_CHUNK + 1000;
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 10007) as f32 - 5003.0) * 1.37e-3)
+            .collect();
+        let t = Tensor::from_vec(v, (n / 8, 8), &dev).unwrap();
+        let dir = std::env::temp_dir().join(format!("rlft-weights-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            match t.dtype() {
+                DType::F32 => t
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect(),
+                DType::BF16 => t
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<half::bf16>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits() as u32)
+                    .collect(),
+                _ => t
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<half::f16>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits() as u32)
+                    .collect(),
+            }
+        };
+        for (stored, kept) in [
+            (DType::F32, DType::BF16),
+            (DType::F32, DType::F16),
+            (DType::BF16, DType::F32),
+            (DType::F16, DType::F32),
+        ] {
+            let file = t.to_dtype(stored).unwrap();
+            let map = HashMap::from([("w".to_string(), file.clone())]);
+            candle_core::safetensors::save(&map, dir.join("model.safetensors")).unwrap();
+            let w = WeightFiles::open(&dir, kept, &dev).unwrap();
+            let got = w.get("w", &[n / 8, 8]).unwrap();
+            assert_eq!(got.dtype(), kept);
+            assert_eq!(
+                bits(&got),
+                bits(&file.to_dtype(kept).unwrap()),
+                "{stored:?} → {kept:?}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 }
