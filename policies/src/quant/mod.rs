@@ -326,25 +326,40 @@ fn double_quantize(absmax: &[f32]) -> Absmax {
 
 /// `torch.sum` of a contiguous f32 vector on the CPU, in its order (ATen's `SumKernel.cpp`,
 /// AVX2 build: 8-lane vectors), so that the double quantization's offset `absmax.mean()`
-/// (= sum / n) has bitsandbytes' last bit, which decides some absmax codes:
-/// - the `n / 8` vectors are summed lane-wise as rows of 4 vectors (`row_sum`, ILP 4), each
-///   of the 4 columns in a cascade of 4 levels that flushes every 16 rows (`multi_row_sum`),
-///   leftover vectors into column 0, then columns 1–3 into column 0;
-/// - the scalar tail is summed first, then the 8 lanes in order.
-///
-/// On an AVX-512 build torch sums 16 lanes; its offset can then differ in the last bit.
-// Index loops, as ATen's, so the order of every addition can be read against it.
-#[allow(clippy::needless_range_loop)]
+/// (= sum / n) has bitsandbytes' last bit, which decides some absmax codes: the `n / 8`
+/// vectors summed lane-wise by [`row_sum`], then the scalar tail, then the 8 lanes in order;
+/// fewer than 8 values by [`row_sum`] on scalars. On an AVX-512 build torch sums 16 lanes; its
+/// offset can then differ in the last bit.
 fn torch_sum_f32(v: &[f32]) -> f32 {
     const LANES: usize = 8;
+    if v.len() < LANES {
+        return row_sum::<1>(v)[0];
+    }
+    let vecs = v.len() / LANES;
+    let lanes = row_sum::<LANES>(&v[..vecs * LANES]);
+    let mut total = 0f32;
+    for &x in &v[vecs * LANES..] {
+        total += x;
+    }
+    for lane in lanes {
+        total += lane;
+    }
+    total
+}
+
+/// ATen's `row_sum` over `v` read as vectors of `L` lanes (`v.len()` a multiple of `L`),
+/// lane-wise: rows of 4 vectors (ILP 4), each of the 4 columns summed in a cascade of 4
+/// levels that flushes every 2^p rows (`multi_row_sum`, p = max(4, ⌈log2 rows⌉ / 4)), the
+/// leftover vectors into column 0, then columns 1–3 into column 0.
+// Index loops, as ATen's, so the order of every addition can be read against it.
+#[allow(clippy::needless_range_loop)]
+fn row_sum<const L: usize>(v: &[f32]) -> [f32; L] {
     const ILP: usize = 4;
     const LEVELS: usize = 4;
-    type Lanes = [f32; LANES];
-    let add = |a: &mut Lanes, b: &Lanes| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-    let vector = |i: usize| -> Lanes { std::array::from_fn(|l| v[i * LANES + l]) };
-    let vecs = v.len() / LANES;
+    let add = |a: &mut [f32; L], b: &[f32; L]| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+    let vector = |i: usize| -> [f32; L] { std::array::from_fn(|l| v[i * L + l]) };
+    let vecs = v.len() / L;
     let rows = vecs / ILP;
-    // multi_row_sum: a cascade per column; level_power = max(4, ⌈log2 rows⌉ / 4).
     let ceil_log2 = if rows <= 1 {
         0
     } else {
@@ -353,7 +368,7 @@ fn torch_sum_f32(v: &[f32]) -> f32 {
     let power = (ceil_log2 / LEVELS).max(4);
     let step = 1usize << power;
     let mask = step - 1;
-    let mut acc = [[[0f32; LANES]; ILP]; LEVELS];
+    let mut acc = [[[0f32; L]; ILP]; LEVELS];
     let mut i = 0;
     while i + step <= rows {
         for _ in 0..step {
@@ -366,7 +381,7 @@ fn torch_sum_f32(v: &[f32]) -> f32 {
             for k in 0..ILP {
                 let lower = acc[j - 1][k];
                 add(&mut acc[j][k], &lower);
-                acc[j - 1][k] = [0.0; LANES];
+                acc[j - 1][k] = [0.0; L];
             }
             if i & (mask << (j * power)) != 0 {
                 break;
@@ -384,7 +399,6 @@ fn torch_sum_f32(v: &[f32]) -> f32 {
             add(&mut acc[0][k], &upper);
         }
     }
-    // row_sum: the leftover vectors into column 0, then the other columns.
     let mut sums = acc[0];
     for r in rows * ILP..vecs {
         add(&mut sums[0], &vector(r));
@@ -393,15 +407,7 @@ fn torch_sum_f32(v: &[f32]) -> f32 {
         let col = sums[k];
         add(&mut sums[0], &col);
     }
-    // vectorized_inner_sum: the scalar tail, then the lanes.
-    let mut total = 0f32;
-    for &x in &v[vecs * LANES..] {
-        total += x;
-    }
-    for lane in sums[0] {
-        total += lane;
-    }
-    total
+    sums[0]
 }
 
 /// A `[rows, cols]` weight in 8 bits, row-wise absmax (bitsandbytes' `int8_vectorwise_quant`

@@ -247,3 +247,37 @@ fn quantized_products_equal_products_with_the_dequantized_weight() {
         }
     }
 }
+
+/// The double quantization's offset is `torch.sum(absmax) / n` with torch's CPU summation
+/// order: vectors of 1 to 4,096 values summed as torch sums them on this CPU
+/// (`tests/fixtures/kbit/logprobs.json`, `torch_sums`), bit for bit; the plain left-to-right
+/// sum differs on some of them.
+#[test]
+fn the_offset_sums_as_torch_does() {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/kbit/logprobs.json");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let mut plain_differs = 0;
+    for case in v["torch_sums"].as_array().unwrap() {
+        let xs: Vec<f32> = case["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let want = case["sum"].as_f64().unwrap() as f32;
+        let got = super::torch_sum_f32(&xs);
+        assert_eq!(
+            got.to_bits(),
+            want.to_bits(),
+            "n = {}: {got} vs torch {want}",
+            xs.len()
+        );
+        let plain: f32 = xs.iter().sum();
+        plain_differs += (plain.to_bits() != want.to_bits()) as usize;
+    }
+    assert!(
+        plain_differs > 0,
+        "the fixture does not tell the orders apart"
+    );
+}
