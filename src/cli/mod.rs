@@ -12,7 +12,7 @@ mod preference;
 mod rl;
 mod sft;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::ffi::OsString;
 use std::process::ExitCode;
 
@@ -53,6 +53,27 @@ enum Command {
     Dpo(preference::Args),
     /// Per-pair log-probs (policy and reference), DPO losses and reward-model scores.
     Pairs(pairs::Args),
+    /// Print a shell completion script: `rlft completions bash > ~/.local/share/bash-completion/completions/rlft`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `rlft --version`: the version, whether the build has CUDA, and the CPU features the
+/// kernels detected at run time (`avx2`, `fma`, `f16c`, …; rlft picks its kernels by them).
+pub fn version_line() -> String {
+    let cuda = if cfg!(feature = "cuda") { "yes" } else { "no" };
+    let cpu = crate::bench::cpu_features();
+    format!(
+        "{} (cuda: {cuda}; CPU features: {})",
+        env!("CARGO_PKG_VERSION"),
+        if cpu.is_empty() {
+            "none detected".to_string()
+        } else {
+            cpu.join(", ")
+        }
+    )
 }
 
 /// Parses `args`, runs the command, and turns any error into a message and exit code 1
@@ -72,7 +93,14 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let cli = match Cli::try_parse_from(args) {
+    // The version line is built at run time (the CPU's features): leaked once, as clap
+    // keeps a `&'static str`.
+    let version: &'static str = Box::leak(version_line().into_boxed_str());
+    let parsed = Cli::command()
+        .version(version)
+        .try_get_matches_from(args)
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -97,6 +125,10 @@ where
         Command::Rm(a) => preference::run_rm(a),
         Command::Dpo(a) => preference::run_dpo(a),
         Command::Pairs(a) => pairs::run(a),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "rlft", &mut std::io::stdout());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
