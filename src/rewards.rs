@@ -68,8 +68,12 @@ impl RewardModel {
             "batch_size",
             "quantization",
             "bnb_4bit_use_double_quant",
+            "revision",
         ])?;
-        let path = PathBuf::from(o.required_str("path")?);
+        // A folder, or a Hub id in the local Hugging Face cache.
+        let revision = o.str_or("revision", "main")?;
+        let path = rlft_policies::hub::resolve(&PathBuf::from(o.required_str("path")?), &revision)
+            .map_err(|e| bad("path", e))?;
         let dtype = parse_dtype(&o.str_or("dtype", "f32")?).map_err(|e| bad("dtype", e))?;
         let device = parse_device(&o.str_or("device", "cpu")?).map_err(|e| bad("device", e))?;
         let quant = crate::config::common::quant_config(
@@ -223,6 +227,7 @@ fn load_adapter_form(
             }
         }
     };
+    let base = rlft_policies::hub::resolve(&base, "main").map_err(|e| bad("base", e))?;
     let pre =
         Pretrained::load_quantized(&base, dtype, quant, device).map_err(|e| bad("base", e))?;
     let adapter = Adapter::load(path, pre.model.as_ref()).map_err(|e| bad("path", e))?;

@@ -306,9 +306,12 @@ impl Stage for SftStage<'_> {
     }
 
     fn finish(&mut self, _step: u64) -> Result<PathBuf> {
+        // The folder the base was read from (a Hub id's cached snapshot): its config and
+        // tokenizer files go with a saved model.
+        let base_dir = self.pre.dir.clone();
         self.trainable.save_final(
             self.pre.model.as_mut(),
-            &self.cfg.model.path,
+            &base_dir,
             &self.cfg.training.output_dir,
         )
     }

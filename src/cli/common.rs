@@ -9,10 +9,15 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct ModelArgs {
-    /// A Hugging Face model folder (config.json, model.safetensors, tokenizer.json, …).
+    /// A Hugging Face model folder (config.json, model.safetensors, tokenizer.json, …), or a
+    /// Hub id (`org/name`) in the local Hugging Face cache.
     #[arg(long)]
     pub model: PathBuf,
-    /// A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors).
+    /// The Hub id's revision (branch, tag or commit hash).
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+    /// A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors), or a Hub
+    /// id in the cache.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// f32, bf16 or f16.
@@ -41,13 +46,19 @@ impl ModelArgs {
         let dtype = parse_dtype(&self.dtype)?;
         let device = parse_device(&self.device)?;
         let quant = self.quant_config()?;
-        let pre = Pretrained::load_quantized(&self.model, dtype, quant, &device)
+        let dir = rlft_policies::hub::resolve(&self.model, &self.revision)
+            .with_context(|| format!("--model {}", self.model.display()))?;
+        let pre = Pretrained::load_quantized(&dir, dtype, quant, &device)
             .with_context(|| format!("loading model {}", self.model.display()))?;
         let adapter = match &self.adapter {
-            Some(dir) => Some(
-                Adapter::load(dir, pre.model.as_ref())
-                    .with_context(|| format!("loading adapter {}", dir.display()))?,
-            ),
+            Some(a) => {
+                let dir = rlft_policies::hub::resolve(a, "main")
+                    .with_context(|| format!("--adapter {}", a.display()))?;
+                Some(
+                    Adapter::load(&dir, pre.model.as_ref())
+                        .with_context(|| format!("loading adapter {}", a.display()))?,
+                )
+            }
             None => None,
         };
         Ok((pre, adapter))

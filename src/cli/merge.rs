@@ -25,6 +25,9 @@ pub fn run(args: Args) -> Result<()> {
     let adapter = adapter.context("rlft merge needs --adapter")?;
     adapter.merge_into(pre.model.as_mut())?;
     let pad = crate::rewards::score_pad_id(&pre);
+    // The folder the base was read from (a Hub id's cached snapshot) gives the config and
+    // tokenizer files.
+    let base_dir = pre.dir.clone();
     // A reward-model adapter (`rlft rm`: SEQ_CLS with a `score` head) merges into a
     // `…ForSequenceClassification` folder; a causal-LM adapter into a causal LM.
     match adapter.head("score") {
@@ -32,10 +35,10 @@ pub fn run(args: Args) -> Result<()> {
             pre.model.as_mut(),
             score.as_tensor(),
             pad,
-            &args.model.model,
+            &base_dir,
             &args.out,
         ),
-        None => save_pretrained(pre.model.as_mut(), &args.model.model, &args.out),
+        None => save_pretrained(pre.model.as_mut(), &base_dir, &args.out),
     }
     .with_context(|| format!("writing {}", args.out.display()))?;
     let adapter_dir = args.model.adapter.clone().unwrap_or_default();

@@ -14,8 +14,11 @@ use crate::train::trainable::Mode;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
-    /// A Hugging Face model folder.
+    /// A Hugging Face model folder, or a Hub id (`org/name`) found in the local Hugging Face
+    /// cache (`policies::hub`); a folder of that name wins.
     pub path: PathBuf,
+    /// The Hub id's revision: a branch or tag (`refs/<revision>` in the cache) or a commit hash.
+    pub revision: String,
     /// f32 | bf16 | f16.
     pub dtype: String,
     /// cpu | cuda | cuda:N.
@@ -34,6 +37,7 @@ impl Default for ModelSection {
     fn default() -> Self {
         Self {
             path: PathBuf::new(),
+            revision: "main".into(),
             dtype: "f32".into(),
             device: "cpu".into(),
             max_seq_len: 512,

@@ -327,11 +327,12 @@ impl Stage for RmStage<'_> {
         }
         let dir = out.join("model");
         let pad = self.pad;
+        let base_dir = self.pre.dir.clone();
         save_pretrained_classifier(
             self.pre.model.as_mut(),
             self.score.as_tensor(),
             pad,
-            &self.cfg.model.path,
+            &base_dir,
             &dir,
         )?;
         Ok(dir)

@@ -57,10 +57,14 @@ pub fn load_base(
     } else {
         quant
     };
-    let mut pre = Pretrained::load_quantized(&model.path, dtype, at_load, &device)
+    let dir = rlft_policies::hub::resolve(&model.path, &model.revision)
+        .with_context(|| format!("model.path {}", model.path.display()))?;
+    let mut pre = Pretrained::load_quantized(&dir, dtype, at_load, &device)
         .with_context(|| format!("loading model {}", model.path.display()))?;
     if let Some(sft) = sft {
-        merge_sft_adapter(&mut pre, sft)?;
+        let sft = rlft_policies::hub::resolve(sft, "main")
+            .with_context(|| format!("sft_adapter {}", sft.display()))?;
+        merge_sft_adapter(&mut pre, &sft)?;
         rlft_policies::families::quantize_blocks(pre.model.as_mut(), quant)?;
     }
     if !quant.is_none() {
