@@ -14,6 +14,7 @@ pub mod rl;
 pub mod runtime;
 pub mod sft;
 pub mod telemetry;
+pub mod tensorboard;
 pub mod train;
 
 pub use rlft_policies as policies;

@@ -24,6 +24,11 @@ thread_local! {
     static SINK: std::cell::RefCell<Option<std::io::BufWriter<std::fs::File>>> =
         const { std::cell::RefCell::new(None) };
 }
+thread_local! {
+    /// The run's TensorBoard event file, when `training.report_to` asks for one.
+    static TENSORBOARD: std::cell::RefCell<Option<crate::tensorboard::EventWriter>> =
+        const { std::cell::RefCell::new(None) };
+}
 static PROGRESS: Mutex<Option<ProgressBar>> = Mutex::new(None);
 
 /// Installs the global subscriber (once; later calls do nothing).
@@ -60,6 +65,14 @@ pub fn open_metrics(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Also writes every metric event with a `step` to a TensorBoard event file in `dir`, its
+/// numeric fields as scalars under their names, until [`close_metrics`].
+pub fn open_tensorboard(dir: &Path) -> std::io::Result<()> {
+    let w = crate::tensorboard::EventWriter::create(dir)?;
+    TENSORBOARD.with(|t| *t.borrow_mut() = Some(w));
+    Ok(())
+}
+
 /// Records that the run failed (`{"status": "failed", "error": …}`) if a metrics file is
 /// open on this thread, then closes it. The dashboard shows the run as failed.
 pub fn mark_failed(error: &str) {
@@ -76,6 +89,7 @@ pub fn close_metrics() {
             let _ = w.flush();
         }
     });
+    TENSORBOARD.with(|t| t.borrow_mut().take());
 }
 
 /// A progress bar on stderr, hidden when `quiet` or stderr is not a terminal.
@@ -155,9 +169,30 @@ impl<S: tracing::Subscriber> Layer<S> for MetricsLayer {
             let Some(w) = sink.as_mut() else { return };
             let mut v = JsonVisitor(serde_json::Map::new());
             event.record(&mut v);
-            let line = serde_json::Value::Object(v.0).to_string();
             // A line is written whole and flushed, so readers never see half of one.
-            let _ = writeln!(w, "{line}").and_then(|_| w.flush());
+            let _ =
+                writeln!(w, "{}", serde_json::Value::Object(v.0.clone())).and_then(|_| w.flush());
+            TENSORBOARD.with(|t| {
+                let mut t = t.borrow_mut();
+                let (Some(tb), Some(step)) = (t.as_mut(), v.0.get("step").and_then(|s| s.as_i64()))
+                else {
+                    return;
+                };
+                // Numbers (booleans as 0/1) under their rlft names; the step is the x axis.
+                let scalars: Vec<(String, f32)> = v
+                    .0
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != "step")
+                    .filter_map(|(k, x)| match x {
+                        serde_json::Value::Number(n) => n.as_f64().map(|f| (k.clone(), f as f32)),
+                        serde_json::Value::Bool(b) => Some((k.clone(), *b as u8 as f32)),
+                        _ => None,
+                    })
+                    .collect();
+                if let Err(e) = tb.scalars(step, &scalars) {
+                    eprintln!("warning: writing {}: {e}", tb.path().display());
+                }
+            });
         });
     }
 }

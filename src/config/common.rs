@@ -257,6 +257,9 @@ pub struct TrainingSection {
     /// Per-block activation recompute in every training pass (transformers'
     /// `gradient_checkpointing`): only block inputs are kept through the forward.
     pub gradient_checkpointing: bool,
+    /// Where metrics go besides `metrics.jsonl` (TRL's key): `[]`/`["none"]`, or
+    /// `["tensorboard"]` (event files under `output_dir/runs/`).
+    pub report_to: Vec<String>,
 }
 
 impl Default for TrainingSection {
@@ -285,12 +288,20 @@ impl Default for TrainingSection {
             output_dir: PathBuf::from("runs/sft"),
             max_bad_steps: 5,
             gradient_checkpointing: false,
+            report_to: Vec::new(),
         }
     }
 }
 
 impl TrainingSection {
     pub fn validate(&self) -> Result<()> {
+        if let Some(r) = self
+            .report_to
+            .iter()
+            .find(|r| !matches!(r.as_str(), "tensorboard" | "none"))
+        {
+            bail!("training.report_to: {r:?} is not supported; supported: \"tensorboard\" (and \"none\"); metrics.jsonl is always written");
+        }
         if self.max_bad_steps == 0 {
             bail!("training.max_bad_steps must be at least 1 (the bad steps in a row that stop a run)");
         }

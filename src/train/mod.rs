@@ -98,6 +98,11 @@ pub fn open_run(
     let metrics = t.output_dir.join("metrics.jsonl");
     crate::telemetry::open_metrics(&metrics)
         .with_context(|| format!("opening {}", metrics.display()))?;
+    if t.report_to.iter().any(|r| r == "tensorboard") {
+        let runs = t.output_dir.join("runs");
+        crate::telemetry::open_tensorboard(&runs)
+            .with_context(|| format!("opening a TensorBoard event file in {}", runs.display()))?;
+    }
     Ok(checkpoint::Checkpointer {
         output_dir: t.output_dir.clone(),
         save_total_limit: t.save_total_limit,
