@@ -138,7 +138,7 @@ pub fn crc32c(data: &[u8]) -> u32 {
 /// TensorFlow's masked CRC: `((c >> 15) | (c << 17)) + 0xa282ead8`.
 pub fn masked_crc32c(data: &[u8]) -> u32 {
     let c = crc32c(data);
-    ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)
+    c.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ fn masked_crc(data: &[u8]) -> u32 {
         }
     }
     let c = !c;
-    ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)
+    c.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 fn varint(b: &[u8], i: &mut usize) -> u64 {
