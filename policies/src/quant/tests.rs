@@ -266,7 +266,7 @@ fn the_offset_sums_as_torch_does() {
             .map(|x| x.as_f64().unwrap() as f32)
             .collect();
         let want = case["sum"].as_f64().unwrap() as f32;
-        let got = super::torch_sum_f32(&xs);
+        let got = super::four_bit::torch_sum_f32(&xs);
         assert_eq!(
             got.to_bits(),
             want.to_bits(),
