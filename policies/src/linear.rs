@@ -35,6 +35,22 @@ impl LinearWeight {
         }
     }
 
+    /// A weight tensor `[out, in]` held as `cfg` says: the tensor itself for `none`, else its
+    /// codes, quantized from its values in its own dtype (as bitsandbytes quantizes the weight
+    /// transformers loaded).
+    pub fn from_tensor(w: Tensor, cfg: crate::quant::QuantConfig) -> Result<Self> {
+        if cfg.is_none() {
+            return Ok(LinearWeight::Dense(w));
+        }
+        let (n, k) = w.dims2()?;
+        let v: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        drop(w);
+        Ok(match QuantWeight::quantize(&v, n, k, cfg) {
+            Some(q) => LinearWeight::Quantized(Arc::new(q)),
+            None => unreachable!("cfg is not none"),
+        })
+    }
+
     pub fn is_quantized(&self) -> bool {
         matches!(self, LinearWeight::Quantized(_))
     }
@@ -161,13 +177,8 @@ impl Linear {
     /// Replaces a dense weight by its `cfg` quantization (a no-op for `none` or a weight
     /// already quantized).
     pub fn quantize(&mut self, cfg: crate::quant::QuantConfig) -> Result<()> {
-        let LinearWeight::Dense(w) = &self.weight else {
-            return Ok(());
-        };
-        let (n, k) = w.dims2()?;
-        let v: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        if let Some(q) = QuantWeight::quantize(&v, n, k, cfg) {
-            self.weight = LinearWeight::Quantized(Arc::new(q));
+        if let LinearWeight::Dense(w) = &self.weight {
+            self.weight = LinearWeight::from_tensor(w.clone(), cfg)?;
         }
         Ok(())
     }

@@ -13,14 +13,13 @@
 use crate::device::activation_dtype;
 use crate::error::{read_json, PolicyError, Result};
 use crate::linear::LinearWeight;
-use crate::quant::{QuantConfig, QuantWeight};
+use crate::quant::QuantConfig;
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype as StDtype, Metadata};
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::Mutex;
 
 /// Values read and converted at a time when a tensor's stored dtype is not the one it is
@@ -284,17 +283,7 @@ impl WeightFiles {
         } else {
             self.get(name, &shape)?
         };
-        if self.quant.is_none() {
-            return Ok(LinearWeight::Dense(w));
-        }
-        let v: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        drop(w);
-        Ok(
-            match QuantWeight::quantize(&v, shape[0], shape[1], self.quant) {
-                Some(q) => LinearWeight::Quantized(Arc::new(q)),
-                None => unreachable!("checked is_none above"),
-            },
-        )
+        Ok(LinearWeight::from_tensor(w, self.quant)?)
     }
 
     /// The quantization of the blocks' linear weights.

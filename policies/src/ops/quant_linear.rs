@@ -80,10 +80,7 @@ mod tests {
             QuantWeight::four_bit(FourBitWeight::quantize(&w, n, k, FourBit::Nf4, true)),
             QuantWeight::Int8(Int8Weight::quantize(&w, n, k)),
         ] {
-            let deq = match &q {
-                QuantWeight::FourBit(w, _) => w.dequantize(),
-                QuantWeight::Int8(w) => w.dequantize(),
-            };
+            let deq = q.dequantize();
             let wt = Tensor::from_vec(deq, (n, k), &dev).unwrap();
             let q = Arc::new(q);
             let x = Var::randn(0f32, 1.0, (m, k), &dev).unwrap();

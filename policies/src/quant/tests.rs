@@ -215,10 +215,7 @@ fn quantized_products_equal_products_with_the_dequantized_weight() {
             dy.flatten_all().unwrap().to_vec1().unwrap(),
         );
         for q in &weights {
-            let deq = match q {
-                QuantWeight::FourBit(w, _) => w.dequantize(),
-                QuantWeight::Int8(w) => w.dequantize(),
-            };
+            let deq = q.dequantize();
             let wt = Tensor::from_vec(deq, (n, k), &dev).unwrap();
             let want_t: Vec<f32> = x
                 .matmul(&wt.t().unwrap())
