@@ -2,8 +2,8 @@
 //! loss (token-mean NLL over the effective batch); the loop pieces come from [`crate::train`].
 
 use crate::config::sft::SftConfig;
-use crate::data::read_jsonl;
 use crate::data::sft::{tokenize, Tokenized};
+use crate::data::{read_rows, Columns, DataFiles};
 use crate::telemetry::METRICS;
 use crate::train::memory;
 use crate::train::order::DataOrder;
@@ -33,14 +33,15 @@ pub struct SftOutcome {
     pub interrupted: bool,
 }
 
-/// Reads and tokenizes a JSONL file; warns once with the number of truncated examples.
+/// Reads and tokenizes the examples of every file `files` names (JSONL or parquet); warns
+/// once with the number of truncated examples.
 pub fn load_examples(
-    path: &Path,
+    files: &DataFiles,
     tok: &rlft_policies::Tokenizer,
     completion_only: bool,
     max_len: usize,
 ) -> Result<Vec<Tokenized>> {
-    let rows = read_jsonl(path)?;
+    let rows = read_rows(files, Columns::Only(crate::data::sft::COLUMNS))?;
     let mut out = Vec::with_capacity(rows.len());
     let mut truncated = 0;
     for row in &rows {
@@ -51,15 +52,12 @@ pub fn load_examples(
     if truncated > 0 {
         tracing::warn!(
             "{}: {truncated} of {} examples truncated to max_seq_len = {max_len} tokens",
-            path.display(),
+            files,
             rows.len()
         );
     }
     if out.iter().all(|e| e.n_trained() == 0) {
-        bail!(
-            "{}: no example has a token to train on (all prompt, or truncated away)",
-            path.display()
-        );
+        bail!("{files}: no example has a token to train on (all prompt, or truncated away)");
     }
     Ok(out)
 }

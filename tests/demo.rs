@@ -30,7 +30,8 @@ fn the_committed_base_model_reproduces_the_documented_accuracy() {
     .unwrap();
     let pre =
         Pretrained::load(&root().join("configs/demo/model"), DType::F32, &Device::Cpu).unwrap();
-    let prompts = rlft::data::prompts::load_prompts(&eval, &pre.tokenizer, 64).unwrap();
+    let prompts =
+        rlft::data::prompts::load_prompts(&eval.clone().into(), &pre.tokenizer, 64).unwrap();
     let rewards =
         rlft::rl::trainer::build_rewards(&cfg, &rlft::rewards::default_registry()).unwrap();
     let eq_acc = rlft::rl::trainer::evaluate(

@@ -705,7 +705,7 @@ fn bad_data_lines_name_the_file_line_and_field() {
         let p = tmp.0.join(format!("{name}.jsonl"));
         std::fs::write(&p, bytes).unwrap();
         let mut cfg = config("llama", &tmp.0, &[]);
-        cfg.data.train_file = p.clone();
+        cfg.data.train_file = p.clone().into();
         let err = format!("{:#}", run(&cfg, &quiet()).unwrap_err());
         assert!(
             err.contains(&format!("{name}.jsonl")) && err.contains(want),
@@ -715,7 +715,7 @@ fn bad_data_lines_name_the_file_line_and_field() {
     let p = tmp.0.join("msg.jsonl");
     write(&p, r#"{"messages": [{"role": "user", "content": 3}]}"#);
     let mut cfg = config("llama", &tmp.0, &[]);
-    cfg.data.train_file = p;
+    cfg.data.train_file = p.into();
     let err = format!("{:#}", run(&cfg, &quiet()).unwrap_err());
     assert!(
         err.contains("msg.jsonl:1: field `messages[0].content`: expected a string, got a number"),

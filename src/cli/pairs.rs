@@ -18,7 +18,7 @@ use std::path::PathBuf;
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// A JSONL file of preference pairs (the shapes of `rlft dpo`'s data.train_file).
+    /// A JSONL or parquet file of preference pairs (the shapes of `rlft dpo`'s data.train_file).
     #[arg(long)]
     pub data: PathBuf,
     /// A reward model to score both sequences: a `…ForSequenceClassification` folder or an
@@ -47,7 +47,8 @@ pub fn run(args: Args) -> Result<()> {
         Some(n) => crate::train::stage::max_len(n, model),
         None => model.info().max_positions,
     };
-    let pairs = crate::preference::load_pairs(&args.data, &pre.tokenizer, max_len)?;
+    let pairs =
+        crate::preference::load_pairs(&args.data.as_path().into(), &pre.tokenizer, max_len)?;
     let rm = match &args.reward_model {
         Some(p) => {
             let mut o = serde_json::Map::new();

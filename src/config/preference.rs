@@ -3,6 +3,7 @@
 //! `RewardConfig` and `DPOConfig`.
 
 use super::common::{AdapterSection, ModelSection, TrainableKind, TrainingSection};
+use crate::data::DataFiles;
 use crate::preference::losses::DpoLoss;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -11,12 +12,13 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PreferenceData {
-    /// JSONL of `{"prompt", "chosen", "rejected"}` or `{"chosen", "rejected"}` rows (text or
-    /// chat messages), with an optional numeric `margin`.
-    pub train_file: PathBuf,
-    /// Optional JSONL in the same shapes; evaluated every `training.eval_steps` and at the end.
-    #[serde(deserialize_with = "super::empty_as_none")]
-    pub eval_file: Option<PathBuf>,
+    /// JSONL or parquet of `{"prompt", "chosen", "rejected"}` or `{"chosen", "rejected"}`
+    /// rows (text or chat messages), with an optional numeric `margin`; a path, a list or a
+    /// glob.
+    pub train_file: DataFiles,
+    /// Optional pairs in the same shapes; evaluated every `training.eval_steps` and at the end.
+    #[serde(deserialize_with = "crate::data::files::empty_as_none")]
+    pub eval_file: Option<DataFiles>,
     /// Shuffle the pairs each epoch (seeded by `training.seed`).
     pub shuffle: bool,
 }
@@ -24,7 +26,7 @@ pub struct PreferenceData {
 impl Default for PreferenceData {
     fn default() -> Self {
         Self {
-            train_file: PathBuf::new(),
+            train_file: DataFiles::default(),
             eval_file: None,
             shuffle: true,
         }
@@ -33,8 +35,8 @@ impl Default for PreferenceData {
 
 impl PreferenceData {
     fn validate(&self) -> Result<()> {
-        if self.train_file.as_os_str().is_empty() {
-            bail!("data.train_file is required (a JSONL file of preference pairs)");
+        if self.train_file.is_empty() {
+            bail!("data.train_file is required (JSONL or parquet files of preference pairs)");
         }
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! docs/config.md).
 
 use super::common::{AdapterSection, ModelSection, TrainableKind, TrainingSection};
+use crate::data::DataFiles;
 use crate::rl::advantages::ScaleRewards;
 use crate::rl::kl::KlEstimator;
 use crate::rl::losses::LossAggregation;
@@ -31,18 +32,19 @@ pub enum Critic {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PromptData {
-    /// JSONL: `{"prompt": "…"}` or `{"messages": […]}` per line; other fields go to the rewards.
-    pub prompt_file: PathBuf,
+    /// JSONL or parquet: `{"prompt": "…"}` or `{"messages": […]}` rows; other fields
+    /// (columns) go to the rewards. A path, a list or a glob.
+    pub prompt_file: DataFiles,
     /// Optional held-out prompts for evaluation (same shape).
-    #[serde(deserialize_with = "super::empty_as_none")]
-    pub eval_file: Option<PathBuf>,
+    #[serde(deserialize_with = "crate::data::files::empty_as_none")]
+    pub eval_file: Option<DataFiles>,
     pub shuffle: bool,
 }
 
 impl Default for PromptData {
     fn default() -> Self {
         Self {
-            prompt_file: PathBuf::new(),
+            prompt_file: DataFiles::default(),
             eval_file: None,
             shuffle: true,
         }
@@ -226,8 +228,8 @@ impl RlConfig {
         if self.model.path.as_os_str().is_empty() {
             bail!("model.path is required (a Hugging Face model folder)");
         }
-        if self.data.prompt_file.as_os_str().is_empty() {
-            bail!("data.prompt_file is required (a JSONL file of prompts)");
+        if self.data.prompt_file.is_empty() {
+            bail!("data.prompt_file is required (JSONL or parquet files of prompts)");
         }
         if self.reward.is_empty() {
             bail!("no [[reward]]: add at least one, e.g.\n[[reward]]\nname = \"numeric_match\"\nfield = \"answer\"");

@@ -1,31 +1,62 @@
-//! Datasets: JSONL files read line by line, with errors naming the file, the line and the
-//! field.
+//! Datasets: JSONL files read line by line and parquet files read row by row, into the
+//! same rows, with errors naming the file, the line (or row) and the field (or column).
 
+pub mod files;
+pub mod parquet;
 pub mod preference;
 pub mod prompts;
 pub mod sft;
 
+pub use self::files::DataFiles;
+pub use self::parquet::Columns;
+
 use anyhow::{anyhow, bail, Result};
 use serde_json::{Map, Value};
+use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// One JSON object of a JSONL file and where it came from.
+/// One example, a JSON object, and where it came from.
 #[derive(Debug, Clone)]
 pub struct Row {
     pub file: PathBuf,
-    /// 1-based line number.
-    pub line: usize,
+    pub place: Place,
     pub fields: Map<String, Value>,
 }
 
+/// Where in its file a row is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// A JSONL line, counted from 1 as editors do.
+    Line(usize),
+    /// A parquet row, counted from 0 as `datasets` and pandas index them.
+    Row(usize),
+}
+
+/// `file:line` or `file: row N`, the prefix of every error about a row.
+pub struct At<'a>(&'a Row);
+
+impl fmt::Display for At<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.place {
+            Place::Line(n) => write!(f, "{}:{n}", self.0.file.display()),
+            Place::Row(n) => write!(f, "{}: row {n}", self.0.file.display()),
+        }
+    }
+}
+
 impl Row {
-    /// An error about `field` of this row.
-    pub fn error(&self, field: &str, msg: impl std::fmt::Display) -> anyhow::Error {
-        anyhow!(
-            "{}:{}: field `{field}`: {msg}",
-            self.file.display(),
-            self.line
-        )
+    /// Where this row is, for messages: `file:line` or `file: row N`.
+    pub fn at(&self) -> At<'_> {
+        At(self)
+    }
+
+    /// An error about `field` of this row (a "column" of a parquet row).
+    pub fn error(&self, field: &str, msg: impl fmt::Display) -> anyhow::Error {
+        let word = match self.place {
+            Place::Line(_) => "field",
+            Place::Row(_) => "column",
+        };
+        anyhow!("{}: {word} `{field}`: {msg}", self.at())
     }
 
     pub fn str_field(&self, field: &str) -> Result<&str> {
@@ -48,6 +79,23 @@ pub fn kind(v: &Value) -> &'static str {
         Value::Array(_) => "a list",
         Value::Object(_) => "an object",
     }
+}
+
+/// Reads the rows of every file `files` names, in order: `.parquet` files with
+/// [`parquet::read_parquet`] (decoding only `columns`), any other as JSONL.
+pub fn read_rows(files: &DataFiles, columns: Columns) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for path in files.resolve()? {
+        let is_parquet = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
+        if is_parquet {
+            rows.extend(parquet::read_parquet(&path, columns)?);
+        } else {
+            rows.extend(read_jsonl(&path)?);
+        }
+    }
+    Ok(rows)
 }
 
 /// Reads every non-blank line of `path` as a JSON object.
@@ -85,7 +133,7 @@ pub fn parse_jsonl(bytes: &[u8], path: &Path) -> Result<Vec<Row>> {
         };
         rows.push(Row {
             file: path.to_path_buf(),
-            line,
+            place: Place::Line(line),
             fields,
         });
     }

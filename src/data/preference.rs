@@ -21,6 +21,9 @@ use anyhow::{anyhow, Result};
 use rlft_policies::Tokenizer;
 use serde_json::Value;
 
+/// The columns a pair uses; a parquet file's others are not read.
+pub const COLUMNS: &[&str] = &["prompt", "chosen", "rejected", "margin"];
+
 /// One tokenized pair: `prompt ++ chosen` and `prompt ++ rejected` are the two sequences.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pair {
@@ -71,7 +74,7 @@ pub fn tokenize_all(rows: &[Row], tok: &Tokenizer, max_len: usize) -> Result<(Ve
                 pairs.push(p);
             }
             Tokenized::Skipped(why) => {
-                tracing::warn!("{}:{}: pair skipped: {why}", row.file.display(), row.line);
+                tracing::warn!("{}: pair skipped: {why}", row.at());
                 report.skipped += 1;
             }
         }
@@ -148,7 +151,7 @@ pub fn tokenize(row: &Row, tok: &Tokenizer, max_len: usize) -> Result<Tokenized>
 fn text_pair(row: &Row, tok: &Tokenizer) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>)> {
     let enc = |s: &str, special: bool| {
         tok.encode(s, special)
-            .map_err(|e| anyhow!("{}:{}: {e}", row.file.display(), row.line))
+            .map_err(|e| anyhow!("{}: {e}", row.at()))
     };
     let eos = |mut ids: Vec<u32>| {
         if let Some(e) = tok.eos_id {
@@ -203,11 +206,11 @@ fn chat_pair(row: &Row, tok: &Tokenizer) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>
     };
     let render = |m: &[Value], gen: bool| -> Result<String> {
         tok.apply_chat_template(&Value::Array(m.to_vec()), gen)
-            .map_err(|e| anyhow!("{}:{}: {e}", row.file.display(), row.line))
+            .map_err(|e| anyhow!("{}: {e}", row.at()))
     };
     let enc = |s: &str| {
         tok.encode(s, false)
-            .map_err(|e| anyhow!("{}:{}: {e}", row.file.display(), row.line))
+            .map_err(|e| anyhow!("{}: {e}", row.at()))
     };
     let head = render(&prompt, true)?;
     let completion = |field: &str, rest: &[Value]| -> Result<Vec<u32>> {
@@ -275,7 +278,7 @@ mod tests {
     fn row(v: Value) -> Row {
         Row {
             file: PathBuf::from("prefs.jsonl"),
-            line: 7,
+            place: crate::data::Place::Line(7),
             fields: v.as_object().unwrap().clone(),
         }
     }

@@ -1,12 +1,11 @@
 //! RL prompts: `{"prompt": "…"}` (or a list of messages) or `{"messages": […]}`, rendered
 //! with the chat template and its generation prompt; every other field goes to the rewards.
 
-use super::{kind, read_jsonl, Row};
+use super::{kind, read_rows, Columns, DataFiles, Row};
 use anyhow::{anyhow, Result};
 use rlft_policies::Tokenizer;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::Path;
 
 #[derive(Debug, Clone)]
 pub struct Prompt {
@@ -17,8 +16,10 @@ pub struct Prompt {
     pub fields: BTreeMap<String, Value>,
 }
 
-pub fn load_prompts(path: &Path, tok: &Tokenizer, max_len: usize) -> Result<Vec<Prompt>> {
-    read_jsonl(path)?
+/// Reads the prompts of every file `files` names; every column is read, since the rewards may
+/// use any of them.
+pub fn load_prompts(files: &DataFiles, tok: &Tokenizer, max_len: usize) -> Result<Vec<Prompt>> {
+    read_rows(files, Columns::All)?
         .iter()
         .map(|row| prompt_from_row(row, tok, max_len))
         .collect()
@@ -26,7 +27,7 @@ pub fn load_prompts(path: &Path, tok: &Tokenizer, max_len: usize) -> Result<Vec<
 
 /// One prompt row: `prompt` (a string or messages) or `messages`, at most `max_len` tokens.
 pub fn prompt_from_row(row: &Row, tok: &Tokenizer, max_len: usize) -> Result<Prompt> {
-    let at = |e: rlft_policies::PolicyError| anyhow!("{}:{}: {e}", row.file.display(), row.line);
+    let at = |e: rlft_policies::PolicyError| anyhow!("{}: {e}", row.at());
     let (key, chat) = match (row.fields.get("prompt"), row.fields.get("messages")) {
         (Some(Value::String(_)), _) => ("prompt", false),
         (Some(Value::Array(_)), _) => ("prompt", true),
@@ -46,9 +47,8 @@ pub fn prompt_from_row(row: &Row, tok: &Tokenizer, max_len: usize) -> Result<Pro
         (None, None) => {
             let keys: Vec<&String> = row.fields.keys().collect();
             return Err(anyhow!(
-                "{}:{}: expected a `prompt` or `messages` field; the row has {keys:?}",
-                row.file.display(),
-                row.line
+                "{}: expected a `prompt` or `messages` field; the row has {keys:?}",
+                row.at(),
             ));
         }
     };

@@ -11,6 +11,9 @@ use anyhow::{anyhow, bail, Result};
 use rlft_policies::Tokenizer;
 use serde_json::Value;
 
+/// The columns the three shapes use; a parquet file's others are not read.
+pub const COLUMNS: &[&str] = &["prompt", "completion", "messages", "text"];
+
 /// A tokenized example: `trained[t]` says whether `ids[t]` is a loss target.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tokenized {
@@ -68,9 +71,8 @@ pub fn tokenize(
     } else {
         let keys: Vec<&str> = f.keys().map(String::as_str).collect();
         bail!(
-            "{}:{}: expected `prompt`+`completion`, `messages` or `text`; the row has {:?}",
-            row.file.display(),
-            row.line,
+            "{}: expected `prompt`+`completion`, `messages` or `text`; the row has {:?}",
+            row.at(),
             keys
         );
     };
@@ -95,7 +97,7 @@ fn finish(
 ) -> Result<(Tokenized, bool)> {
     let (mut ids, offsets) = tok
         .encode_with_offsets(text, add_special)
-        .map_err(|e| anyhow!("{}:{}: {e}", row.file.display(), row.line))?;
+        .map_err(|e| anyhow!("{}: {e}", row.at()))?;
     let mut trained: Vec<bool> = offsets
         .iter()
         .map(|&(s, e)| match spans {
@@ -117,11 +119,7 @@ fn finish(
     ids.truncate(max_len);
     trained.truncate(max_len);
     if ids.is_empty() {
-        bail!(
-            "{}:{}: the example tokenizes to nothing",
-            row.file.display(),
-            row.line
-        );
+        bail!("{}: the example tokenizes to nothing", row.at(),);
     }
     Ok((Tokenized { ids, trained }, truncated))
 }
@@ -162,7 +160,7 @@ fn chat_spans(
 ) -> Result<(String, Vec<(usize, usize)>, bool)> {
     let render = |m: &[Value], gen: bool| -> Result<String> {
         tok.apply_chat_template(&Value::Array(m.to_vec()), gen)
-            .map_err(|e| anyhow!("{}:{}: {e}", row.file.display(), row.line))
+            .map_err(|e| anyhow!("{}: {e}", row.at()))
     };
     let full = render(msgs, false)?;
     let mut spans = Vec::new();
@@ -174,9 +172,8 @@ fn chat_spans(
         let upto = render(&msgs[..=i], false)?;
         if !upto.starts_with(&before) || !full.starts_with(&upto) {
             bail!(
-                "{}:{}: the chat template renders message {i} in a way that changes earlier text; cannot find the assistant turn to train on",
-                row.file.display(),
-                row.line
+                "{}: the chat template renders message {i} in a way that changes earlier text; cannot find the assistant turn to train on",
+                row.at(),
             );
         }
         spans.push((before.len(), upto.len()));

@@ -9,31 +9,27 @@ pub mod losses;
 pub mod rm;
 
 use crate::data::preference::{tokenize_all, Pair};
-use crate::data::read_jsonl;
+use crate::data::{read_rows, Columns, DataFiles};
 use crate::train::memory;
 use crate::train::stage::MemoryNeed;
 use anyhow::{bail, Result};
 use rlft_policies::{CausalLm, Tokenizer};
 use std::collections::BTreeMap;
-use std::path::Path;
 
 pub use crate::train::stage::RunOptions;
 
 /// Reads and tokenizes a preference file; warns once with the number of truncated pairs and
 /// once with the number of skipped rows (each skipped row is also a warning of its own).
-pub fn load_pairs(path: &Path, tok: &Tokenizer, max_len: usize) -> Result<Vec<Pair>> {
-    let rows = read_jsonl(path)?;
+pub fn load_pairs(files: &DataFiles, tok: &Tokenizer, max_len: usize) -> Result<Vec<Pair>> {
+    let rows = read_rows(files, Columns::Only(crate::data::preference::COLUMNS))?;
     if rows.is_empty() {
-        bail!(
-            "{}: no preference pairs (the file is empty)",
-            path.display()
-        );
+        bail!("{files}: no preference pairs (the file is empty)");
     }
     let (pairs, report) = tokenize_all(&rows, tok, max_len)?;
     if report.truncated > 0 {
         tracing::warn!(
             "{}: {} of {} pairs truncated to max_seq_len = {max_len} tokens",
-            path.display(),
+            files,
             report.truncated,
             rows.len()
         );
@@ -41,7 +37,7 @@ pub fn load_pairs(path: &Path, tok: &Tokenizer, max_len: usize) -> Result<Vec<Pa
     if report.skipped > 0 {
         tracing::warn!(
             "{}: {} of {} rows skipped (see the warnings above)",
-            path.display(),
+            files,
             report.skipped,
             rows.len()
         );

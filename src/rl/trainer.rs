@@ -420,7 +420,7 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
     };
     let per_step = cfg.prompts_per_step();
     if prompts.len() < per_step {
-        bail!("{}: {} prompts, fewer than the {per_step} a step needs (rl.batch_size / rl.num_generations)", cfg.data.prompt_file.display(), prompts.len());
+        bail!("{}: {} prompts, fewer than the {per_step} a step needs (rl.batch_size / rl.num_generations)", cfg.data.prompt_file, prompts.len());
     }
     let rewards = build_rewards(cfg, registry)?;
     let config_json = serde_json::to_value(cfg)?;
