@@ -2,6 +2,9 @@
 //! (`models--org--name/refs/<revision>` → `snapshots/<hash>/`, files linked into `blobs/`):
 //! by `--model`, `--revision`, `model.path` and `--adapter`; `$HF_HUB_CACHE` before
 //! `$HF_HOME/hub`; a local folder of the same name wins; a miss says what was looked for.
+//! A miss is downloaded with `hf-hub` unless `HF_HUB_OFFLINE` is set: from a mock Hub
+//! served here (`$HF_ENDPOINT`), which speaks the Hub's protocol (the repo info API, range
+//! requests with `etag` and `x-repo-commit`).
 
 mod common;
 use common::*;
@@ -42,12 +45,26 @@ fn cache(root: &Path) -> PathBuf {
     hub
 }
 
+/// Runs rlft offline (`HF_HUB_OFFLINE=1`) unless `env` says otherwise.
 fn run(env: &[(&str, &Path)], cwd: Option<&Path>, args: &[&str]) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_rlft"));
     c.args(args)
         .env("RUST_LOG", "warn")
-        .env_remove("HF_HUB_CACHE")
-        .env_remove("HF_HOME");
+        .env("HF_HUB_OFFLINE", "1");
+    for k in [
+        "HF_HUB_CACHE",
+        "HF_HOME",
+        "HF_ENDPOINT",
+        "HF_TOKEN",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ] {
+        c.env_remove(k);
+    }
     for (k, v) in env {
         c.env(k, v);
     }
@@ -137,7 +154,8 @@ fn hub_ids_resolve_from_the_cache() {
     assert!(
         err.contains("`acme/none`")
             && err.contains(&looked.display().to_string())
-            && err.contains("HF_HUB_CACHE"),
+            && err.contains("HF_HUB_CACHE")
+            && err.contains("HF_HUB_OFFLINE is set, so nothing was downloaded"),
         "{err}"
     );
     let o = run(
@@ -198,4 +216,218 @@ fn sft_trains_from_a_hub_id() {
             adapter.to_str().unwrap(),
         ],
     );
+}
+
+/// A Hub on 127.0.0.1 serving one repository at one commit, recording each request.
+struct MockHub {
+    url: String,
+    server: std::sync::Arc<tiny_http::Server>,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl MockHub {
+    /// `broken`: a listed file whose download fails (a 500).
+    fn new(
+        id: &'static str,
+        commit: &'static str,
+        files: Vec<(String, Vec<u8>)>,
+        broken: Option<&'static str>,
+    ) -> Self {
+        use sha2::{Digest, Sha256};
+        use tiny_http::{Header, Response};
+        let server = std::sync::Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
+        let url = format!("http://{}", server.server_addr().to_ip().unwrap());
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (srv, log) = (server.clone(), requests.clone());
+        std::thread::spawn(move || {
+            let header = |k: &str, v: &str| Header::from_bytes(k, v).unwrap();
+            for req in srv.incoming_requests() {
+                let path = req.url().to_string();
+                log.lock().unwrap().push(path.clone());
+                let info = format!("/api/models/{id}/revision/main");
+                let resolve = format!("/{id}/resolve/main/");
+                if path == info {
+                    // The listing has files rlft must not fetch, as real repositories do.
+                    let mut names: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
+                    names.extend(["pytorch_model.bin".into(), "original/params.json".into()]);
+                    let siblings: Vec<_> = names
+                        .iter()
+                        .map(|n| serde_json::json!({ "rfilename": n }))
+                        .collect();
+                    let body = serde_json::json!({"sha": commit, "siblings": siblings});
+                    let _ = req.respond(Response::from_string(body.to_string()));
+                } else if broken.is_some_and(|b| path == format!("{resolve}{b}")) {
+                    let _ = req.respond(Response::from_string("boom").with_status_code(500));
+                } else if let Some((_, bytes)) = path
+                    .strip_prefix(&resolve)
+                    .and_then(|name| files.iter().find(|(n, _)| n == name))
+                {
+                    let range = req
+                        .headers()
+                        .iter()
+                        .find(|h| h.field.equiv("Range"))
+                        .map(|h| h.value.to_string())
+                        .unwrap_or_default();
+                    let start: usize = range
+                        .strip_prefix("bytes=")
+                        .and_then(|r| r.split('-').next())
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    let end = if range.ends_with("-0") {
+                        1
+                    } else {
+                        bytes.len()
+                    };
+                    let etag = format!("\"{:x}\"", Sha256::digest(bytes));
+                    let resp = Response::from_data(bytes[start..end].to_vec())
+                        .with_status_code(206)
+                        .with_header(header("ETag", &etag))
+                        .with_header(header("X-Repo-Commit", commit))
+                        .with_header(header(
+                            "Content-Range",
+                            &format!("bytes {start}-{}/{}", end - 1, bytes.len()),
+                        ));
+                    let _ = req.respond(resp);
+                } else {
+                    let _ = req.respond(Response::from_string("not found").with_status_code(404));
+                }
+            }
+        });
+        MockHub {
+            url,
+            server,
+            requests,
+        }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for MockHub {
+    fn drop(&mut self) {
+        self.server.unblock();
+    }
+}
+
+/// A model missing from the cache is downloaded into it, laid out as huggingface_hub lays
+/// it out, and then read as a cached one: the same log-probs as the folder it came from.
+/// `HF_HUB_OFFLINE=1` downloads nothing; an id the Hub does not have is a clear error.
+#[test]
+fn a_missing_id_is_downloaded_into_the_cache_unless_offline() {
+    const COMMIT: &str = "3333333333333333333333333333333333333333";
+    let tmp = TempDir::new("hub-download");
+    let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(fixture("llama"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.path().is_file())
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    assert!(files.iter().any(|(n, _)| n == "model.safetensors"));
+    let hub = MockHub::new("acme/fresh", COMMIT, files.clone(), None);
+    let cache = tmp.0.join("hub");
+    let endpoint = PathBuf::from(&hub.url);
+    let online = [
+        ("HF_HUB_CACHE", cache.as_path()),
+        ("HF_ENDPOINT", endpoint.as_path()),
+        ("HF_HUB_OFFLINE", Path::new("0")),
+    ];
+    let offline = [
+        ("HF_HUB_CACHE", cache.as_path()),
+        ("HF_ENDPOINT", endpoint.as_path()),
+    ];
+    // Offline: a miss, and not one request.
+    let o = run(
+        &offline,
+        None,
+        &["logprobs", "--model", "acme/fresh", "--text", "x"],
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("HF_HUB_OFFLINE is set"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(hub.requests().is_empty(), "{:?}", hub.requests());
+
+    let by_path = logprobs(&[], None, &["--model", fixture("llama").to_str().unwrap()]);
+    assert_eq!(logprobs(&online, None, &["--model", "acme/fresh"]), by_path);
+    // The cache now holds what huggingface_hub would have written: the ref, a snapshot of
+    // links into blobs named by their etag, only the files rlft reads.
+    let repo = cache.join("models--acme--fresh");
+    assert_eq!(
+        std::fs::read_to_string(repo.join("refs/main"))
+            .unwrap()
+            .trim(),
+        COMMIT
+    );
+    let snapshot = repo.join("snapshots").join(COMMIT);
+    for (name, bytes) in &files {
+        let link = snapshot.join(name);
+        assert!(link.is_symlink(), "{name}");
+        assert_eq!(&std::fs::read(&link).unwrap(), bytes, "{name}");
+    }
+    assert!(!snapshot.join("pytorch_model.bin").exists());
+    assert!(!snapshot.join("original").exists());
+    let fetched: Vec<String> = hub.requests();
+    assert!(fetched
+        .iter()
+        .all(|r| !r.contains("pytorch_model.bin") && !r.contains("original")));
+    // Cached now: offline works, and asks the Hub nothing more.
+    let before = hub.requests().len();
+    assert_eq!(
+        logprobs(&offline, None, &["--model", "acme/fresh"]),
+        by_path
+    );
+    assert_eq!(hub.requests().len(), before);
+    // An id the Hub does not have: the cache path looked for and the download's failure.
+    let o = run(
+        &online,
+        None,
+        &["logprobs", "--model", "acme/absent", "--text", "x"],
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("`acme/absent`")
+            && err.contains("models--acme--absent/refs/main")
+            && err.contains(&format!("downloading it from {} failed", hub.url))
+            && err.contains("404"),
+        "{err}"
+    );
+
+    // A download that fails part-way leaves no ref, so the next run does not take the
+    // partial snapshot for a cached model; the error names the file.
+    let mut listed = files.clone();
+    listed.sort_by_key(|(n, _)| n == "tokenizer.json");
+    let flaky = MockHub::new("acme/flaky", COMMIT, listed, Some("tokenizer.json"));
+    let flaky_endpoint = PathBuf::from(&flaky.url);
+    let o = run(
+        &[
+            ("HF_HUB_CACHE", cache.as_path()),
+            ("HF_ENDPOINT", flaky_endpoint.as_path()),
+            ("HF_HUB_OFFLINE", Path::new("0")),
+        ],
+        None,
+        &["logprobs", "--model", "acme/flaky", "--text", "x"],
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("tokenizer.json") && err.contains("500"),
+        "{err}"
+    );
+    let flaky_repo = cache.join("models--acme--flaky");
+    assert!(flaky_repo
+        .join("snapshots")
+        .join(COMMIT)
+        .join("config.json")
+        .exists());
+    assert!(!flaky_repo.join("refs/main").exists());
 }

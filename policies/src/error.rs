@@ -8,11 +8,13 @@ pub enum PolicyError {
     #[error("model folder {0} does not exist or is not a folder")]
     MissingFolder(PathBuf),
 
-    #[error("`{id}` (revision `{revision}`) is not a local folder and not in the Hugging Face cache: looked for {looked} (the cache is $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub). Download it where there is network access (`huggingface-cli download {id}`) or pass a folder")]
+    #[error("`{id}` (revision `{revision}`) is not a local folder and not in the Hugging Face cache: looked for {looked} (the cache is $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub); {download}. Download it where there is network access (`huggingface-cli download {id}`) into this cache, or pass a folder")]
     NotInHubCache {
         id: String,
         revision: String,
         looked: String,
+        /// What became of the download: not tried (offline), or why it failed.
+        download: String,
     },
 
     #[error("{path} is missing: {what}")]
