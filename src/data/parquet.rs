@@ -34,7 +34,7 @@ pub fn read_parquet(path: &Path, columns: Columns) -> Result<Vec<Row>> {
         .map_err(|e| anyhow!("cannot read data file {}: {e}", path.display()))?;
     // The reader trusts the file's metadata in places (`expect`s, unchecked shifts); a
     // damaged file must be an error that names it, not a panic.
-    match quiet_catch_unwind(|| read_rows(file, path, columns)) {
+    match quiet_catch_unwind(|| decode(file, path, columns)) {
         Ok(rows) => rows,
         Err(panic) => {
             let why = panic
@@ -69,7 +69,7 @@ fn quiet_catch_unwind<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
     out
 }
 
-fn read_rows(file: std::fs::File, path: &Path, columns: Columns) -> Result<Vec<Row>> {
+fn decode(file: std::fs::File, path: &Path, columns: Columns) -> Result<Vec<Row>> {
     let not_parquet = |e: parquet::errors::ParquetError| {
         anyhow!("{}: not a readable parquet file: {e}", path.display())
     };
