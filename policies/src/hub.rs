@@ -76,10 +76,7 @@ pub fn resolve(spec: &Path, revision: &str) -> Result<PathBuf> {
     }
     // hf-hub writes the ref after each file; a download that fails part-way must not leave a
     // ref to a partial snapshot that the next run would take for a cached one.
-    let reference = cache
-        .join(format!("models--{}", id.replace('/', "--")))
-        .join("refs")
-        .join(revision);
+    let reference = repo_dir(&cache, id).join("refs").join(revision);
     let had_ref = reference.exists();
     if let Err(why) = download(&cache, id, revision) {
         if !had_ref {
@@ -98,9 +95,14 @@ pub fn resolve(spec: &Path, revision: &str) -> Result<PathBuf> {
     })
 }
 
+/// The cache's folder of model `id`: `models--org--name`.
+fn repo_dir(cache: &Path, id: &str) -> PathBuf {
+    cache.join(format!("models--{}", id.replace('/', "--")))
+}
+
 /// The snapshot of `id` at `revision` in `cache`, or the path looked for.
 fn cached(cache: &Path, id: &str, revision: &str) -> std::result::Result<PathBuf, String> {
-    let repo = cache.join(format!("models--{}", id.replace('/', "--")));
+    let repo = repo_dir(cache, id);
     let is_hash = revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit());
     let commit = if is_hash {
         revision.to_string()
