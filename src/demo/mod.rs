@@ -19,6 +19,7 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+#[derive(Clone)]
 pub struct DemoOptions {
     /// Configs and the committed base model (configs/demo).
     pub configs: PathBuf,
@@ -256,13 +257,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     // base, then quantized when the base is (`stage::load_base`).
     let full_precision = DemoOptions {
         quantization: "none".into(),
-        dtype: opts.dtype.clone(),
-        ..DemoOptions::new(
-            opts.configs.clone(),
-            opts.out.clone(),
-            opts.quick,
-            opts.quiet,
-        )
+        ..opts.clone()
     };
     let mut merged = full_precision.load(&base_dir)?;
     let sft_on_merged = Adapter::load(&sft.output, merged.model.as_ref())?;
