@@ -403,33 +403,18 @@ mod tests {
         let t = Tensor::from_vec(v, (n / 8, 8), &dev).unwrap();
         let dir = std::env::temp_dir().join(format!("rlft-weights-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        // bf16 and f16 widen to f32 exactly and one-to-one (finite values), so the f32 bits
+        // tell any two tensors of these dtypes apart bit for bit.
         let bits = |t: &Tensor| -> Vec<u32> {
-            match t.dtype() {
-                DType::F32 => t
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.to_bits())
-                    .collect(),
-                DType::BF16 => t
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<half::bf16>()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.to_bits() as u32)
-                    .collect(),
-                _ => t
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<half::f16>()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.to_bits() as u32)
-                    .collect(),
-            }
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
         };
         for (stored, kept) in [
             (DType::F32, DType::BF16),
