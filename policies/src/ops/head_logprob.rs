@@ -177,27 +177,32 @@ fn chunk_logits<T: Real>(h: &Tensor, head: &FrozenHead, s: usize, m: usize) -> R
 }
 
 /// One row of untempered logits `z` → (`lse`, `lp`, `H` when `with_h`, else 0) of
-/// `softmax(z·inv_tau)`; the order of operations is candle's `log_sum_exp` and
-/// `log_softmax` (`max(z·c) = max(z)·c` exactly for `c` > 0).
+/// `softmax(z·inv_tau)`. The two sums over the vocabulary are accumulated in f64: a running
+/// f32 total near 1 drops every term below half an ulp (a logit ~17 below the maximum), which
+/// on a real model's long-tailed vocabulary biases every log-prob upwards (issue 23). Each
+/// term (`exp` in `T`) is exact to an ulp; only the accumulation is widened.
 fn row_forward<T: Real>(z: &[T], inv_tau: T, y: u32, with_h: bool) -> (T, T, T) {
     let zmax = z.iter().fold(
         T::from_f64(f64::NEG_INFINITY),
         |a, &v| if v > a { v } else { a },
     );
     let max = zmax * inv_tau;
-    let sum = z
-        .iter()
-        .fold(T::zero(), |a, &v| a + (v * inv_tau - max).exp());
-    let lse = sum.ln() + max;
-    let lp = z[y as usize] * inv_tau - lse;
+    let sum: f64 = z.iter().map(|&v| (v * inv_tau - max).exp().to_f64()).sum();
+    let lse64 = sum.ln() + max.to_f64();
+    let lse = T::from_f64(lse64);
+    let lp = T::from_f64((z[y as usize] * inv_tau).to_f64() - lse64);
     if !with_h {
         return (lse, lp, T::zero());
     }
-    let ent = -z.iter().fold(T::zero(), |a, &v| {
-        let l = v * inv_tau - lse;
-        a + l.exp() * l
-    });
-    (lse, lp, ent)
+    // H = −Σ p·l with l = z·τ⁻¹ − lse, p = exp(l).
+    let ent: f64 = z
+        .iter()
+        .map(|&v| {
+            let l = v * inv_tau - lse;
+            (l.exp() * l).to_f64()
+        })
+        .sum();
+    (lse, lp, T::from_f64(-ent))
 }
 
 /// Rows per rayon task: about 64k logits, so small chunks do not pay for many tasks.

@@ -10,6 +10,7 @@ pub mod logprob;
 pub mod lora_linear;
 pub mod matmul;
 pub mod norm;
+mod norm_rows;
 pub mod quant_linear;
 pub mod rope;
 pub mod rowdot;

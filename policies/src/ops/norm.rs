@@ -1,9 +1,44 @@
 //! RMSNorm and LayerNorm: candle's fused forward, hand-written backward.
 //!
-//! Statistics are computed in f32 (as transformers does) whatever the model dtype.
+//! Statistics are computed in f32 or better (as transformers does) whatever the model dtype;
+//! on the CPU the row sums run in f64 ([`super::norm_rows`]: real models' outlier channels).
 
 use super::bridge::{bridge2, Backward2};
-use candle_core::{DType, Result, Tensor, D};
+use super::norm_rows;
+use candle_core::{DType, Device, Result, Tensor, WithDType, D};
+
+/// The CPU forward of a norm on f32/bf16/f16 (`None` elsewhere: candle's kernels serve the
+/// GPU, the composed ops f64): `x` flattened, the per-feature vectors as `x`'s dtype.
+fn cpu_rows<R>(
+    x: &Tensor,
+    vecs: &[&Tensor],
+    f: impl Fn(&[&Tensor]) -> Result<R>,
+) -> Result<Option<R>> {
+    let cpu = matches!(x.device(), Device::Cpu)
+        && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && vecs.iter().all(|v| v.dtype() == x.dtype());
+    if !cpu {
+        return Ok(None);
+    }
+    let mut all = vec![x];
+    all.extend_from_slice(vecs);
+    f(&all).map(Some)
+}
+
+fn flat<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
+    t.detach().flatten_all()?.to_vec1::<T>()
+}
+
+fn rms_cpu<T: WithDType>(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let y = norm_rows::rms_norm_forward(&flat::<T>(x)?, &flat::<T>(w)?, eps);
+    Tensor::from_vec(y, x.shape(), x.device())
+}
+
+fn layer_cpu<T: WithDType>(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let (xv, wv, bv) = (flat::<T>(x)?, flat::<T>(w)?, flat::<T>(b)?);
+    let y = norm_rows::layer_norm_forward(&xv, &wv, &bv, eps);
+    Tensor::from_vec(y, x.shape(), x.device())
+}
 
 fn internal(x: &Tensor) -> Result<Tensor> {
     match x.dtype() {
@@ -21,11 +56,18 @@ fn sum_to_last(g: &Tensor) -> Result<Tensor> {
 /// `y = x / sqrt(mean(x²) + eps) · w`
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
-    // candle's fused kernel has no f64 path; the composed version serves f64 (checks only).
-    let out = if x.dtype() == DType::F64 {
-        candle_nn::ops::rms_norm_slow(&x.detach(), &w.detach(), eps as f32)?
-    } else {
-        candle_nn::ops::rms_norm(&x.detach(), &w.detach(), eps as f32)?
+    let on_cpu = cpu_rows(&x, &[w], |t| match t[0].dtype() {
+        DType::BF16 => rms_cpu::<half::bf16>(t[0], t[1], eps),
+        DType::F16 => rms_cpu::<half::f16>(t[0], t[1], eps),
+        _ => rms_cpu::<f32>(t[0], t[1], eps),
+    })?;
+    // candle's fused kernel serves the GPU; the composed version f64 (checks only).
+    let out = match on_cpu {
+        Some(y) => y,
+        None if x.dtype() == DType::F64 => {
+            candle_nn::ops::rms_norm_slow(&x.detach(), &w.detach(), eps as f32)?
+        }
+        None => candle_nn::ops::rms_norm(&x.detach(), &w.detach(), eps as f32)?,
     };
     bridge2(
         &x,
@@ -55,10 +97,8 @@ impl Backward2 for RmsNormBwd {
     // With r = 1/sqrt(mean(x²)+eps), x̂ = x·r, gw = g·w:
     //   dx = r·gw − x̂·r·mean(gw·x̂),   dw = Σ_rows g·x̂
     fn backward(&self, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if !self.need_dw {
-            if let Some(dx) = rms_norm_dx_cpu(&self.x, &self.w, g, self.eps)? {
-                return Ok((Some(dx), None));
-            }
+        if let Some(dxw) = rms_norm_backward_cpu(&self.x, &self.w, g, self.eps, self.need_dw)? {
+            return Ok(dxw);
         }
         let dtype = self.x.dtype();
         let x = internal(&self.x)?;
@@ -80,49 +120,30 @@ impl Backward2 for RmsNormBwd {
     }
 }
 
-/// RMSNorm's input gradient in one pass per row (CPU, f32, contiguous; None otherwise),
-/// the same formula as the composed backward: r = 1/sqrt(mean(x²)+eps),
-/// dx = r·(g·w − x·r·mean(g·w·x·r)).
-fn rms_norm_dx_cpu(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Option<Tensor>> {
-    use candle_core::{CpuStorage, Storage};
-    let ok = super::gemm::cpu_f32(&[x, w, g])
-        && x.is_contiguous()
-        && g.is_contiguous()
-        && w.is_contiguous()
-        && x.dims() == g.dims();
-    if !ok {
+/// RMSNorm's gradients on the CPU in f32 (`None` otherwise), one pass per row with f64 sums
+/// ([`norm_rows::rms_norm_backward`]): `dx`, and `dw` when the weight is trainable.
+fn rms_norm_backward_cpu(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    eps: f64,
+    need_dw: bool,
+) -> Result<Option<(Option<Tensor>, Option<Tensor>)>> {
+    if !(super::gemm::cpu_f32(&[x, w, g]) && x.dims() == g.dims()) {
         return Ok(None);
     }
-    let n = x.dim(D::Minus1)?;
-    let rows = x.elem_count() / n.max(1);
-    let (sx, lx) = x.storage_and_layout();
-    let (sw, lw) = w.storage_and_layout();
-    let (sg, lg) = g.storage_and_layout();
-    let (
-        Storage::Cpu(CpuStorage::F32(xv)),
-        Storage::Cpu(CpuStorage::F32(wv)),
-        Storage::Cpu(CpuStorage::F32(gv)),
-    ) = (&*sx, &*sw, &*sg)
-    else {
-        return Ok(None);
-    };
-    let (xv, wv, gv) = (
-        &xv[lx.start_offset()..lx.start_offset() + rows * n],
-        &wv[lw.start_offset()..lw.start_offset() + n],
-        &gv[lg.start_offset()..lg.start_offset() + rows * n],
+    let (dx, dw) = norm_rows::rms_norm_backward(
+        &flat::<f32>(x)?,
+        &flat::<f32>(w)?,
+        &flat::<f32>(g)?,
+        eps,
+        need_dw,
     );
-    let mut dx = vec![0f32; rows * n];
-    for row in 0..rows {
-        let (xr, gr) = (&xv[row * n..(row + 1) * n], &gv[row * n..(row + 1) * n]);
-        let ms: f32 = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
-        let r = 1.0 / (ms + eps as f32).sqrt();
-        let proj: f32 = (0..n).map(|i| gr[i] * wv[i] * xr[i] * r).sum::<f32>() / n as f32;
-        for i in 0..n {
-            dx[row * n + i] = r * (gr[i] * wv[i] - xr[i] * r * proj);
-        }
-    }
-    drop((sx, sw, sg));
-    Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
+    let dw = dw
+        .map(|d| Tensor::from_vec(d, w.shape(), w.device()))
+        .transpose()?;
+    Ok(Some((Some(dx), dw)))
 }
 
 /// `y = (x − mean(x)) / sqrt(var(x) + eps) · w + b`
@@ -131,10 +152,17 @@ fn rms_norm_dx_cpu(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Optio
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
     let zero = b.detach().zeros_like()?;
-    let out = if x.dtype() == DType::F64 {
-        candle_nn::ops::layer_norm_slow(&x.detach(), &w.detach(), &zero, eps as f32)?
-    } else {
-        candle_nn::ops::layer_norm(&x.detach(), &w.detach(), &zero, eps as f32)?
+    let on_cpu = cpu_rows(&x, &[w, &zero], |t| match t[0].dtype() {
+        DType::BF16 => layer_cpu::<half::bf16>(t[0], t[1], t[2], eps),
+        DType::F16 => layer_cpu::<half::f16>(t[0], t[1], t[2], eps),
+        _ => layer_cpu::<f32>(t[0], t[1], t[2], eps),
+    })?;
+    let out = match on_cpu {
+        Some(y) => y,
+        None if x.dtype() == DType::F64 => {
+            candle_nn::ops::layer_norm_slow(&x.detach(), &w.detach(), &zero, eps as f32)?
+        }
+        None => candle_nn::ops::layer_norm(&x.detach(), &w.detach(), &zero, eps as f32)?,
     };
     let scaled = bridge2(
         &x,

@@ -276,3 +276,230 @@ fn head_logprobs_f32_within_rounding() {
         assert!(err < 1e-4, "{rows} rows: gradients differ by {err}");
     }
 }
+
+/// Issue 23's regression: a real vocabulary's long tail. 50,000 logits with one dominant
+/// logit and the rest 18–26 below it (each term of the softmax sum below half an f32 ulp of
+/// the running total near 1, together ~1e-4 of it): the f32 log-probs, entropies and input
+/// gradients are within a few ulps of the f64 values of the same f32 inputs. A serial f32
+/// sum drops the whole tail and is off by ~1e-4 on every row.
+#[test]
+fn head_logprobs_f32_long_tail_vocabulary() {
+    use crate::logprobs::Entropy;
+    use rand::{Rng, SeedableRng};
+    let (n, v) = (5, 50_000);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(23);
+    // z = h·Wᵀ with h = [1, s]: column 0 holds the logits, column 1 a small per-row shift.
+    let mut w = vec![0f32; v * 2];
+    for k in 0..v {
+        w[2 * k] = if k == 17 {
+            0.0
+        } else {
+            -18.0 - 8.0 * rng.random::<f32>()
+        };
+        w[2 * k + 1] = rng.random::<f32>() - 0.5;
+    }
+    let hs: Vec<f32> = (0..n).flat_map(|i| [1.0, 0.25 * i as f32]).collect();
+    let ys: Vec<u32> = vec![17, 3, 40_000, 17, 49_999];
+    let dev = Device::Cpu;
+    let w32 = Tensor::from_vec(w.clone(), (v, 2), &dev).unwrap();
+    let h = Var::from_tensor(&Tensor::from_vec(hs.clone(), (n, 2), &dev).unwrap()).unwrap();
+    let y = Tensor::new(ys.as_slice(), &dev).unwrap();
+    let head = FrozenHead {
+        weight: w32,
+        bias: None,
+        tau: 1.0,
+    };
+    // The f64 reference of the same f32 inputs (each product of two f32 is exact in f64).
+    let mut want_lp = vec![0f64; n];
+    let mut want_h = vec![0f64; n];
+    let mut want_dh = vec![0f64; n * 2];
+    for i in 0..n {
+        let z: Vec<f64> = (0..v)
+            .map(|k| {
+                hs[2 * i] as f64 * w[2 * k] as f64 + hs[2 * i + 1] as f64 * w[2 * k + 1] as f64
+            })
+            .collect();
+        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + z.iter().map(|&x| (x - m).exp()).sum::<f64>().ln();
+        want_lp[i] = z[ys[i] as usize] - lse;
+        want_h[i] = -z.iter().map(|&x| (x - lse).exp() * (x - lse)).sum::<f64>();
+        // d(lp + H)/dz = onehot − p − p (l + H); dh = dz W.
+        for k in 0..v {
+            let l = z[k] - lse;
+            let p = l.exp();
+            let dz = (k == ys[i] as usize) as u8 as f64 - p - p * (l + want_h[i]);
+            want_dh[2 * i] += dz * w[2 * k] as f64;
+            want_dh[2 * i + 1] += dz * w[2 * k + 1] as f64;
+        }
+    }
+    for rows in [2, n] {
+        let (lp, ent) = head_logprobs(&h, &y, &head, rows, Entropy::Loss).unwrap();
+        let ent = ent.unwrap();
+        let got_lp: Vec<f32> = lp.to_vec1().unwrap();
+        let got_h: Vec<f32> = ent.to_vec1().unwrap();
+        for i in 0..n {
+            // Rounding of the result alone: a couple of ulps of |lp| (≥ 1e-7 absolute).
+            let tol = (want_lp[i].abs() * 4.0 * f32::EPSILON as f64).max(1e-7);
+            let err = (got_lp[i] as f64 - want_lp[i]).abs();
+            assert!(
+                err <= tol,
+                "row {i}: lp {} vs f64 {} ({err:e} > {tol:e})",
+                got_lp[i],
+                want_lp[i]
+            );
+            let err = (got_h[i] as f64 - want_h[i]).abs();
+            assert!(
+                err <= 1e-7 + 1e-5 * want_h[i].abs(),
+                "row {i}: entropy off by {err:e}"
+            );
+        }
+        let g = (lp + ent).unwrap().sum_all().unwrap().backward().unwrap();
+        let dh: Vec<f32> = g.get(&h).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for (k, (&a, &b)) in dh.iter().zip(&want_dh).enumerate() {
+            assert!(
+                (a as f64 - b).abs() <= 1e-4 * b.abs().max(1.0),
+                "dh[{k}]: {a} vs {b}"
+            );
+        }
+    }
+}
+
+/// Issue 23's regression: an outlier channel. RMSNorm and LayerNorm rows with one channel of
+/// 3·10⁴ beside channels of |x| ≤ 5 (each square below half an f32 ulp of 9·10⁸, so a serial
+/// f32 sum drops them all and the scale comes out ~2.7e-6 too high, ~20 ulps): the f32
+/// forward and the RMSNorm input and weight gradients within a few ulps of f64.
+#[test]
+fn norms_f32_with_an_outlier_channel() {
+    use rand::{Rng, SeedableRng};
+    let (rows, n) = (6, 576);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(30_000);
+    let mut x: Vec<f32> = (0..rows * n)
+        .map(|_| 10.0 * rng.random::<f32>() - 5.0)
+        .collect();
+    for r in 0..rows {
+        x[r * n + 7] = 30_000.0 - 1000.0 * r as f32;
+    }
+    let w: Vec<f32> = (0..n).map(|_| 0.5 + rng.random::<f32>()).collect();
+    let bias: Vec<f32> = (0..n).map(|_| rng.random::<f32>() - 0.5).collect();
+    let g: Vec<f32> = (0..rows * n).map(|_| rng.random::<f32>() - 0.5).collect();
+    let dev = Device::Cpu;
+    let t = |v: &[f32], s: &[usize]| Tensor::from_slice(v, s, &dev).unwrap();
+    let to64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    let rel = |a: &Tensor, b: &Tensor| {
+        let d = (to64(a) - b).unwrap().abs().unwrap();
+        let s = b.abs().unwrap().maximum(1e-3).unwrap();
+        (d / s)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+
+    // RMSNorm with a trainable weight (dx and dw) and a frozen one (dx alone).
+    let x32 = Var::from_tensor(&t(&x, &[rows, n])).unwrap();
+    let w32 = Var::from_tensor(&t(&w, &[n])).unwrap();
+    let x64 = Var::from_tensor(&to64(&x32)).unwrap();
+    let w64 = Var::from_tensor(&to64(&w32)).unwrap();
+    let (g32, g64) = (t(&g, &[rows, n]), to64(&t(&g, &[rows, n])));
+    let y32 = rms_norm(&x32, &w32, 1e-5).unwrap();
+    let y64 = rms_norm(&x64, &w64, 1e-5).unwrap();
+    let err = rel(&y32, &y64);
+    assert!(
+        err < 3.0 * f32::EPSILON as f64,
+        "rms forward: relative error {err:e}"
+    );
+    let gr32 = (&y32 * &g32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gr64 = (&y64 * &g64)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let (dx, dx_ref) = (gr32.get(&x32).unwrap(), gr64.get(&x64).unwrap());
+    // dx is a difference of two O(r) terms: measure it against the row's scale r·|g·w|.
+    let scale = dx_ref.abs().unwrap().max_keepdim(1).unwrap();
+    let err = (to64(dx) - dx_ref)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .broadcast_div(&scale)
+        .unwrap();
+    let err = err
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(err < 1e-6, "rms dx: error {err:e} of the row's largest");
+    let err = rel(gr32.get(&w32).unwrap(), gr64.get(&w64).unwrap());
+    assert!(err < 1e-5, "rms dw: relative error {err:e}");
+    let frozen = rms_norm(&x32, w32.as_tensor(), 1e-5).unwrap();
+    let gf = (&frozen * &g32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(
+        max_diff(&to64(gf.get(&x32).unwrap()), &to64(dx)),
+        0.0,
+        "the frozen-weight path gives the same dx"
+    );
+
+    // LayerNorm forward: a two-pass variance in f64 (E[x²] − E[x]² in f32 loses ~all digits
+    // of the small channels' spread beside a mean of ~50).
+    let b32 = t(&bias, &[n]);
+    let y32 = layer_norm(&x32, w32.as_tensor(), &b32, 1e-5).unwrap();
+    let y64 = layer_norm(&to64(&x32), &to64(&w32), &to64(&b32), 1e-5).unwrap();
+    let err = max_diff(&to64(&y32), &y64);
+    assert!(err < 1e-5, "layer norm forward: error {err:e}");
+}
+
+/// The bf16 RMSNorm forward rounds as transformers' `LlamaRMSNorm` does: `h = x·r` in f32,
+/// rounded to bf16, then `w·h` rounded to bf16.
+#[test]
+fn rms_norm_bf16_rounds_as_transformers() {
+    use half::bf16;
+    let dev = Device::Cpu;
+    let xs: Vec<f32> = (0..64)
+        .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37)
+        .collect();
+    let ws: Vec<f32> = (0..32).map(|i| 0.8 + 0.013 * i as f32).collect();
+    let x = Tensor::from_slice(&xs, (2, 32), &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let w = Tensor::from_slice(&ws, 32, &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let got: Vec<bf16> = rms_norm(&x, &w, 1e-6)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let (xb, wb): (Vec<bf16>, Vec<bf16>) = (
+        x.flatten_all().unwrap().to_vec1().unwrap(),
+        w.to_vec1().unwrap(),
+    );
+    for r in 0..2 {
+        let row = &xb[r * 32..(r + 1) * 32];
+        let ms = row.iter().map(|v| (v.to_f32() as f64).powi(2)).sum::<f64>() / 32.0;
+        let inv = (1.0 / (ms + 1e-6).sqrt()) as f32;
+        for i in 0..32 {
+            let h = bf16::from_f32(row[i].to_f32() * inv);
+            let want = bf16::from_f32(wb[i].to_f32() * h.to_f32());
+            assert_eq!(got[r * 32 + i], want, "row {r}, channel {i}");
+        }
+    }
+}
