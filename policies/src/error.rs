@@ -66,6 +66,9 @@ pub enum PolicyError {
     #[error("{path}: cannot read safetensors: {msg}")]
     Safetensors { path: PathBuf, msg: String },
 
+    #[error("{path}: GGUF: {msg}")]
+    Gguf { path: PathBuf, msg: String },
+
     #[error("{path}: adapter does not fit this model: {msg}")]
     AdapterMismatch { path: PathBuf, msg: String },
 

@@ -39,10 +39,13 @@ pub fn is_hub_id(spec: &Path) -> bool {
         })
 }
 
-/// The folder `spec` names: itself when it exists (or is not a Hub id), else the cached
+/// The folder `spec` names: a `.gguf` file's converted folder ([`crate::gguf`]); itself when it exists (or is not a Hub id), else the cached
 /// snapshot of the Hub id at `revision` ("main" by default), or an error saying what was
 /// looked for and where.
 pub fn resolve(spec: &Path, revision: &str) -> Result<PathBuf> {
+    if crate::gguf::is_gguf(spec) && !spec.is_dir() {
+        return crate::gguf::hf_folder(spec);
+    }
     if spec.exists() || !is_hub_id(spec) {
         return Ok(spec.to_path_buf());
     }

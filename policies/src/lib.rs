@@ -12,6 +12,7 @@ pub mod error;
 pub mod families;
 pub mod fsutil;
 pub mod generate;
+pub mod gguf;
 pub mod hub;
 pub mod init;
 pub mod kv_cache;

@@ -1,7 +1,9 @@
-//! `rlft merge`: fold an adapter into the base weights and write a Hugging Face folder.
+//! `rlft merge`: fold an adapter into the base weights and write a Hugging Face folder, or
+//! (`--out FILE.gguf`) a GGUF file for llama.cpp and Ollama.
 
 use super::common::ModelArgs;
 use anyhow::{bail, Context, Result};
+use rlft_policies::gguf::export::{export, GgufType};
 use rlft_policies::params::{save_pretrained, save_pretrained_classifier};
 use std::path::PathBuf;
 
@@ -9,9 +11,14 @@ use std::path::PathBuf;
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Output folder (model.safetensors, config and tokenizer files).
+    /// Output folder (model.safetensors, config and tokenizer files), or a file ending in
+    /// `.gguf`: llama.cpp's format, as its convert_hf_to_gguf.py writes it.
     #[arg(long)]
     pub out: PathBuf,
+    /// The type of a GGUF export's weight matrices: f32, f16, bf16, q8_0, q4_k_m (vectors
+    /// stay f32).
+    #[arg(long, default_value = "f16")]
+    pub gguf_type: String,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -21,6 +28,14 @@ pub fn run(args: Args) -> Result<()> {
             args.model.quantization
         );
     }
+    let gguf = rlft_policies::gguf::is_gguf(&args.out);
+    let gguf_type = GgufType::parse(&args.gguf_type).with_context(|| {
+        format!(
+            "--gguf-type {}: unknown; choose one of {}",
+            args.gguf_type,
+            GgufType::NAMES
+        )
+    })?;
     let (mut pre, adapter) = args.model.load()?;
     let adapter = adapter.context("rlft merge needs --adapter")?;
     adapter.merge_into(pre.model.as_mut())?;
@@ -30,17 +45,31 @@ pub fn run(args: Args) -> Result<()> {
     let base_dir = pre.dir.clone();
     // A reward-model adapter (`rlft rm`: SEQ_CLS with a `score` head) merges into a
     // `…ForSequenceClassification` folder; a causal-LM adapter into a causal LM.
+    if gguf && adapter.head("score").is_some() {
+        bail!("{}: a reward-model adapter merges into a sequence classifier, which GGUF does not hold; write a folder instead", args.out.display());
+    }
+    // A GGUF is written from the merged folder, made beside it and removed after.
+    let folder = if gguf {
+        args.out.with_extension("gguf.merged")
+    } else {
+        args.out.clone()
+    };
     match adapter.head("score") {
         Some(score) => save_pretrained_classifier(
             pre.model.as_mut(),
             score.as_tensor(),
             pad,
             &base_dir,
-            &args.out,
+            &folder,
         ),
-        None => save_pretrained(pre.model.as_mut(), &base_dir, &args.out),
+        None => save_pretrained(pre.model.as_mut(), &base_dir, &folder),
     }
-    .with_context(|| format!("writing {}", args.out.display()))?;
+    .with_context(|| format!("writing {}", folder.display()))?;
+    if gguf {
+        let exported = export(&folder, &args.out, gguf_type);
+        let _ = std::fs::remove_dir_all(&folder);
+        exported.with_context(|| format!("writing {}", args.out.display()))?;
+    }
     let adapter_dir = args.model.adapter.clone().unwrap_or_default();
     if let Some(q) = trained_quantization(&adapter_dir) {
         println!(

@@ -54,24 +54,17 @@ pub fn head_logprobs(
 /// The float types the row-wise passes run in.
 trait Real: WithDType + std::ops::Neg<Output = Self> {
     fn exp(self) -> Self;
-    fn ln(self) -> Self;
 }
 
 impl Real for f32 {
     fn exp(self) -> Self {
         f32::exp(self)
     }
-    fn ln(self) -> Self {
-        f32::ln(self)
-    }
 }
 
 impl Real for f64 {
     fn exp(self) -> Self {
         f64::exp(self)
-    }
-    fn ln(self) -> Self {
-        f64::ln(self)
     }
 }
 

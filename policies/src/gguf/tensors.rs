@@ -1,0 +1,247 @@
+//! A GGUF's tensors as a Hugging Face `model.safetensors`: llama.cpp's names mapped back to
+//! transformers', the q/k row permutation of `convert_hf_to_gguf.py`'s Llama path undone, and
+//! quantized blocks dequantized to f32 by candle (as transformers' loader does; F32, F16 and
+//! BF16 tensors keep their type). The file is written a tensor at a time: a tensor's data is
+//! read, dequantized and permuted only when the writer reaches it, so the conversion holds
+//! one tensor in memory, never the model.
+
+use super::config::HfConfig;
+use super::{err, io};
+use crate::error::Result;
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Dtype, View};
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::path::Path;
+
+/// transformers' name of llama.cpp's tensor `name`, or `None` for one rlft does not map.
+pub fn hf_name(name: &str) -> Option<String> {
+    let fixed = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, param) = rest.rsplit_once('.')?;
+    if !matches!(param, "weight" | "bias") {
+        return None;
+    }
+    let hf = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{param}"))
+}
+
+/// The head count whose permutation llama.cpp applied to `name` (Llama's q and k only).
+fn permuted_heads(name: &str, cfg: &HfConfig) -> Option<usize> {
+    if cfg.arch != "llama" {
+        return None;
+    }
+    if name.contains(".attn_q.") {
+        Some(cfg.num_heads)
+    } else if name.contains(".attn_k.") {
+        Some(cfg.num_kv_heads)
+    } else {
+        None
+    }
+}
+
+/// Undoes `convert_hf_to_gguf.py`'s `permute` of q/k rows: llama.cpp stores each head's rows
+/// interleaved as (pair, half); transformers' rotate-half wants (half, pair). `rows` =
+/// `heads · 2 · d`; row `h·2d + d_i·2 + t` goes to `h·2d + t·d + d_i`.
+pub fn unpermute_rows(v: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let d = rows / heads / 2;
+    let mut out = vec![0f32; v.len()];
+    for h in 0..heads {
+        for di in 0..d {
+            for t in 0..2 {
+                let src = h * 2 * d + di * 2 + t;
+                let dst = h * 2 * d + t * d + di;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&v[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`unpermute_rows`] (the GGUF export and the tests).
+pub fn permute_rows(v: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let d = rows / heads / 2;
+    let mut out = vec![0f32; v.len()];
+    for h in 0..heads {
+        for di in 0..d {
+            for t in 0..2 {
+                let src = h * 2 * d + t * d + di;
+                let dst = h * 2 * d + di * 2 + t;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&v[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// One output tensor, read when the writer asks for its bytes.
+struct Lazy<'a> {
+    file: &'a Path,
+    content: &'a Content,
+    name: String,
+    shape: Vec<usize>,
+    dtype: Dtype,
+    heads: Option<usize>,
+    /// The first failure: `View::data` cannot return one, so it is kept and reported after.
+    failure: &'a RefCell<Option<crate::PolicyError>>,
+}
+
+impl Lazy<'_> {
+    fn bytes(&self) -> Result<Vec<u8>> {
+        let mut f = std::fs::File::open(self.file).map_err(|e| io(self.file, e))?;
+        let fail = |e: candle_core::Error| err(self.file, format!("tensor `{}`: {e}", self.name));
+        let q = self
+            .content
+            .tensor(&mut f, &self.name, &Device::Cpu)
+            .map_err(fail)?;
+        let t = q.dequantize(&Device::Cpu).map_err(fail)?;
+        let t = match self.heads {
+            Some(heads) => {
+                let rows = self.shape[0];
+                let cols = self.shape[1..].iter().product::<usize>().max(1);
+                let v: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1()).map_err(fail)?;
+                let v = unpermute_rows(&v, rows, cols, heads);
+                Tensor::from_vec(v, self.shape.as_slice(), &Device::Cpu).map_err(fail)?
+            }
+            None => t,
+        };
+        let dtype = match self.dtype {
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            _ => DType::F32,
+        };
+        let t = t.to_dtype(dtype).map_err(fail)?;
+        let bytes = match dtype {
+            DType::F16 => bytes_of(
+                &t.flatten_all()
+                    .and_then(|t| t.to_vec1::<half::f16>())
+                    .map_err(fail)?,
+                |x| x.to_le_bytes().to_vec(),
+            ),
+            DType::BF16 => bytes_of(
+                &t.flatten_all()
+                    .and_then(|t| t.to_vec1::<half::bf16>())
+                    .map_err(fail)?,
+                |x| x.to_le_bytes().to_vec(),
+            ),
+            _ => bytes_of(
+                &t.flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(fail)?,
+                |x| x.to_le_bytes().to_vec(),
+            ),
+        };
+        Ok(bytes)
+    }
+}
+
+fn bytes_of<T: Copy>(v: &[T], le: impl Fn(T) -> Vec<u8>) -> Vec<u8> {
+    v.iter().flat_map(|&x| le(x)).collect()
+}
+
+impl View for Lazy<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        match self.bytes() {
+            Ok(b) => Cow::Owned(b),
+            Err(e) => {
+                self.failure.borrow_mut().get_or_insert(e);
+                Cow::Owned(vec![0u8; self.data_len()])
+            }
+        }
+    }
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.bitsize() / 8
+    }
+}
+
+/// Writes `out` (a `model.safetensors`) from the tensors of the GGUF `file`.
+pub fn write_safetensors(file: &Path, content: &Content, cfg: &HfConfig, out: &Path) -> Result<()> {
+    let failure = RefCell::new(None);
+    let mut views = Vec::new();
+    for (name, info) in &content.tensor_infos {
+        let Some(hf) = hf_name(name) else {
+            return Err(err(
+                file,
+                format!("tensor `{name}` has no Hugging Face counterpart rlft knows"),
+            ));
+        };
+        if let Some(layer) = hf
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+        {
+            if layer.parse::<usize>().map_or(true, |l| l >= cfg.num_layers) {
+                return Err(err(
+                    file,
+                    format!(
+                        "tensor `{name}`: layer beyond block_count {}",
+                        cfg.num_layers
+                    ),
+                ));
+            }
+        }
+        let dtype = match info.ggml_dtype {
+            GgmlDType::F16 => Dtype::F16,
+            GgmlDType::BF16 => Dtype::BF16,
+            _ => Dtype::F32,
+        };
+        let heads = permuted_heads(name, cfg);
+        let shape = info.shape.dims().to_vec();
+        if let Some(h) = heads {
+            if shape[0] % (2 * h) != 0 {
+                return Err(err(
+                    file,
+                    format!(
+                        "tensor `{name}`: {} rows do not split into {h} heads",
+                        shape[0]
+                    ),
+                ));
+            }
+        }
+        views.push((
+            hf,
+            Lazy {
+                file,
+                content,
+                name: name.clone(),
+                shape,
+                dtype,
+                heads,
+                failure: &failure,
+            },
+        ));
+    }
+    let written = safetensors::tensor::serialize_to_file(views, None, out);
+    if let Some(e) = failure.into_inner() {
+        return Err(e);
+    }
+    written.map_err(|e| err(file, format!("writing {}: {e}", out.display())))
+}
