@@ -192,3 +192,27 @@ fn bad_gguf_files_are_clear_errors() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("q4_k_m"), "{}", stderr(&o));
 }
+
+/// A GGUF that llama.cpp's own gguf-py wrote (`tests/fixtures/make_gguf_sp.py`): a
+/// SentencePiece vocabulary (byte fallback, merges recovered from the scores, BOS added), f16
+/// matrices, q/k permuted by convert_hf_to_gguf.py's rule. Token ids equal transformers' GGUF
+/// loader's and log-probs are within 1e-4 of its f32 ones.
+#[test]
+fn a_sentencepiece_gguf_reads_as_transformers_reads_it() {
+    let work = TempDir::new("gguf-sp");
+    let file = fixture("gguf-sp/tiny-sp.gguf");
+    let text = std::fs::read_to_string(fixture("gguf-sp/reference.json")).unwrap();
+    let reference: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let mut args = vec!["logprobs", "--model", file.to_str().unwrap(), "--json"];
+    for r in &reference {
+        args.extend(["--text", r["text"].as_str().unwrap()]);
+    }
+    let o = run(&work.0, &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (line, r) in stdout(&o).lines().zip(&reference) {
+        let got: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(u32s(&got["input_ids"]), u32s(&r["ids"]), "{}", r["text"]);
+        let d = max_abs_diff(&f32s(&got["logprobs"]), &f32s(&r["logprobs"]));
+        assert!(d <= 1e-4, "{}: log-probs {d} from transformers'", r["text"]);
+    }
+}
