@@ -2,7 +2,7 @@
 //! (docs/performance.md).
 
 use crate::bench::{default_work, run_all, run_one, Job, Shape};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -30,7 +30,8 @@ pub struct Args {
     /// a model's config.json (a random model of that config; W5 and W6).
     #[arg(long)]
     pub shape: Option<String>,
-    /// Load this model folder instead of a random one (W5 and W6 by default).
+    /// Load this model (a folder, a Hub id or a .gguf file) instead of a random one (W5 and
+    /// W6 by default).
     #[arg(long, conflicts_with = "shape")]
     pub model: Option<PathBuf>,
     /// Weight dtype: f32, bf16 or f16 (LoRA weights stay f32). Default f32; at real size
@@ -67,8 +68,14 @@ fn fmt(v: &serde_json::Value) -> String {
     })
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(mut args: Args) -> Result<()> {
     let work = args.work.clone().unwrap_or_else(default_work);
+    // A Hub id or a GGUF file becomes the folder it resolves to.
+    if let Some(m) = &args.model {
+        let dir = rlft_policies::hub::resolve(m, "main")
+            .with_context(|| format!("--model {}", m.display()))?;
+        args.model = Some(dir);
+    }
     let shape = match &args.model {
         Some(dir) => Shape::of_model_dir(dir)?,
         None => Shape::parse(args.shape.as_deref().unwrap_or("small"))?,

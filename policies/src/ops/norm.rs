@@ -25,18 +25,32 @@ fn cpu_rows<R>(
     f(&all).map(Some)
 }
 
-fn flat<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
-    t.detach().flatten_all()?.to_vec1::<T>()
+/// `f` on the elements of the CPU tensor `t` in place (made contiguous first if need be).
+fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("norm: a CPU tensor was expected");
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("norm: not contiguous".into()))?;
+    Ok(f(&cpu.as_slice::<T>()?[start..end]))
 }
 
 fn rms_cpu<T: WithDType>(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let y = norm_rows::rms_norm_forward(&flat::<T>(x)?, &flat::<T>(w)?, eps);
+    let y = with_slice::<T, _>(w, |wv| {
+        with_slice::<T, _>(x, |xv| norm_rows::rms_norm_forward(xv, wv, eps))
+    })??;
     Tensor::from_vec(y, x.shape(), x.device())
 }
 
 fn layer_cpu<T: WithDType>(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    let (xv, wv, bv) = (flat::<T>(x)?, flat::<T>(w)?, flat::<T>(b)?);
-    let y = norm_rows::layer_norm_forward(&xv, &wv, &bv, eps);
+    let y = with_slice::<T, _>(w, |wv| {
+        with_slice::<T, _>(b, |bv| {
+            with_slice::<T, _>(x, |xv| norm_rows::layer_norm_forward(xv, wv, bv, eps))
+        })
+    })???;
     Tensor::from_vec(y, x.shape(), x.device())
 }
 
@@ -132,13 +146,13 @@ fn rms_norm_backward_cpu(
     if !(super::gemm::cpu_f32(&[x, w, g]) && x.dims() == g.dims()) {
         return Ok(None);
     }
-    let (dx, dw) = norm_rows::rms_norm_backward(
-        &flat::<f32>(x)?,
-        &flat::<f32>(w)?,
-        &flat::<f32>(g)?,
-        eps,
-        need_dw,
-    );
+    let (dx, dw) = with_slice::<f32, _>(x, |xv| {
+        with_slice::<f32, _>(w, |wv| {
+            with_slice::<f32, _>(g, |gv| {
+                norm_rows::rms_norm_backward(xv, wv, gv, eps, need_dw)
+            })
+        })
+    })???;
     let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
     let dw = dw
         .map(|d| Tensor::from_vec(d, w.shape(), w.device()))
