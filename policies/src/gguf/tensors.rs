@@ -10,7 +10,7 @@ use super::{err, io};
 use crate::error::Result;
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::GgmlDType;
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
 use safetensors::tensor::{Dtype, View};
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -110,56 +110,33 @@ struct Lazy<'a> {
 }
 
 impl Lazy<'_> {
+    /// The tensor dequantized to f32, its rows un-permuted when llama.cpp permuted them, as
+    /// little-endian bytes of `self.dtype` (exact: an F16/BF16 tensor dequantizes to the f32
+    /// values of its own type).
     fn bytes(&self) -> Result<Vec<u8>> {
         let mut f = std::fs::File::open(self.file).map_err(|e| io(self.file, e))?;
         let fail = |e: candle_core::Error| err(self.file, format!("tensor `{}`: {e}", self.name));
-        let q = self
+        let mut v: Vec<f32> = self
             .content
             .tensor(&mut f, &self.name, &Device::Cpu)
+            .and_then(|q| q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1())
             .map_err(fail)?;
-        let t = q.dequantize(&Device::Cpu).map_err(fail)?;
-        let t = match self.heads {
-            Some(heads) => {
-                let rows = self.shape[0];
-                let cols = self.shape[1..].iter().product::<usize>().max(1);
-                let v: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1()).map_err(fail)?;
-                let v = unpermute_rows(&v, rows, cols, heads);
-                Tensor::from_vec(v, self.shape.as_slice(), &Device::Cpu).map_err(fail)?
-            }
-            None => t,
-        };
-        let dtype = match self.dtype {
-            Dtype::F16 => DType::F16,
-            Dtype::BF16 => DType::BF16,
-            _ => DType::F32,
-        };
-        let t = t.to_dtype(dtype).map_err(fail)?;
-        let bytes = match dtype {
-            DType::F16 => bytes_of(
-                &t.flatten_all()
-                    .and_then(|t| t.to_vec1::<half::f16>())
-                    .map_err(fail)?,
-                |x| x.to_le_bytes().to_vec(),
-            ),
-            DType::BF16 => bytes_of(
-                &t.flatten_all()
-                    .and_then(|t| t.to_vec1::<half::bf16>())
-                    .map_err(fail)?,
-                |x| x.to_le_bytes().to_vec(),
-            ),
-            _ => bytes_of(
-                &t.flatten_all()
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(fail)?,
-                |x| x.to_le_bytes().to_vec(),
-            ),
-        };
-        Ok(bytes)
+        if let Some(heads) = self.heads {
+            let cols = self.shape[1..].iter().product::<usize>().max(1);
+            v = unpermute_rows(&v, self.shape[0], cols, heads);
+        }
+        Ok(match self.dtype {
+            Dtype::F16 => v
+                .iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect(),
+            Dtype::BF16 => v
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect(),
+            _ => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+        })
     }
-}
-
-fn bytes_of<T: Copy>(v: &[T], le: impl Fn(T) -> Vec<u8>) -> Vec<u8> {
-    v.iter().flat_map(|&x| le(x)).collect()
 }
 
 impl View for Lazy<'_> {

@@ -85,10 +85,10 @@ pub fn hf_tokenizer(meta: &Meta, cfg: &HfConfig) -> Result<HfTokenizer> {
         .opt_bool("tokenizer.ggml.add_eos_token")?
         .unwrap_or(false);
 
+    let table = bytes_to_unicode();
+    let alphabet: std::collections::HashSet<char> = table.iter().copied().collect();
     let (model, pre, decoder, spelled): (Value, Value, Value, Vec<String>) = match kind {
         "gpt2" => {
-            let table = bytes_to_unicode();
-            let alphabet: std::collections::HashSet<char> = table.iter().copied().collect();
             let spelled: Vec<String> = tokens
                 .iter()
                 .map(|t| {
@@ -154,15 +154,13 @@ pub fn hf_tokenizer(meta: &Meta, cfg: &HfConfig) -> Result<HfTokenizer> {
         }
     };
 
-    let table = bytes_to_unicode();
-    let byte_alphabet: std::collections::HashSet<char> = table.iter().copied().collect();
     let mut added = Vec::new();
     for (i, t) in tokens.iter().enumerate() {
         let ty = types.get(i).copied().unwrap_or(1);
         let special = match ty {
             // A control token outside the byte alphabet is a llama.cpp mislabel in a byte-level
             // vocabulary: transformers skips it, and so do we.
-            3 if kind != "gpt2" || t.chars().all(|c| byte_alphabet.contains(&c)) => true,
+            3 if kind != "gpt2" || t.chars().all(|c| alphabet.contains(&c)) => true,
             4 => false,
             _ => continue,
         };

@@ -1,4 +1,5 @@
-//! RMSNorm and LayerNorm: candle's fused forward, hand-written backward.
+//! RMSNorm and LayerNorm: a fused forward (our f64-statistics row kernels on the CPU, candle's
+//! on the GPU), hand-written backward.
 //!
 //! Statistics are computed in f32 or better (as transformers does) whatever the model dtype;
 //! on the CPU the row sums run in f64 ([`super::norm_rows`]: real models' outlier channels).
@@ -7,22 +8,12 @@ use super::bridge::{bridge2, Backward2};
 use super::norm_rows;
 use candle_core::{DType, Device, Result, Tensor, WithDType, D};
 
-/// The CPU forward of a norm on f32/bf16/f16 (`None` elsewhere: candle's kernels serve the
-/// GPU, the composed ops f64): `x` flattened, the per-feature vectors as `x`'s dtype.
-fn cpu_rows<R>(
-    x: &Tensor,
-    vecs: &[&Tensor],
-    f: impl Fn(&[&Tensor]) -> Result<R>,
-) -> Result<Option<R>> {
-    let cpu = matches!(x.device(), Device::Cpu)
+/// Whether the CPU row kernels take this norm: f32/bf16/f16 on the CPU, the per-feature
+/// vectors in `x`'s dtype (candle's kernels serve the GPU).
+fn on_cpu(x: &Tensor, vecs: &[&Tensor]) -> bool {
+    matches!(x.device(), Device::Cpu)
         && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
-        && vecs.iter().all(|v| v.dtype() == x.dtype());
-    if !cpu {
-        return Ok(None);
-    }
-    let mut all = vec![x];
-    all.extend_from_slice(vecs);
-    f(&all).map(Some)
+        && vecs.iter().all(|v| v.dtype() == x.dtype())
 }
 
 /// `f` on the elements of the CPU tensor `t` in place (made contiguous first if need be).
@@ -45,12 +36,10 @@ fn rms_cpu<T: WithDType>(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     Tensor::from_vec(y, x.shape(), x.device())
 }
 
-fn layer_cpu<T: WithDType>(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+fn layer_cpu<T: WithDType>(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let y = with_slice::<T, _>(w, |wv| {
-        with_slice::<T, _>(b, |bv| {
-            with_slice::<T, _>(x, |xv| norm_rows::layer_norm_forward(xv, wv, bv, eps))
-        })
-    })???;
+        with_slice::<T, _>(x, |xv| norm_rows::layer_norm_forward(xv, wv, eps))
+    })??;
     Tensor::from_vec(y, x.shape(), x.device())
 }
 
@@ -70,18 +59,13 @@ fn sum_to_last(g: &Tensor) -> Result<Tensor> {
 /// `y = x / sqrt(mean(x²) + eps) · w`
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
-    let on_cpu = cpu_rows(&x, &[w], |t| match t[0].dtype() {
-        DType::BF16 => rms_cpu::<half::bf16>(t[0], t[1], eps),
-        DType::F16 => rms_cpu::<half::f16>(t[0], t[1], eps),
-        _ => rms_cpu::<f32>(t[0], t[1], eps),
-    })?;
     // candle's fused kernel serves the GPU; the composed version f64 (checks only).
-    let out = match on_cpu {
-        Some(y) => y,
-        None if x.dtype() == DType::F64 => {
-            candle_nn::ops::rms_norm_slow(&x.detach(), &w.detach(), eps as f32)?
-        }
-        None => candle_nn::ops::rms_norm(&x.detach(), &w.detach(), eps as f32)?,
+    let out = match x.dtype() {
+        DType::F64 => candle_nn::ops::rms_norm_slow(&x.detach(), &w.detach(), eps as f32)?,
+        _ if !on_cpu(&x, &[w]) => candle_nn::ops::rms_norm(&x.detach(), &w.detach(), eps as f32)?,
+        DType::BF16 => rms_cpu::<half::bf16>(&x, w, eps)?,
+        DType::F16 => rms_cpu::<half::f16>(&x, w, eps)?,
+        _ => rms_cpu::<f32>(&x, w, eps)?,
     };
     bridge2(
         &x,
@@ -165,18 +149,17 @@ fn rms_norm_backward_cpu(
 /// The bias is added with a plain (differentiable) op; w and x go through the bridge.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
-    let zero = b.detach().zeros_like()?;
-    let on_cpu = cpu_rows(&x, &[w, &zero], |t| match t[0].dtype() {
-        DType::BF16 => layer_cpu::<half::bf16>(t[0], t[1], t[2], eps),
-        DType::F16 => layer_cpu::<half::f16>(t[0], t[1], t[2], eps),
-        _ => layer_cpu::<f32>(t[0], t[1], t[2], eps),
-    })?;
-    let out = match on_cpu {
-        Some(y) => y,
-        None if x.dtype() == DType::F64 => {
-            candle_nn::ops::layer_norm_slow(&x.detach(), &w.detach(), &zero, eps as f32)?
+    let zero = || b.detach().zeros_like();
+    let out = match x.dtype() {
+        DType::F64 => {
+            candle_nn::ops::layer_norm_slow(&x.detach(), &w.detach(), &zero()?, eps as f32)?
         }
-        None => candle_nn::ops::layer_norm(&x.detach(), &w.detach(), &zero, eps as f32)?,
+        _ if !on_cpu(&x, &[w]) => {
+            candle_nn::ops::layer_norm(&x.detach(), &w.detach(), &zero()?, eps as f32)?
+        }
+        DType::BF16 => layer_cpu::<half::bf16>(&x, w, eps)?,
+        DType::F16 => layer_cpu::<half::f16>(&x, w, eps)?,
+        _ => layer_cpu::<f32>(&x, w, eps)?,
     };
     let scaled = bridge2(
         &x,
