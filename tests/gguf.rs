@@ -6,29 +6,23 @@
 mod common;
 use common::*;
 use rlft::policies::candle_core::quantized::gguf_file::{self, Value};
-use std::path::Path;
-use std::process::{Command, Output};
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
-/// `rlft ARGS` with the GGUF cache inside `work` (removed with it).
+/// The GGUF cache inside `work` (removed with it).
+fn cache(work: &Path) -> PathBuf {
+    work.join("gguf-cache")
+}
+
+/// `rlft ARGS` with the GGUF cache inside `work`.
 fn run(work: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rlft"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .env("RLFT_GGUF_CACHE", work.join("gguf-cache"))
-        .output()
-        .expect("run rlft")
+    rlft_cached(&cache(work), args)
 }
 
 const TEXTS: [&str; 2] = ["12+35=47", "The quick brown fox jumps over the lazy dog."];
 
-fn logprobs(work: &Path, model: &Path) -> String {
-    let mut args = vec!["logprobs", "--model", model.to_str().unwrap(), "--json"];
-    for t in TEXTS {
-        args.extend(["--text", t]);
-    }
-    let o = run(work, &args);
-    assert!(o.status.success(), "{}", stderr(&o));
-    stdout(&o)
+fn logprobs(work: &Path, model: &Path) -> Vec<serde_json::Value> {
+    logprobs_json(Some(&cache(work)), model, &TEXTS)
 }
 
 #[test]
@@ -37,22 +31,8 @@ fn an_f32_export_reads_back_exactly() {
         let work = TempDir::new(&format!("gguf-roundtrip-{m}"));
         let (folder, file) = (work.0.join("merged"), work.0.join("merged.gguf"));
         let (model, adapter) = (fixture(m), fixture(&format!("{m}-lora")));
-        for (out, ty) in [(&folder, "f32"), (&file, "f32")] {
-            let o = run(
-                &work.0,
-                &[
-                    "merge",
-                    "--model",
-                    model.to_str().unwrap(),
-                    "--adapter",
-                    adapter.to_str().unwrap(),
-                    "--out",
-                    out.to_str().unwrap(),
-                    "--gguf-type",
-                    ty,
-                ],
-            );
-            assert!(o.status.success(), "{m}: {}", stderr(&o));
+        for out in [&folder, &file] {
+            merge(&cache(&work.0), &model, &adapter, out, "f32");
         }
         // What a GGUF holds: llama.cpp's keys and names, the chat template, no temp files left.
         let mut f = std::fs::File::open(&file).unwrap();
@@ -102,21 +82,8 @@ fn an_f32_export_reads_back_exactly() {
 fn bad_gguf_files_are_clear_errors() {
     let work = TempDir::new("gguf-errors");
     let file = work.0.join("good.gguf");
-    let o = run(
-        &work.0,
-        &[
-            "merge",
-            "--model",
-            fixture("llama").to_str().unwrap(),
-            "--adapter",
-            fixture("llama-lora").to_str().unwrap(),
-            "--out",
-            file.to_str().unwrap(),
-            "--gguf-type",
-            "q8_0",
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (model, adapter) = (fixture("llama"), fixture("llama-lora"));
+    merge(&cache(&work.0), &model, &adapter, &file, "q8_0");
     let bytes = std::fs::read(&file).unwrap();
     let write = |name: &str, b: &[u8]| {
         let p = work.0.join(name);
@@ -203,14 +170,12 @@ fn a_sentencepiece_gguf_reads_as_transformers_reads_it() {
     let file = fixture("gguf-sp/tiny-sp.gguf");
     let text = std::fs::read_to_string(fixture("gguf-sp/reference.json")).unwrap();
     let reference: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
-    let mut args = vec!["logprobs", "--model", file.to_str().unwrap(), "--json"];
-    for r in &reference {
-        args.extend(["--text", r["text"].as_str().unwrap()]);
-    }
-    let o = run(&work.0, &args);
-    assert!(o.status.success(), "{}", stderr(&o));
-    for (line, r) in stdout(&o).lines().zip(&reference) {
-        let got: serde_json::Value = serde_json::from_str(line).unwrap();
+    let texts: Vec<&str> = reference
+        .iter()
+        .map(|r| r["text"].as_str().unwrap())
+        .collect();
+    let lines = logprobs_json(Some(&cache(&work.0)), &file, &texts);
+    for (got, r) in lines.iter().zip(&reference) {
         assert_eq!(u32s(&got["input_ids"]), u32s(&r["ids"]), "{}", r["text"]);
         let d = max_abs_diff(&f32s(&got["logprobs"]), &f32s(&r["logprobs"]));
         assert!(d <= 1e-4, "{}: log-probs {d} from transformers'", r["text"]);

@@ -71,17 +71,9 @@ fn logprobs_match_transformers_and_are_as_precise_as_pytorch() {
     let Some(gguf) = real_model() else { return };
     let fx = fixture_json();
     let texts = fx["texts"].as_array().unwrap();
-    let mut args = vec!["logprobs", "--model", gguf.to_str().unwrap(), "--json"];
-    for t in texts {
-        args.extend(["--text", t["text"].as_str().unwrap()]);
-    }
-    let out = rlft(&args);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let lines: Vec<Value> = stdout(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(lines.len(), texts.len());
+    let strings: Vec<&str> = texts.iter().map(|t| t["text"].as_str().unwrap()).collect();
+    // The real model's conversion stays in the user's cache, shared across runs.
+    let lines = logprobs_json(None, &gguf, &strings);
     let (mut worst_torch, mut worst_rlft, mut sum_torch, mut sum_rlft, mut n) =
         (0f64, 0f64, 0f64, 0f64, 0usize);
     for (got, want) in lines.iter().zip(texts) {
@@ -263,28 +255,7 @@ fn gguf_export_reads_back_as_transformers_reads_it() {
     drop(pre);
     // Converted exports go to a cache inside the temp folder, removed with it.
     let cache = work.0.join("gguf-cache");
-    let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_rlft"))
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .env("RLFT_GGUF_CACHE", &cache)
-            .output()
-            .unwrap()
-    };
-    let merge = |out: &std::path::Path, ty: &str| {
-        let o = run(&[
-            "merge",
-            "--model",
-            gguf.to_str().unwrap(),
-            "--adapter",
-            adapter_dir.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--gguf-type",
-            ty,
-        ]);
-        assert!(o.status.success(), "merge --gguf-type {ty}: {}", stderr(&o));
-    };
+    let merge = |out: &std::path::Path, ty: &str| merge(&cache, &gguf, &adapter_dir, out, ty);
     let texts: Vec<&str> = fx["export"]["texts"]
         .as_array()
         .unwrap()
@@ -292,15 +263,9 @@ fn gguf_export_reads_back_as_transformers_reads_it() {
         .map(|t| t.as_str().unwrap())
         .collect();
     let logprobs = |model: &std::path::Path| -> Vec<Vec<f64>> {
-        let mut args = vec!["logprobs", "--model", model.to_str().unwrap(), "--json"];
-        for t in &texts {
-            args.extend(["--text", t]);
-        }
-        let o = run(&args);
-        assert!(o.status.success(), "{}", stderr(&o));
-        stdout(&o)
-            .lines()
-            .map(|l| f64s(&serde_json::from_str::<Value>(l).unwrap()["logprobs"]))
+        logprobs_json(Some(&cache), model, &texts)
+            .iter()
+            .map(|l| f64s(&l["logprobs"]))
             .collect()
     };
     let folder = work.0.join("merged");

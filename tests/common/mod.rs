@@ -37,6 +37,62 @@ pub fn rlft(args: &[&str]) -> Output {
         .expect("run rlft")
 }
 
+/// `rlft ARGS` with GGUF conversions cached in `cache` (inside a test's temp folder, so they
+/// go with it) instead of `~/.cache/rlft/gguf`.
+pub fn rlft_cached(cache: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rlft"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env("RLFT_GGUF_CACHE", cache)
+        .output()
+        .expect("run rlft")
+}
+
+/// `rlft logprobs --json` of `texts` on `model` (a folder or a GGUF; conversions cached in
+/// `cache`, else the user's cache): one `{"input_ids", "logprobs"}` object per text.
+pub fn logprobs_json(cache: Option<&Path>, model: &Path, texts: &[&str]) -> Vec<Value> {
+    let mut args = vec!["logprobs", "--model", model.to_str().unwrap(), "--json"];
+    for t in texts {
+        args.extend(["--text", t]);
+    }
+    let o = match cache {
+        Some(c) => rlft_cached(c, &args),
+        None => rlft(&args),
+    };
+    assert!(o.status.success(), "{}: {}", model.display(), stderr(&o));
+    let lines: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), texts.len());
+    lines
+}
+
+/// `rlft merge` of `adapter` into `model`, written to `out` (a folder, or a GGUF of
+/// `gguf_type`); the run must succeed.
+pub fn merge(cache: &Path, model: &Path, adapter: &Path, out: &Path, gguf_type: &str) {
+    let o = rlft_cached(
+        cache,
+        &[
+            "merge",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--gguf-type",
+            gguf_type,
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "merge into {}: {}",
+        out.display(),
+        stderr(&o)
+    );
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
