@@ -8,7 +8,7 @@
 //!
 //! The file is written beside `out` and renamed when complete.
 
-use super::tensors::permute_rows;
+use super::tensors::{gguf_name, permute_rows};
 use super::{err, io};
 use crate::error::{read_json, PolicyError, Result};
 use candle_core::quantized::gguf_file::{self, Value};
@@ -98,36 +98,6 @@ fn tensor_type(
     } else {
         GgmlDType::F16
     }
-}
-
-/// llama.cpp's name of transformers' tensor `name` (the inverse of `tensors::hf_name`).
-pub fn gguf_name(name: &str) -> Option<String> {
-    let fixed = match name {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = name.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, param) = rest.rsplit_once('.')?;
-    let g = match module {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{g}.{param}"))
 }
 
 fn key<'a>(cfg: &'a Json, path: &Path, k: &str) -> Result<&'a Json> {

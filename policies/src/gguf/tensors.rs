@@ -16,37 +16,56 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 use std::path::Path;
 
-/// transformers' name of llama.cpp's tensor `name`, or `None` for one rlft does not map.
-pub fn hf_name(name: &str) -> Option<String> {
-    let fixed = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
+/// llama.cpp's whole-model tensors and transformers' names for them.
+const WHOLE: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// A block's modules: llama.cpp's name and transformers'.
+const BLOCK: [(&str, &str); 9] = [
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// `name` in the other naming (llama.cpp → transformers when `to_hf`, else back), or `None`
+/// for a tensor rlft does not map.
+fn rename(name: &str, to_hf: bool) -> Option<String> {
+    let side =
+        |(gguf, hf): (&'static str, &'static str)| if to_hf { (gguf, hf) } else { (hf, gguf) };
+    if let Some((_, to)) = WHOLE.into_iter().map(side).find(|(from, _)| *from == name) {
+        return Some(to.to_string());
     }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
+    let (from_prefix, to_prefix) = side(("blk.", "model.layers."));
+    let (layer, rest) = name.strip_prefix(from_prefix)?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, param) = rest.rsplit_once('.')?;
     if !matches!(param, "weight" | "bias") {
         return None;
     }
-    let hf = match module {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{param}"))
+    let (_, to) = BLOCK
+        .into_iter()
+        .map(side)
+        .find(|(from, _)| *from == module)?;
+    Some(format!("{to_prefix}{layer}.{to}.{param}"))
+}
+
+/// transformers' name of llama.cpp's tensor `name`, or `None` for one rlft does not map.
+pub fn hf_name(name: &str) -> Option<String> {
+    rename(name, true)
+}
+
+/// llama.cpp's name of transformers' tensor `name` (the GGUF export).
+pub fn gguf_name(name: &str) -> Option<String> {
+    rename(name, false)
 }
 
 /// The head count whose permutation llama.cpp applied to `name` (Llama's q and k only).

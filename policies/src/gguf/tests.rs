@@ -1,7 +1,7 @@
 //! The GGUF conversion's parts on hand-made inputs; the whole path on the real model is
 //! `tests/real_model.rs`, and on a written file `tests/gguf.rs`.
 
-use super::tensors::{hf_name, permute_rows, unpermute_rows};
+use super::tensors::{gguf_name, hf_name, permute_rows, unpermute_rows};
 use super::tokenizer::{bytes_to_unicode, generate_merges};
 
 /// llama.cpp's permutation of 2 heads × (2 halves × 2 rows): HF row order (h, half, i) is
@@ -58,6 +58,7 @@ fn tensor_names_map_to_transformers() {
     ];
     for (gguf, hf) in cases {
         assert_eq!(hf_name(gguf).as_deref(), Some(hf), "{gguf}");
+        assert_eq!(gguf_name(hf).as_deref(), Some(gguf), "{hf}");
     }
     for unknown in [
         "rope_freqs.weight",
