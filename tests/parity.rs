@@ -183,10 +183,17 @@ fn bf16_and_f16_stay_close_to_f32() {
 }
 
 /// On the CPU a bf16/f16 model keeps its matrices (linear weights, embeddings) in half
-/// precision, its vectors in f32, and computes in f32: its log-probs equal, to f32
-/// rounding, those of the f32 model whose matrices were rounded to that dtype.
+/// precision, its vectors in f32, and, with the widening kernels (`RLFT_BF16_KERNEL=f32`, or
+/// a CPU without AVX512-BF16 or AMX), computes in f32: its log-probs equal, to f32 rounding,
+/// those of the f32 model whose matrices were rounded to that dtype. (The bf16 kernels round
+/// the activations to bf16 too: `bf16_and_f16_stay_close_to_f32` bounds them, the kernels'
+/// own tests check their arithmetic.)
 #[test]
 fn half_precision_weights_compute_in_f32() {
+    rlft_policies::ops::bf16_dot::with_engine(None, half_precision_weights_compute_in_f32_body)
+}
+
+fn half_precision_weights_compute_in_f32_body() {
     for m in FAMILIES {
         let r = reference(m);
         let case = &r["lora"]["outputs"][1];

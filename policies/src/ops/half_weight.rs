@@ -7,10 +7,12 @@
 //! `y[:, j0..j1] = x · f32(W[j0..j1])ᵀ`, and for `dy · W`: `dx = Σ_blocks dy[:, j0..j1] · f32(W[j0..j1])`.
 //!
 //! Widening bf16 is exact (a bf16 is the top half of an f32), so these products equal the
-//! f32 products of the widened weights. This CPU path does not use bf16 dot-product
-//! instructions (AVX512-BF16, AMX): they need the activations rounded to bf16 too, and no
-//! machine this project is built on has them to test against (docs/performance.md).
+//! f32 products of the widened weights. Where the CPU multiplies bf16 natively (AMX, or
+//! AVX512-BF16's `VDPBF16PS`), a bf16 weight's products go to [`super::bf16_dot`] instead:
+//! the activations are rounded to bf16 as PyTorch's bf16 model holds them, the sums stay
+//! f32. f16 weights, k-bit codes and CPUs without those instructions keep the widening path.
 
+use super::bf16_dot::{self, cache::Packing};
 use super::gemm::{gemm_f32_strided, parallelism, PARALLEL_MIN_WEIGHT};
 use super::rowdot::{rowdot_half, ROWDOT_MAX_ROWS};
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
@@ -138,6 +140,9 @@ fn matmul_t_blocks(x: &[f32], m: usize, k: usize, w: &Tensor, block: usize) -> R
         if kw != k {
             candle_core::bail!("half-weight matmul: weight [{n}, {kw}] for inputs of width {k}");
         }
+        if let Some(y) = bf16_t(x, m, w, rows, (n, k), block) {
+            return Ok(y);
+        }
         if m <= ROWDOT_MAX_ROWS {
             return Ok(rowdot_half(x, rows, m, n, k, n * k >= PARALLEL_MIN_WEIGHT));
         }
@@ -190,8 +195,87 @@ fn matmul_n_blocks(a: &[f32], m: usize, n: usize, w: &Tensor, block: usize) -> R
         if nw != n {
             candle_core::bail!("half-weight matmul: weight [{nw}, {k}] for inputs of width {n}");
         }
+        if let Some(dx) = bf16_n(a, m, w, rows, (n, k), block) {
+            return Ok(dx);
+        }
         Ok(source_matmul_n(a, m, &rows, (n, k), block))
     })
+}
+
+/// Whether a product of `m` rows with a weight [n, k] is split across rayon's threads.
+fn parallel(m: usize, n: usize, k: usize) -> bool {
+    !matches!(parallelism(m, n, k), gemm::Parallelism::None)
+}
+
+/// `x · wᵀ` by the bf16 kernels ([`bf16_dot`]) when `w` is bf16 and the CPU has them: the
+/// packed product for many rows (the packing cached, [`bf16_dot::cache`]), the dot kernel
+/// for decoding's few where it is the faster one. None: widen as below.
+fn bf16_t(
+    x: &[f32],
+    m: usize,
+    w: &Tensor,
+    rows: HalfRows<'_>,
+    (n, k): (usize, usize),
+    block: usize,
+) -> Option<Vec<f32>> {
+    let (HalfRows::Bf16(_), Some(engine)) = (rows, bf16_dot::engine()) else {
+        return None;
+    };
+    let (bits, par) = (rows.bits(), parallel(m, n, k));
+    if m <= bf16_dot::DOT_MAX_ROWS {
+        let dot = bf16_dot::decode_dot()?;
+        return Some(bf16_dot::rowdot(x, bits, (m, n, k), par, dot));
+    }
+    let steps = bf16_dot::steps(k, engine);
+    let packed = w.is_contiguous().then(|| {
+        let len = n.div_ceil(bf16_dot::NR) * steps * bf16_dot::NR;
+        bf16_dot::cache::get_or_pack(w, bits, Packing::T, steps, len, |out| {
+            bf16_dot::pack_t(bits, n, k, steps, out, par)
+        })
+    });
+    let dot = bf16_dot::Kernels::emulated().dot; // unused: m > DOT_MAX_ROWS
+    Some(bf16_dot::matmul_t(
+        x,
+        bits,
+        (m, n, k),
+        block,
+        par,
+        engine,
+        dot,
+        packed.flatten().as_deref().map(|v| &v[..]),
+    ))
+}
+
+/// `dy · w` by the bf16 kernels when `w` is bf16 and the CPU has them (any number of rows:
+/// decoding never takes a gradient). None: widen as below.
+fn bf16_n(
+    dy: &[f32],
+    m: usize,
+    w: &Tensor,
+    rows: HalfRows<'_>,
+    (n, k): (usize, usize),
+    block: usize,
+) -> Option<Vec<f32>> {
+    let (HalfRows::Bf16(_), Some(engine)) = (rows, bf16_dot::engine()) else {
+        return None;
+    };
+    let (bits, par) = (rows.bits(), parallel(m, k, n));
+    let steps = bf16_dot::steps(n, engine);
+    let packed = w.is_contiguous().then(|| {
+        let len = k.div_ceil(bf16_dot::NR) * steps * bf16_dot::NR;
+        bf16_dot::cache::get_or_pack(w, bits, Packing::N, steps, len, |out| {
+            bf16_dot::pack_n(bits, n, k, steps, out, par)
+        })
+    });
+    Some(bf16_dot::matmul_n(
+        dy,
+        bits,
+        (m, n, k),
+        block,
+        par,
+        engine,
+        packed.flatten().as_deref().map(|v| &v[..]),
+    ))
 }
 
 /// `a · w` for `a` [m, n] and any [`RowSource`] weight [n, k], accumulated over blocks of at
@@ -293,54 +377,57 @@ mod tests {
     /// widened weight: equal to f32 rounding (the same products, summed in another order).
     #[test]
     fn products_equal_the_f32_product_of_the_widened_weight() {
-        let dev = Device::Cpu;
-        for dtype in [DType::BF16, DType::F16] {
-            for (m, n, k) in [(3, 37, 19), (16, 50, 33), (40, 70, 24), (17, 9, 130)] {
-                let w = Tensor::randn(0f32, 1.0, (n, k), &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
-                let w32 = widened(&w);
-                let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
-                let dy = Tensor::randn(0f32, 1.0, (m, n), &dev).unwrap();
-                let want_t: Vec<f32> = x
-                    .matmul(&w32.t().unwrap())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let want_n: Vec<f32> = dy
-                    .matmul(&w32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-                let dv: Vec<f32> = dy.flatten_all().unwrap().to_vec1().unwrap();
-                for block in [BLOCK_ELEMS, 5 * k, 1] {
-                    let got = matmul_t_blocks(&xv, m, k, &w, block).unwrap();
-                    assert!(
-                        max_diff(&got, &want_t) < 1e-4,
-                        "{dtype:?} t {m}x{n}x{k} block {block}"
-                    );
-                    let got = matmul_n_blocks(&dv, m, n, &w, block).unwrap();
-                    assert!(
-                        max_diff(&got, &want_n) < 1e-4,
-                        "{dtype:?} n {m}x{n}x{k} block {block}"
-                    );
+        // The widened path; the bf16 kernels have their own test below.
+        crate::ops::bf16_dot::with_engine(None, || {
+            let dev = Device::Cpu;
+            for dtype in [DType::BF16, DType::F16] {
+                for (m, n, k) in [(3, 37, 19), (16, 50, 33), (40, 70, 24), (17, 9, 130)] {
+                    let w = Tensor::randn(0f32, 1.0, (n, k), &dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                    let w32 = widened(&w);
+                    let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+                    let dy = Tensor::randn(0f32, 1.0, (m, n), &dev).unwrap();
+                    let want_t: Vec<f32> = x
+                        .matmul(&w32.t().unwrap())
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let want_n: Vec<f32> = dy
+                        .matmul(&w32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                    let dv: Vec<f32> = dy.flatten_all().unwrap().to_vec1().unwrap();
+                    for block in [BLOCK_ELEMS, 5 * k, 1] {
+                        let got = matmul_t_blocks(&xv, m, k, &w, block).unwrap();
+                        assert!(
+                            max_diff(&got, &want_t) < 1e-4,
+                            "{dtype:?} t {m}x{n}x{k} block {block}"
+                        );
+                        let got = matmul_n_blocks(&dv, m, n, &w, block).unwrap();
+                        assert!(
+                            max_diff(&got, &want_n) < 1e-4,
+                            "{dtype:?} n {m}x{n}x{k} block {block}"
+                        );
+                    }
+                    // Through the tensor entry point too.
+                    let got: Vec<f32> = matmul(&x, &w, true)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    assert!(max_diff(&got, &want_t) < 1e-4);
                 }
-                // Through the tensor entry point too.
-                let got: Vec<f32> = matmul(&x, &w, true)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                assert!(max_diff(&got, &want_t) < 1e-4);
             }
-        }
+        });
     }
 
     /// Widening bf16 is exact, f16 too: every value comes back as candle's conversion gives it.
@@ -365,21 +452,71 @@ mod tests {
     /// widened f32 weight (the weight gets none).
     #[test]
     fn frozen_linear_gradient_with_a_bf16_weight() {
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (23, 31), &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
-        for m in [2, 24] {
-            let x = Var::randn(0f32, 1.0, (m, 31), &dev).unwrap();
-            let c = Tensor::randn(0f32, 1.0, (m, 23), &dev).unwrap();
-            let loss = |w: &Tensor| {
-                let y = crate::ops::frozen_matmul_t(x.as_tensor(), w).unwrap();
-                let l = (y * &c).unwrap().sum_all().unwrap();
-                let g = l.backward().unwrap();
+        // The widened path; the bf16 kernels have their own test below.
+        crate::ops::bf16_dot::with_engine(None, || {
+            let dev = Device::Cpu;
+            let w = Tensor::randn(0f32, 1.0, (23, 31), &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            for m in [2, 24] {
+                let x = Var::randn(0f32, 1.0, (m, 31), &dev).unwrap();
+                let c = Tensor::randn(0f32, 1.0, (m, 23), &dev).unwrap();
+                let loss = |w: &Tensor| {
+                    let y = crate::ops::frozen_matmul_t(x.as_tensor(), w).unwrap();
+                    let l = (y * &c).unwrap().sum_all().unwrap();
+                    let g = l.backward().unwrap();
+                    (
+                        l.to_scalar::<f32>().unwrap(),
+                        g.get(&x)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap(),
+                    )
+                };
+                let (l16, g16) = loss(&w);
+                let (l32, g32) = loss(&widened(&w));
+                assert!((l16 - l32).abs() < 1e-3 * l32.abs().max(1.0), "m={m}");
+                assert!(max_diff(&g16, &g32) < 1e-4, "m={m}");
+            }
+        });
+    }
+
+    /// The chunked head (log-probs, entropy and their gradient) with a bf16 head equals it
+    /// with the widened f32 head.
+    #[test]
+    fn chunked_head_with_a_bf16_weight() {
+        // The widened path; the bf16 kernels have their own test below.
+        crate::ops::bf16_dot::with_engine(None, || {
+            use crate::logprobs::Entropy;
+            use crate::ops::{head_logprobs, FrozenHead};
+            let dev = Device::Cpu;
+            let (n, h, v) = (7, 12, 50);
+            let w = Tensor::randn(0f32, 1.0, (v, h), &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let b = Tensor::randn(0f32, 1.0, v, &dev).unwrap();
+            let y = Tensor::new(&[0u32, 3, 49, 7, 7, 20, 1], &dev).unwrap();
+            let hidden = Var::randn(0f32, 1.0, (n, h), &dev).unwrap();
+            let run = |w: &Tensor| {
+                let head = FrozenHead {
+                    weight: w.clone(),
+                    bias: Some(b.clone()),
+                    tau: 0.7,
+                };
+                let (lp, ent) =
+                    head_logprobs(hidden.as_tensor(), &y, &head, 3, Entropy::Loss).unwrap();
+                let ent = ent.unwrap();
+                let loss =
+                    (lp.sum_all().unwrap() + (ent.sum_all().unwrap() * 0.3).unwrap()).unwrap();
+                let g = loss.backward().unwrap();
+                let vals: Vec<f32> = Tensor::cat(&[&lp, &ent], 0).unwrap().to_vec1().unwrap();
                 (
-                    l.to_scalar::<f32>().unwrap(),
-                    g.get(&x)
+                    vals,
+                    g.get(&hidden)
                         .unwrap()
                         .flatten_all()
                         .unwrap()
@@ -387,52 +524,74 @@ mod tests {
                         .unwrap(),
                 )
             };
-            let (l16, g16) = loss(&w);
-            let (l32, g32) = loss(&widened(&w));
-            assert!((l16 - l32).abs() < 1e-3 * l32.abs().max(1.0), "m={m}");
-            assert!(max_diff(&g16, &g32) < 1e-4, "m={m}");
-        }
+            let (v16, g16) = run(&w);
+            let (v32, g32) = run(&widened(&w));
+            assert!(max_diff(&v16, &v32) < 1e-5);
+            assert!(max_diff(&g16, &g32) < 1e-5);
+        });
     }
 
-    /// The chunked head (log-probs, entropy and their gradient) with a bf16 head equals it
-    /// with the widened f32 head.
-    #[test]
-    fn chunked_head_with_a_bf16_weight() {
-        use crate::logprobs::Entropy;
-        use crate::ops::{head_logprobs, FrozenHead};
-        let dev = Device::Cpu;
-        let (n, h, v) = (7, 12, 50);
-        let w = Tensor::randn(0f32, 1.0, (v, h), &dev)
+    /// Rows rounded to bf16 (what the bf16 kernels multiply).
+    fn rounded(t: &Tensor) -> Tensor {
+        t.to_dtype(DType::BF16)
             .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let b = Tensor::randn(0f32, 1.0, v, &dev).unwrap();
-        let y = Tensor::new(&[0u32, 3, 49, 7, 7, 20, 1], &dev).unwrap();
-        let hidden = Var::randn(0f32, 1.0, (n, h), &dev).unwrap();
-        let run = |w: &Tensor| {
-            let head = FrozenHead {
-                weight: w.clone(),
-                bias: Some(b.clone()),
-                tau: 0.7,
-            };
-            let (lp, ent) = head_logprobs(hidden.as_tensor(), &y, &head, 3, Entropy::Loss).unwrap();
-            let ent = ent.unwrap();
-            let loss = (lp.sum_all().unwrap() + (ent.sum_all().unwrap() * 0.3).unwrap()).unwrap();
-            let g = loss.backward().unwrap();
-            let vals: Vec<f32> = Tensor::cat(&[&lp, &ent], 0).unwrap().to_vec1().unwrap();
-            (
-                vals,
-                g.get(&hidden)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-            )
-        };
-        let (v16, g16) = run(&w);
-        let (v32, g32) = run(&widened(&w));
-        assert!(max_diff(&v16, &v32) < 1e-5);
-        assert!(max_diff(&g16, &g32) < 1e-5);
+            .to_dtype(DType::F32)
+            .unwrap()
+    }
+
+    /// The bf16 kernels (the emulated `VDPBF16PS` tiles on any host; the instruction and AMX
+    /// where the CPU has them), through the entry points a model uses: `x · Wᵀ` equals the
+    /// f32 product of the bf16-rounded rows and the widened weight, and the frozen linear's
+    /// input gradient equals that of bf16-rounded `dy`, for decoding's few rows and many.
+    #[test]
+    fn bf16_kernels_multiply_bf16_rounded_activations() {
+        use crate::ops::bf16_dot::{self, Engine, Kernels};
+        let dev = Device::Cpu;
+        let mut engines = vec![Engine::Tiles(Kernels::emulated())];
+        engines.extend(Kernels::hardware().map(Engine::Tiles));
+        if bf16_dot::amx::available() {
+            engines.push(Engine::Amx);
+        }
+        for engine in engines {
+            bf16_dot::with_engine(Some(engine), || {
+                for (m, n, k) in [(3, 37, 19), (40, 70, 24), (70, 130, 65)] {
+                    let w = Tensor::randn(0f32, 1.0, (n, k), &dev)
+                        .unwrap()
+                        .to_dtype(DType::BF16)
+                        .unwrap();
+                    let w32 = widened(&w);
+                    // Rows are rounded unless decoding keeps the widening kernels (AMX hosts).
+                    let rounds = m > bf16_dot::DOT_MAX_ROWS || bf16_dot::decode_dot().is_some();
+                    let x = Var::randn(0f32, 1.0, (m, k), &dev).unwrap();
+                    let xr = if rounds {
+                        rounded(x.as_tensor())
+                    } else {
+                        x.as_tensor().clone()
+                    };
+                    let want: Vec<f32> = xr
+                        .matmul(&w32.t().unwrap())
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let y = crate::ops::frozen_matmul_t(x.as_tensor(), &w).unwrap();
+                    let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+                    assert!(max_diff(&got, &want) < 1e-4, "{m}x{n}x{k} forward");
+                    let c = Tensor::randn(0f32, 1.0, (m, n), &dev).unwrap();
+                    let g = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+                    let got: Vec<f32> =
+                        g.get(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                    let want: Vec<f32> = rounded(&c)
+                        .matmul(&w32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    assert!(max_diff(&got, &want) < 1e-4, "{m}x{n}x{k} input gradient");
+                }
+            });
+        }
     }
 }

@@ -289,75 +289,78 @@ mod tests {
     /// and a dropout mask, an f32 and a bf16 base, few rows (the row-dot path) and many.
     #[test]
     fn fused_equals_the_composed_layer() {
-        let dev = Device::Cpu;
-        let (k, out, r, s) = (24, 19, 4, 0.75);
-        for n in [3, 40] {
-            for wdt in [DType::F32, DType::BF16] {
-                for (with_bias, with_mask) in [(false, false), (true, false), (true, true)] {
-                    let w = Tensor::randn(0f32, 1.0, (out, k), &dev)
-                        .unwrap()
-                        .to_dtype(wdt)
+        // The widened path for bf16 (the bf16 kernels: half_weight's tests).
+        crate::ops::bf16_dot::with_engine(None, || {
+            let dev = Device::Cpu;
+            let (k, out, r, s) = (24, 19, 4, 0.75);
+            for n in [3, 40] {
+                for wdt in [DType::F32, DType::BF16] {
+                    for (with_bias, with_mask) in [(false, false), (true, false), (true, true)] {
+                        let w = Tensor::randn(0f32, 1.0, (out, k), &dev)
+                            .unwrap()
+                            .to_dtype(wdt)
+                            .unwrap();
+                        let bias = with_bias.then(|| Tensor::randn(0f32, 1.0, out, &dev).unwrap());
+                        let mask: Option<Vec<f32>> = with_mask.then(|| {
+                            (0..n * k)
+                                .map(|i| if i % 3 == 0 { 0.0 } else { 1.5 })
+                                .collect()
+                        });
+                        let x = Var::randn(0f32, 1.0, (n, k), &dev).unwrap();
+                        let a = Var::randn(0f32, 0.5, (r, k), &dev).unwrap();
+                        let b = Var::randn(0f32, 0.5, (out, r), &dev).unwrap();
+                        let c = Tensor::randn(0f32, 1.0, (n, out), &dev).unwrap();
+                        let grads = |y: &Tensor| {
+                            let g = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+                            [x.as_tensor(), a.as_tensor(), b.as_tensor()]
+                                .map(|v| vals(g.get(v).unwrap()))
+                        };
+                        let dense = LinearWeight::Dense(w.clone());
+                        let fused = lora_linear(
+                            x.as_tensor(),
+                            &dense,
+                            bias.as_ref(),
+                            &a,
+                            &b,
+                            s,
+                            mask.clone(),
+                        )
                         .unwrap();
-                    let bias = with_bias.then(|| Tensor::randn(0f32, 1.0, out, &dev).unwrap());
-                    let mask: Option<Vec<f32>> = with_mask.then(|| {
-                        (0..n * k)
-                            .map(|i| if i % 3 == 0 { 0.0 } else { 1.5 })
-                            .collect()
-                    });
-                    let x = Var::randn(0f32, 1.0, (n, k), &dev).unwrap();
-                    let a = Var::randn(0f32, 0.5, (r, k), &dev).unwrap();
-                    let b = Var::randn(0f32, 0.5, (out, r), &dev).unwrap();
-                    let c = Tensor::randn(0f32, 1.0, (n, out), &dev).unwrap();
-                    let grads = |y: &Tensor| {
-                        let g = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
-                        [x.as_tensor(), a.as_tensor(), b.as_tensor()]
-                            .map(|v| vals(g.get(v).unwrap()))
-                    };
-                    let dense = LinearWeight::Dense(w.clone());
-                    let fused = lora_linear(
-                        x.as_tensor(),
-                        &dense,
-                        bias.as_ref(),
-                        &a,
-                        &b,
-                        s,
-                        mask.clone(),
-                    )
-                    .unwrap();
-                    // The composed reference, on the widened weight.
-                    let w32 = w.to_dtype(DType::F32).unwrap();
-                    let mut y = x.as_tensor().matmul(&w32.t().unwrap()).unwrap();
-                    if let Some(bias) = &bias {
-                        y = y.broadcast_add(bias).unwrap();
-                    }
-                    let xd = match &mask {
-                        Some(m) => (x.as_tensor()
-                            * Tensor::from_vec(m.clone(), (n, k), &dev).unwrap())
-                        .unwrap(),
-                        None => x.as_tensor().clone(),
-                    };
-                    let delta = (xd
-                        .matmul(&a.t().unwrap())
-                        .unwrap()
-                        .matmul(&b.t().unwrap())
-                        .unwrap()
-                        * s)
-                        .unwrap();
-                    let composed = (y + delta).unwrap();
-                    let what = format!("n={n} {wdt:?} bias={with_bias} mask={with_mask}");
-                    assert!(
-                        max_diff(&vals(&fused), &vals(&composed)) < 1e-4,
-                        "{what}: values"
-                    );
-                    for (i, (gf, gc)) in grads(&fused)
-                        .iter()
-                        .zip(grads(&composed).iter())
-                        .enumerate()
-                    {
-                        assert!(max_diff(gf, gc) < 1e-4, "{what}: gradient {i}");
+                        // The composed reference, on the widened weight.
+                        let w32 = w.to_dtype(DType::F32).unwrap();
+                        let mut y = x.as_tensor().matmul(&w32.t().unwrap()).unwrap();
+                        if let Some(bias) = &bias {
+                            y = y.broadcast_add(bias).unwrap();
+                        }
+                        let xd = match &mask {
+                            Some(m) => (x.as_tensor()
+                                * Tensor::from_vec(m.clone(), (n, k), &dev).unwrap())
+                            .unwrap(),
+                            None => x.as_tensor().clone(),
+                        };
+                        let delta = (xd
+                            .matmul(&a.t().unwrap())
+                            .unwrap()
+                            .matmul(&b.t().unwrap())
+                            .unwrap()
+                            * s)
+                            .unwrap();
+                        let composed = (y + delta).unwrap();
+                        let what = format!("n={n} {wdt:?} bias={with_bias} mask={with_mask}");
+                        assert!(
+                            max_diff(&vals(&fused), &vals(&composed)) < 1e-4,
+                            "{what}: values"
+                        );
+                        for (i, (gf, gc)) in grads(&fused)
+                            .iter()
+                            .zip(grads(&composed).iter())
+                            .enumerate()
+                        {
+                            assert!(max_diff(gf, gc) < 1e-4, "{what}: gradient {i}");
+                        }
                     }
                 }
             }
-        }
+        });
     }
 }

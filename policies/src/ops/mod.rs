@@ -2,6 +2,7 @@
 //! exists and its backward is written out here (see `bridge`), so gradients reach the
 //! adapter exactly and frozen weights cost no gradient work.
 
+pub mod bf16_dot;
 pub mod bridge;
 pub mod gemm;
 pub mod half_weight;
