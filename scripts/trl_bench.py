@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""TRL side of the RL speed workloads W3 (PPO) and W4 (GRPO), to run beside `rlft bench`.
+"""TRL side of the RL speed workloads W3 (PPO), W4 and W7 (GRPO), to run beside `rlft bench`.
 
 Prints one JSON line per run on stdout (everything else, TRL/transformers logs included, goes
 to stderr), e.g.
@@ -17,6 +17,17 @@ Usage (one workload per process, so peak_rss_mb is that workload's own):
     # trl-1.12.0.dist-info/, no venv of its own): put it first on PYTHONPATH and use the peer
     # venv's python for torch/transformers/peft/accelerate/datasets.
     PYTHONPATH=/work/peer/trl112 /work/peer/venv/bin/python scripts/trl_bench.py --workload W3 [--steps 6]
+
+    # W7, GRPO on a model folder (the real model, as `rlft bench --model M --workload W7`)
+    /work/peer/venv/bin/python scripts/trl_bench.py --workload W7 --model DIR [--dtype bf16] [--steps 3]
+
+  W7 matches src/bench/mod.rs w7: 64 chat prompts "What is a + b?" (a, b in 1..50; the
+  model's chat template adds its system turn), 4 prompts x 8 generations = 32 completions of
+  exactly 24 tokens (min_new_tokens = max_completion_length = 24: rlft sets no stop token),
+  temperature 1, LoRA r=16 alpha=32 on every linear layer, the length reward (target 8),
+  beta 0.04, one iteration, per_device_train_batch_size 32 (one optimizer step per 32
+  completions), lr 1e-5, f32 or bf16 weights (--dtype; bf16 loads the model in bf16, as
+  rlft's bf16 keeps the matrices in bf16), no gradient checkpointing. Timing as W4.
 
 Run it on an otherwise idle machine: the line carries `other_procs_cpu_cores` (from the peer's
 common.emit); above ~0.2 on a 2-core box the timing is contaminated by other processes.
@@ -127,6 +138,7 @@ BATCH = 8
 NEW_TOKENS = 16
 LR = 1e-5
 LENGTH_TARGET = 8
+W7_NEW_TOKENS = 24
 
 
 def log(*a):
@@ -324,9 +336,70 @@ def run_w3(common, a, out_dir):
             "batch": BATCH, "new_tokens": NEW_TOKENS, "num_ppo_epochs": 4, "trainable_params": n_train}
 
 
+def run_w7(common, a, out_dir):
+    from trl import GRPOConfig, GRPOTrainer
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    if not a.model:
+        die("W7 needs --model DIR (the folder rlft converted the GGUF into, or any HF folder)")
+    tok = AutoTokenizer.from_pretrained(a.model)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype)
+    rng = random.Random(7)
+    prompts = [[{"role": "user", "content": f"What is {rng.randrange(1, 50)} + {rng.randrange(1, 50)}?"}]
+               for _ in range(64)]
+    ds = Dataset.from_dict({"prompt": prompts})
+    marks = {"begin": [], "end": []}
+    rollout = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            marks["begin"].append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            marks["end"].append(time.perf_counter())
+            log(f"step {state.global_step}: {marks['end'][-1] - marks['begin'][-1]:.3f} s")
+
+    class TimedGRPO(GRPOTrainer):
+        def _generate_and_score_completions(self, *args, **kw):
+            t0 = time.perf_counter()
+            r = super()._generate_and_score_completions(*args, **kw)
+            rollout.append(time.perf_counter() - t0)
+            return r
+
+    kw = common_args(out_dir, a.seed)
+    kw.update(per_device_train_batch_size=32, bf16=False)
+    cfg = GRPOConfig(**kw, max_steps=a.warmup + a.steps, num_generations=8,
+                     max_completion_length=W7_NEW_TOKENS, beta=0.04, temperature=1.0, top_k=0, top_p=1.0,
+                     num_iterations=1, max_grad_norm=1.0, disable_dropout=True, log_completions=False,
+                     generation_kwargs={"min_new_tokens": W7_NEW_TOKENS})
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = TimedGRPO(model=model, reward_funcs=length_reward, args=cfg, train_dataset=ds,
+                        processing_class=tok, peft_config=lora, callbacks=[Timer()])
+    log(f"W7: dtype {next(trainer.model.parameters()).dtype}, trainable "
+        f"{sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}")
+    trainer.train()
+    b, e = marks["begin"], marks["end"]
+    n = min(len(b), len(e))
+    step = [e[i] - b[i] for i in range(n)][a.warmup:]
+    if not step:
+        die(f"no steps timed ({n} steps ran, warm-up {a.warmup})")
+    s = statistics.median(step)
+    return {"workload": "W7", "impl": "trl-grpo", "seconds_per_step": round(s, 4),
+            "samples_per_s": round(32 / s, 2), "steps_timed": len(step), "rollout_s": median(rollout[a.warmup:]),
+            "seconds_per_step_min": round(min(step), 4), "seconds_per_step_max": round(max(step), 4),
+            "prompts_per_step": 4, "num_generations": 8, "new_tokens": W7_NEW_TOKENS, "beta": 0.04,
+            "dtype": a.dtype, "shape": a.model}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workload", required=True, choices=["W3", "W4"])
+    ap.add_argument("--workload", required=True, choices=["W3", "W4", "W7"])
+    ap.add_argument("--model", default=None, help="W7: the model folder")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"], help="W7: the weights' dtype")
     ap.add_argument("--steps", type=int, default=None, help="timed steps/updates (default W4: 8, W3: 6)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed first steps (default W4: 2, W3: 1)")
     ap.add_argument("--peer-dir", default="/work/shared/peer", help="folder holding the peer's common.py")
@@ -336,7 +409,7 @@ def main():
                          "forcing plain f32 without checkpointing (not the W3/W4 definition; for comparison)")
     a = ap.parse_args()
     if a.steps is None:
-        a.steps = 8 if a.workload == "W4" else 6
+        a.steps = {"W4": 8, "W3": 6, "W7": 3}[a.workload]
     if a.warmup is None:
         a.warmup = 2 if a.workload == "W4" else 1
     if a.steps < 1 or a.warmup < 0:
@@ -353,7 +426,7 @@ def main():
     v, p = trl_version()
     log(f"python {sys.executable}, trl {v} from {p}")
     with tempfile.TemporaryDirectory(prefix="trl_bench_") as out_dir:
-        res = (run_w4 if a.workload == "W4" else run_w3)(common, a, out_dir)
+        res = {"W4": run_w4, "W3": run_w3, "W7": run_w7}[a.workload](common, a, out_dir)
     import torch
     import transformers
     res = {"workload": res.pop("workload"), "impl": res.pop("impl"), "trl": v, **res,

@@ -1,4 +1,5 @@
-//! `rlft bench`: speed workloads W1–W4 on small models and W5–W6 at real size
+//! `rlft bench`: speed workloads W1–W4 on small models, W5–W6 at real size, W7 (a GRPO
+//! step) on a model given with `--model`
 //! (docs/performance.md).
 
 use crate::bench::{default_work, run_all, run_one, Job, Shape};
@@ -13,7 +14,7 @@ pub struct Args {
     /// Also show how W1 and W2 grow with T (64…1024) and B (1…64).
     #[arg(long)]
     pub sweep: bool,
-    /// Run only this workload, in this process (W1, W2, W3, W4, W5, W6).
+    /// Run only this workload, in this process (W1, W2, W3, W4, W5, W6, W7).
     #[arg(long)]
     pub workload: Option<String>,
     /// With --workload: batch and length (T for W1 and W5, new tokens for W2 and W6).
@@ -148,6 +149,15 @@ pub fn run(mut args: Args) -> Result<()> {
                 });
             }
         }
+        // W7, a GRPO step, on a real model only (its prompts are chat questions).
+        if args.model.is_some() && args.quantization.is_none() {
+            for d in &dtypes {
+                list.push(Job {
+                    checkpointing: false,
+                    ..job("W7", d)
+                });
+            }
+        }
     } else {
         if quantizations.len() > 1 {
             bail!("--quantization applies to W5 and W6 (at real size)");
@@ -182,8 +192,12 @@ pub fn run(mut args: Args) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<5} {:<9} {:>6} {:>6} {:>12} {:>12} {:>12} {:>10}  phases (s)",
-        "load", "dtype", "B", "T", "s/step", "tokens/s", "samples/s", "peak MB"
+        "bf16 products: {}",
+        rlft_policies::ops::bf16_dot::kernel_name()
+    );
+    println!(
+        "{:<5} {:<9} {:>6} {:>6} {:>12} {:>12} {:>12} {:>10} {:>16}  phases (s)",
+        "load", "dtype", "B", "T", "s/step", "tokens/s", "samples/s", "peak MB", "TFLOP/s (peak)"
     );
     for r in rows {
         let name = r["workload"].as_str().unwrap_or("?");
@@ -218,8 +232,14 @@ pub fn run(mut args: Args) -> Result<()> {
             .get("tokens_per_s_unmerged")
             .map(|v| format!("unmerged {} tok/s", fmt(v)))
             .unwrap_or_default();
+        // Achieved TFLOP/s and its share of the CPU's bf16 peak (cores × GHz × FLOP/cycle).
+        let tflops = match (r["tflops"].as_f64(), r["share_of_bf16_peak"].as_f64()) {
+            (Some(t), Some(s)) => format!("{t:.3} ({:.1}%)", 100.0 * s),
+            (Some(t), None) => format!("{t:.3}"),
+            _ => "-".into(),
+        };
         println!(
-            "{name:<5} {dtype:<9} {:>6} {:>6} {:>12} {:>12} {:>12} {:>10}  {ckpt}{phases}{extra}",
+            "{name:<5} {dtype:<9} {:>6} {:>6} {:>12} {:>12} {:>12} {:>10} {tflops:>16}  {ckpt}{phases}{extra}",
             r.get("batch").map(|v| v.to_string()).unwrap_or("8".into()),
             r.get("seq")
                 .or(r.get("new_tokens"))
