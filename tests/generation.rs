@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 use rlft::policies::candle_core::DType;
-use rlft::policies::{generate, GenerationConfig, SamplingParams};
+use rlft::policies::{generate, generate_unshared, GenerationConfig, SamplingParams};
 use serde_json::Value;
 
 fn prompts(pre: &rlft::policies::Pretrained) -> Vec<Vec<u32>> {
@@ -44,6 +44,49 @@ fn cached_and_uncached_decoding_agree() {
                     generate(pre.model.as_ref(), a, &ps, &cfg(sampling.clone(), false)).unwrap();
                 assert_eq!(cached, full, "{m} {sampling:?} adapter={}", a.is_some());
                 assert!(cached.iter().all(|g| g.completion_ids.len() == 12));
+            }
+        }
+    }
+}
+
+/// GRPO's groups: rows that repeat a prompt consecutively share one prefill. The completions
+/// equal those of prefilling every row and those of decoding without a cache, with ragged
+/// prompt lengths (left padding), a prompt repeated again after another group (its own
+/// group), sampling and greedy, with and without an adapter, in f32 and bf16.
+#[test]
+fn groups_share_their_prompt_prefill_exactly() {
+    let sampled = SamplingParams {
+        temperature: 0.9,
+        top_k: Some(50),
+        top_p: Some(0.95),
+    };
+    for m in FAMILIES {
+        for dtype in [DType::F32, DType::BF16] {
+            let pre = load(m, dtype);
+            let adapter = load_adapter(m, &pre);
+            let p = prompts(&pre);
+            let rows: Vec<Vec<u32>> = [0, 0, 0, 1, 1, 2, 0, 0]
+                .iter()
+                .map(|&i| p[i].clone())
+                .collect();
+            for sampling in [SamplingParams::greedy(), sampled.clone()] {
+                for a in [None, Some(&adapter)] {
+                    let what = format!("{m} {dtype:?} {sampling:?} adapter={}", a.is_some());
+                    let c = cfg(sampling.clone(), true);
+                    let shared = generate(pre.model.as_ref(), a, &rows, &c).unwrap();
+                    let each = generate_unshared(pre.model.as_ref(), a, &rows, &c).unwrap();
+                    assert_eq!(shared, each, "{what}");
+                    if dtype == DType::F32 {
+                        let full =
+                            generate(pre.model.as_ref(), a, &rows, &cfg(sampling.clone(), false))
+                                .unwrap();
+                        assert_eq!(shared, full, "{what}: uncached");
+                    }
+                    if sampling.temperature > 0.0 {
+                        // Sampled rows of one group differ: each row draws its own tokens.
+                        assert_ne!(shared[0].completion_ids, shared[1].completion_ids, "{what}");
+                    }
+                }
             }
         }
     }

@@ -37,11 +37,51 @@ pub struct Generation {
 
 /// Generates a completion for each prompt. Sampling draws from one generator seeded with
 /// `cfg.seed`, row by row at each step, so a run is repeatable.
+///
+/// Rows that repeat a prompt consecutively (GRPO's and RLOO's groups) share its prefill: with
+/// the KV cache the prompt runs once per group and each of the group's rows starts from its
+/// keys and values, so the completions are those of [`generate_unshared`], which prefills every
+/// row (a row's products do not depend on the other rows of the batch).
 pub fn generate(
     model: &dyn CausalLm,
     adapter: Option<&Adapter>,
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
+) -> Result<Vec<Generation>> {
+    generate_with(model, adapter, prompts, cfg, true)
+}
+
+/// [`generate`] prefilling every row's prompt, repeated ones too (the reference the shared
+/// prefill is tested against).
+pub fn generate_unshared(
+    model: &dyn CausalLm,
+    adapter: Option<&Adapter>,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+) -> Result<Vec<Generation>> {
+    generate_with(model, adapter, prompts, cfg, false)
+}
+
+/// Each row's group (runs of equal consecutive prompts) and each group's first row; None when
+/// no prompt repeats.
+fn prompt_groups(prompts: &[Vec<u32>]) -> Option<(Vec<u32>, Vec<usize>)> {
+    let mut row_group = Vec::with_capacity(prompts.len());
+    let mut firsts: Vec<usize> = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        if firsts.last().is_none_or(|&f| prompts[f] != *p) {
+            firsts.push(i);
+        }
+        row_group.push((firsts.len() - 1) as u32);
+    }
+    (firsts.len() < prompts.len()).then_some((row_group, firsts))
+}
+
+fn generate_with(
+    model: &dyn CausalLm,
+    adapter: Option<&Adapter>,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    share_prefill: bool,
 ) -> Result<Vec<Generation>> {
     cfg.sampling
         .validate()
@@ -73,11 +113,34 @@ pub fn generate(
     let mut cache = cfg
         .use_cache
         .then(|| model.new_cache(longest + cfg.max_new_tokens));
+    // Shared prefill: the groups' prompts, padded to the same longest prompt as the rows.
+    let shared = (cfg.use_cache && share_prefill)
+        .then(|| prompt_groups(prompts))
+        .flatten();
     let mut input = BatchInput::left_padded(prompts, cfg.pad_id, &dev)?;
     for step in 0..cfg.max_new_tokens {
-        let hidden = model.forward_hidden(&input, &ctx, cache.as_mut())?;
-        let t = hidden.dim(1)?;
-        let last = hidden.narrow(1, t - 1, 1)?;
+        let last = match (&shared, cache.as_mut()) {
+            (Some((row_group, firsts)), Some(rows_cache)) if step == 0 => {
+                // 1. Prefill each group's prompt once, 2. give every row its group's keys,
+                //    values and last hidden state.
+                let heads: Vec<Vec<u32>> = firsts.iter().map(|&f| prompts[f].clone()).collect();
+                let mut group_cache = model.new_cache(longest + cfg.max_new_tokens);
+                let input_g = BatchInput::left_padded(&heads, cfg.pad_id, &dev)?;
+                let hidden = model.forward_hidden(&input_g, &ctx, Some(&mut group_cache))?;
+                let idx = Tensor::new(row_group.as_slice(), &dev)?;
+                *rows_cache = group_cache.select_rows(row_group, &idx)?;
+                let t = hidden.dim(1)?;
+                hidden
+                    .narrow(1, t - 1, 1)?
+                    .contiguous()?
+                    .index_select(&idx, 0)?
+            }
+            _ => {
+                let hidden = model.forward_hidden(&input, &ctx, cache.as_mut())?;
+                let t = hidden.dim(1)?;
+                hidden.narrow(1, t - 1, 1)?
+            }
+        };
         let logits: Vec<Vec<f32>> = model
             .logits(&last, &ctx)?
             .squeeze(1)?

@@ -46,6 +46,25 @@ impl KvCache {
         &self.valid
     }
 
+    /// A cache of `rows.len()` rows, row `i` a copy of this cache's row `rows[i]` (`idx`: the
+    /// same indices as a u32 tensor on the cache's device), with room for as many positions.
+    pub fn select_rows(&self, rows: &[u32], idx: &Tensor) -> Result<Self> {
+        let mut out = Self::new(self.layers.len(), self.max_len);
+        for (layer, into) in self.layers.iter().zip(out.layers.iter_mut()) {
+            if let (Some(k), Some(v)) = (layer.k()?, layer.v()?) {
+                into.append(
+                    &k.contiguous()?.index_select(idx, 0)?,
+                    &v.contiguous()?.index_select(idx, 0)?,
+                )?;
+            }
+        }
+        out.valid = rows
+            .iter()
+            .map(|&r| self.valid[r as usize].clone())
+            .collect();
+        Ok(out)
+    }
+
     /// Appends this step's keys and values `[b, kv_heads, t, d]` to layer `i`; returns all
     /// cached keys and values.
     pub(crate) fn append(&mut self, i: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {

@@ -31,7 +31,7 @@ pub mod weights;
 pub use ctx::ForwardCtx;
 pub use error::{PolicyError, Result};
 pub use families::{BatchInput, CausalLm, ModelInfo};
-pub use generate::{generate, score, Generation, GenerationConfig};
+pub use generate::{generate, generate_unshared, score, Generation, GenerationConfig};
 pub use lora::{Adapter, LoraConfig, Targets};
 pub use pretrained::Pretrained;
 pub use sampling::SamplingParams;
