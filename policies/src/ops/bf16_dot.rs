@@ -72,8 +72,8 @@ pub fn with_engine<R>(engine: Option<Engine>, f: impl FnOnce() -> R) -> R {
 
 /// The dot kernel for decoding's few rows: `VDPBF16PS` when it is also the engine of the
 /// many-row products. Where AMX is the engine (Intel), `VDPBF16PS` issues at half the
-/// rate of f32 FMA on 512-bit vectors and decoding keeps the widening kernels (measured:
-/// docs/performance.md).
+/// rate of f32 FMA on 512-bit vectors and decoding keeps the widening kernels, on rows
+/// rounded to bf16 like every other product (measured: docs/performance.md).
 pub fn decode_dot() -> Option<DotKernel> {
     match engine() {
         Some(Engine::Tiles(k)) => Some(k.dot),
@@ -84,7 +84,9 @@ pub fn decode_dot() -> Option<DotKernel> {
 /// What `rlft bench` prints for a bf16 weight's products.
 pub fn kernel_name() -> &'static str {
     match engine() {
-        Some(Engine::Amx) => "amx-bf16 (TDPBF16PS tiles; decoding: f32 FMA on widened bf16)",
+        Some(Engine::Amx) => {
+            "amx-bf16 (TDPBF16PS tiles; decoding: bf16 rows by f32 FMA on the widened weight)"
+        }
         Some(Engine::Tiles(_)) => "avx512-bf16 (VDPBF16PS, bf16 activations, f32 sums)",
         None if cpu_has_avx512_bf16() || amx::available() => {
             "f32 FMA on widened bf16 (RLFT_BF16_KERNEL=f32)"

@@ -223,8 +223,18 @@ fn bf16_t(
     };
     let (bits, par) = (rows.bits(), parallel(m, n, k));
     if m <= bf16_dot::DOT_MAX_ROWS {
-        let dot = bf16_dot::decode_dot()?;
-        return Some(bf16_dot::rowdot(x, bits, (m, n, k), par, dot));
+        return Some(match bf16_dot::decode_dot() {
+            Some(dot) => bf16_dot::rowdot(x, bits, (m, n, k), par, dot),
+            // The widening kernels on the rows rounded to bf16: the bf16 engine's products
+            // (bf16 rows, f32 sums), whatever the number of rows.
+            None => {
+                let xr: Vec<f32> = x[..m * k]
+                    .iter()
+                    .map(|&v| f32::from_bits((bf16_dot::round_bf16(v) as u32) << 16))
+                    .collect();
+                rowdot_half(&xr, rows, m, n, k, par)
+            }
+        });
     }
     let steps = bf16_dot::steps(k, engine);
     let packed = w.is_contiguous().then(|| {
@@ -560,14 +570,9 @@ mod tests {
                         .to_dtype(DType::BF16)
                         .unwrap();
                     let w32 = widened(&w);
-                    // Rows are rounded unless decoding keeps the widening kernels (AMX hosts).
-                    let rounds = m > bf16_dot::DOT_MAX_ROWS || bf16_dot::decode_dot().is_some();
+                    // Rows are rounded on every path, decoding's few included.
                     let x = Var::randn(0f32, 1.0, (m, k), &dev).unwrap();
-                    let xr = if rounds {
-                        rounded(x.as_tensor())
-                    } else {
-                        x.as_tensor().clone()
-                    };
+                    let xr = rounded(x.as_tensor());
                     let want: Vec<f32> = xr
                         .matmul(&w32.t().unwrap())
                         .unwrap()
@@ -577,7 +582,15 @@ mod tests {
                         .unwrap();
                     let y = crate::ops::frozen_matmul_t(x.as_tensor(), &w).unwrap();
                     let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
-                    assert!(max_diff(&got, &want) < 1e-4, "{m}x{n}x{k} forward");
+                    let e = max_diff(&got, &want);
+                    assert!(
+                        e < 1e-4,
+                        "{m}x{n}x{k} forward {} {e}",
+                        match engine {
+                            Engine::Amx => "amx",
+                            _ => "tiles",
+                        }
+                    );
                     let c = Tensor::randn(0f32, 1.0, (m, n), &dev).unwrap();
                     let g = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
                     let got: Vec<f32> =
