@@ -2,7 +2,7 @@
 //! passes over them — old log-probs and values (policy, critic), reference log-probs
 //! (adapter off) — and the rewards.
 
-use super::rollout::{critic_values, response_logprobs, score, Rollouts};
+use super::rollout::{critic_values, response_logprobs_shared, score, Rollouts};
 use super::value_head::ValueHead;
 use crate::config::rl::RlConfig;
 use crate::data::prompts::Prompt;
@@ -144,10 +144,10 @@ pub fn collect(
     }
     timing.policy = t0.elapsed().as_secs_f64();
 
-    // Reference log-probs: the same base with the adapter off.
+    // Reference log-probs: the same base with the adapter off, each group's prompt once.
     let t0 = Instant::now();
     let logp_ref = if req.reference {
-        Some(response_logprobs(
+        Some(response_logprobs_shared(
             model,
             &ForwardCtx::inference(None),
             &ro,

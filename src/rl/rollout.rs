@@ -8,7 +8,7 @@
 
 use super::value_head::ValueHead;
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rlft_policies::logprobs::{score_hidden, Entropy};
 use rlft_policies::{BatchInput, CausalLm, ForwardCtx, Generation};
 
@@ -170,6 +170,89 @@ pub fn critic_values(
     head.forward(&hidden.narrow(1, p_len - 1, r_len)?, ctx.grad)
 }
 
+/// [`response_logprobs`] without gradients, each group's prompt computed once: rows of a chunk
+/// that repeat a prompt consecutively (GRPO's and RLOO's groups) run it once, with a KV
+/// cache; each row then runs its response on its group's keys and values (copied per row,
+/// `KvCache::select_rows`), and the state at the prompt's last position — the group's —
+/// predicts its first response token. Every key a response token attends, and every product
+/// of a row, is the per-row computation's, so the log-probs equal [`response_logprobs`]' (to
+/// f32 rounding, tests/rl.rs). A chunk without repeated prompts takes the per-row path.
+pub fn response_logprobs_shared(
+    model: &dyn CausalLm,
+    ctx: &ForwardCtx,
+    ro: &Rollouts,
+    rows: &[usize],
+    chunk: usize,
+    temperature: f64,
+) -> Result<Vec<Vec<f64>>> {
+    let dev = model.info().device.clone();
+    let (p, r) = (ro.p_len, ro.r_len);
+    let mut out = Vec::with_capacity(rows.len());
+    for c in rows.chunks(chunk.max(1)) {
+        // Each row's group: runs of rows with the same prompt.
+        let mut firsts: Vec<usize> = Vec::new();
+        let mut row_group: Vec<u32> = Vec::with_capacity(c.len());
+        for &i in c {
+            if firsts
+                .last()
+                .is_none_or(|&f| ro.prompt_ids[f] != ro.prompt_ids[i])
+            {
+                firsts.push(i);
+            }
+            row_group.push((firsts.len() - 1) as u32);
+        }
+        if ctx.grad || firsts.len() == c.len() {
+            out.extend(response_logprobs(model, ctx, ro, c, c.len(), temperature)?);
+            continue;
+        }
+        // 1. The groups' prompts, left-padded to P, into a cache.
+        let (mut ids, mut valid) = (Vec::new(), Vec::new());
+        for &f in &firsts {
+            let pr = &ro.prompt_ids[f];
+            ids.push([vec![ro.pad; p - pr.len()], pr.clone()].concat());
+            valid.push((0..p).map(|j| j >= p - pr.len()).collect::<Vec<bool>>());
+        }
+        let prompts = BatchInput::with_mask(&ids, valid, &dev)?;
+        let mut cache = model.new_cache(p + r);
+        let hidden_p = model.forward_hidden(&prompts, ctx, Some(&mut cache))?;
+        // 2. Every row's response on its group's keys and values.
+        let idx = Tensor::new(row_group.as_slice(), &dev)?;
+        let mut rows_cache = cache.select_rows(&row_group, &idx)?;
+        let (mut r_ids, mut r_pos, mut r_valid) = (Vec::new(), Vec::new(), Vec::new());
+        for &i in c {
+            let (pl, re) = (ro.prompt_ids[i].len(), &ro.response_ids[i]);
+            for t in 0..r {
+                r_ids.push(re.get(t).copied().unwrap_or(ro.pad));
+                r_pos.push(if t < re.len() { (pl + t) as u32 } else { 0 });
+            }
+            r_valid.push((0..r).map(|t| t < re.len()).collect::<Vec<bool>>());
+        }
+        let responses = BatchInput::from_parts(r_ids, r_pos, r_valid, &dev)?;
+        let hidden_r = model.forward_hidden(&responses, ctx, Some(&mut rows_cache))?;
+        // 3. The state before response token t: the prompt's last for t = 0, else response t−1.
+        let last = hidden_p
+            .narrow(1, p - 1, 1)?
+            .contiguous()?
+            .index_select(&idx, 0)?;
+        let h = if r > 1 {
+            Tensor::cat(&[&last, &hidden_r.narrow(1, 0, r - 1)?], 1)?
+        } else {
+            last
+        };
+        let lp: Vec<Vec<f64>> =
+            score_hidden(model, &h, &responses.ids, ctx, temperature, Entropy::Skip)?
+                .logp
+                .to_dtype(DType::F64)?
+                .to_vec2()?;
+        out.extend(
+            c.iter()
+                .zip(lp)
+                .map(|(&i, row)| row[..ro.resp_len(i)].to_vec()),
+        );
+    }
+    Ok(out)
+}
+
 /// Log-probs of every response token of `rows` under `ctx`, scored in chunks of `chunk`
 /// rollouts; one row per rollout, as long as its response.
 pub fn response_logprobs(
@@ -184,7 +267,7 @@ pub fn response_logprobs(
     let mut out = Vec::with_capacity(rows.len());
     for c in rows.chunks(chunk.max(1)) {
         let input = ro.input(c, &dev)?;
-        let lp: Vec<Vec<f32>> = score(
+        let lp: Vec<Vec<f64>> = score(
             model,
             ctx,
             &input,
@@ -195,13 +278,13 @@ pub fn response_logprobs(
             Entropy::Skip,
         )?
         .logp
+        .to_dtype(DType::F64)?
         .to_vec2()?;
-        out.extend(c.iter().zip(lp).map(|(&i, r)| {
-            r[..ro.resp_len(i)]
-                .iter()
-                .map(|&x| x as f64)
-                .collect::<Vec<f64>>()
-        }));
+        out.extend(
+            c.iter()
+                .zip(lp)
+                .map(|(&i, r): (&usize, Vec<f64>)| r[..ro.resp_len(i)].to_vec()),
+        );
     }
     Ok(out)
 }
