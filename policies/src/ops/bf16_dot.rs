@@ -110,182 +110,6 @@ pub fn cpu_has_avx512_bf16() -> bool {
 }
 
 // ---------------------------------------------------------------------------------------
-// The instruction, emulated.
-
-/// `VCVTNEPS2BF16`: f32 → bf16 bits, round to nearest even; denormals become signed zero,
-/// a NaN stays a (quiet) NaN.
-pub fn round_bf16(x: f32) -> u16 {
-    let b = x.to_bits();
-    if x.is_nan() {
-        return ((b >> 16) as u16) | 0x40;
-    }
-    if x.is_subnormal() {
-        return ((b >> 16) as u16) & 0x8000;
-    }
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
-}
-
-/// A bf16 as `VDPBF16PS` reads it: denormals as zero.
-fn widen_daz(b: u16) -> f32 {
-    if (b >> 7) & 0xff == 0 {
-        f32::from_bits(((b & 0x8000) as u32) << 16)
-    } else {
-        f32::from_bits((b as u32) << 16)
-    }
-}
-
-fn flush(x: f32) -> f32 {
-    if x.is_subnormal() {
-        f32::from_bits(x.to_bits() & 0x8000_0000)
-    } else {
-        x
-    }
-}
-
-/// One lane of `VDPBF16PS`: `acc + a₁b₁ + a₀b₀` for the pairs `a = (a₀, a₁)`, `b` (low half
-/// first), the odd product added first, each addition one rounding, denormals flushed.
-pub fn dot_pair(acc: f32, a: u32, b: u32) -> f32 {
-    let (a0, a1) = (widen_daz(a as u16), widen_daz((a >> 16) as u16));
-    let (b0, b1) = (widen_daz(b as u16), widen_daz((b >> 16) as u16));
-    let t = flush(a1.mul_add(b1, flush(acc)));
-    flush(a0.mul_add(b0, t))
-}
-
-// ---------------------------------------------------------------------------------------
-// Operands.
-
-/// Rows `x` [m, k] (row-major) rounded to bf16 and paired along k: [rows, pairs] pairs
-/// (rows ≥ m, pairs ≥ ⌈k/2⌉), the low half the even column, everything past `x` zero.
-pub fn round_pairs(
-    x: &[f32],
-    (m, k): (usize, usize),
-    (rows, pairs): (usize, usize),
-    parallel: bool,
-) -> Vec<u32> {
-    assert!(rows >= m && pairs >= k.div_ceil(2) && x.len() >= m * k);
-    let mut out = uninit(rows * pairs);
-    if pairs == 0 {
-        return out;
-    }
-    let simd = cpu_has_avx512_bf16();
-    let row = |(i, o): (usize, &mut [u32])| {
-        if i >= m {
-            return o.fill(0);
-        }
-        let (mut xr, mut o) = (&x[i * k..(i + 1) * k], o);
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: the CPU has avx512bf16 (checked above).
-            let done = unsafe { avx512::round_row(xr, o) };
-            (xr, o) = (&xr[2 * done..], &mut o[done..]);
-        }
-        let (data, pad) = o.split_at_mut(xr.len().div_ceil(2));
-        for (v, pair) in data.iter_mut().zip(xr.chunks(2)) {
-            let lo = round_bf16(pair[0]) as u32;
-            let hi = pair.get(1).map_or(0, |&h| round_bf16(h) as u32);
-            *v = lo | hi << 16;
-        }
-        pad.fill(0);
-    };
-    if parallel && m > 1 {
-        out.par_chunks_mut(pairs).enumerate().for_each(row);
-    } else {
-        out.chunks_mut(pairs).enumerate().for_each(row);
-    }
-    out
-}
-
-/// A vector of `len` values the caller writes in full before reading any.
-fn uninit<T: Copy>(len: usize) -> Vec<T> {
-    let mut v = Vec::with_capacity(len);
-    // SAFETY: T is Copy (no drop), and every caller writes all `len` values before it reads
-    // them (round_pairs: every row; the products: every output tile).
-    #[allow(clippy::uninit_vec)]
-    unsafe {
-        v.set_len(len)
-    };
-    v
-}
-
-/// Packs `w` rows [rb, k] (bf16 bits, row-major) for `x · wᵀ` into `out`: panel `P` of
-/// output columns `64P..64P+64`, step `p`: `(w[j][2p], w[j][2p+1])` for each column `j`
-/// (zeros past the edges). [⌈rb/64⌉, steps, 64] pairs (steps ≥ ⌈k/2⌉); every one is
-/// written.
-pub fn pack_t(w: &[u16], rb: usize, k: usize, steps: usize, out: &mut [u32], parallel: bool) {
-    let kp = steps;
-    assert!(steps >= k.div_ceil(2));
-    let panels = rb.div_ceil(NR);
-    let out = &mut out[..panels * kp * NR];
-    let panel = |(pi, o): (usize, &mut [u32])| {
-        let cols = NR.min(rb - pi * NR);
-        for c in 0..cols {
-            let row = &w[(pi * NR + c) * k..(pi * NR + c + 1) * k];
-            for (p, pair) in row.chunks(2).enumerate() {
-                let hi = pair.get(1).map_or(0, |&h| h as u32);
-                o[p * NR + c] = pair[0] as u32 | hi << 16;
-            }
-        }
-        for step in o.chunks_exact_mut(NR).skip(k.div_ceil(2)) {
-            step[..cols].fill(0);
-        }
-        if cols < NR {
-            for step in o.chunks_exact_mut(NR) {
-                step[cols..].fill(0);
-            }
-        }
-    };
-    if kp == 0 {
-        return;
-    }
-    if parallel {
-        out.par_chunks_mut(kp * NR).enumerate().for_each(panel);
-    } else {
-        out.chunks_mut(kp * NR).enumerate().for_each(panel);
-    }
-}
-
-/// Packs `w` rows [rb, k] for `dy · w` (the reduction runs over w's rows) into `out`: panel
-/// `P` of output columns `64P..64P+64` (of k), step `q`: `(w[2q][c], w[2q+1][c])` — two
-/// weight rows interleaved. [⌈k/64⌉, steps, 64] pairs (steps ≥ ⌈rb/2⌉); every one is
-/// written.
-pub fn pack_n(w: &[u16], rb: usize, k: usize, steps: usize, out: &mut [u32], parallel: bool) {
-    let qp = steps;
-    assert!(steps >= rb.div_ceil(2));
-    let panels = k.div_ceil(NR);
-    let out = &mut out[..panels * qp * NR];
-    let panel = |(pi, o): (usize, &mut [u32])| {
-        let (c0, cols) = (pi * NR, NR.min(k - pi * NR));
-        for (q, step) in o.chunks_exact_mut(NR).enumerate() {
-            if 2 * q >= rb {
-                step.fill(0);
-                continue;
-            }
-            let lo = &w[2 * q * k + c0..2 * q * k + c0 + cols];
-            let (dst, pad) = step.split_at_mut(cols);
-            if 2 * q + 1 < rb {
-                let hi = &w[(2 * q + 1) * k + c0..(2 * q + 1) * k + c0 + cols];
-                for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
-                    *d = l as u32 | (h as u32) << 16;
-                }
-            } else {
-                for (d, &l) in dst.iter_mut().zip(lo) {
-                    *d = l as u32;
-                }
-            }
-            pad.fill(0);
-        }
-    };
-    if qp == 0 {
-        return;
-    }
-    if parallel {
-        out.par_chunks_mut(qp * NR).enumerate().for_each(panel);
-    } else {
-        out.chunks_mut(qp * NR).enumerate().for_each(panel);
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // The packed product.
 
 /// An `mr × nr` tile (mr ≤ [`MR`], nr ≤ [`NR`]) over `kc` pairs: `c[i·ldc + j] (+)=
@@ -301,35 +125,6 @@ pub fn tile_kernel() -> Option<TileKernel> {
         return Some(avx512::tile);
     }
     None
-}
-
-/// [`TileKernel`] in portable code, lane for lane the instruction's arithmetic.
-///
-/// # Safety
-/// As [`TileKernel`]: `a` readable for `mr` rows of `kc` pairs (row stride `lda`), `b` for
-/// `kc` steps of [`NR`] pairs, `c` for `mr` rows of `nr` values (row stride `ldc`).
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn tile_emulated(
-    kc: usize,
-    a: *const u32,
-    lda: usize,
-    b: *const u32,
-    c: *mut f32,
-    ldc: usize,
-    mr: usize,
-    nr: usize,
-    accumulate: bool,
-) {
-    for i in 0..mr {
-        for j in 0..nr {
-            let cij = c.add(i * ldc + j);
-            let mut acc = if accumulate { *cij } else { 0.0 };
-            for p in 0..kc {
-                acc = dot_pair(acc, *a.add(i * lda + p), *b.add(p * NR + j));
-            }
-            *cij = acc;
-        }
-    }
 }
 
 #[derive(Clone, Copy)]
@@ -431,48 +226,6 @@ pub fn dot_kernel() -> Option<DotKernel> {
         return Some(avx512::dots);
     }
     None
-}
-
-/// The 16 lanes of a dot product's accumulator summed in a fixed tree: lanes l and l+8,
-/// then l and l+4, l+2, l+1.
-fn sum_lanes(mut v: [f32; 16]) -> f32 {
-    for half in [8, 4, 2, 1] {
-        for l in 0..half {
-            v[l] += v[l + half];
-        }
-    }
-    v[0]
-}
-
-/// [`DotKernel`] in portable code: lane `l` of chunk `s` takes the pair at values
-/// `32s + 2l, 32s + 2l + 1` of both rows (zeros past `k`), as the masked loads give them.
-///
-/// # Safety
-/// `x` readable for `mr` rows of `k` values, `w` for `nc` rows, both at row stride `k`.
-pub unsafe fn dots_emulated(
-    x: *const u16,
-    w: *const u16,
-    k: usize,
-    mr: usize,
-    nc: usize,
-) -> [[f32; 4]; 4] {
-    let pair = |r: *const u16, s: usize, l: usize| -> u32 {
-        let at = |v: usize| if v < k { *r.add(v) as u32 } else { 0 };
-        at(32 * s + 2 * l) | at(32 * s + 2 * l + 1) << 16
-    };
-    let mut out = [[0f32; 4]; 4];
-    for (i, row) in out.iter_mut().enumerate().take(mr) {
-        for (j, o) in row.iter_mut().enumerate().take(nc) {
-            let mut lanes = [0f32; 16];
-            for s in 0..k.div_ceil(32) {
-                for (l, acc) in lanes.iter_mut().enumerate() {
-                    *acc = dot_pair(*acc, pair(x.add(i * k), s, l), pair(w.add(j * k), s, l));
-                }
-            }
-            *o = sum_lanes(lanes);
-        }
-    }
-    out
 }
 
 /// `out[i·n + j] = Σ bf16(x[i]) · w[j]` for `x` [m, k] f32 and `w` [n, k] bf16 bits, both
@@ -608,50 +361,46 @@ pub fn matmul_t(
     let kp = k.div_ceil(2).next_multiple_of(sa);
     let xa = round_pairs(x, (m, k), (m.next_multiple_of(ra), kp), parallel);
     // Every output tile is written (accumulate = false).
-    let mut dst = uninit(m * n);
-    if let Some(packed) = packed {
-        assert_eq!(
-            packed.len(),
-            n.div_ceil(NR) * kp * NR,
-            "a packing of another shape"
-        );
-        // SAFETY: dst holds m rows of n values.
+    let mut dst: Vec<f32> = uninit(m * n);
+    let out = dst.as_mut_ptr();
+    // Output columns j0..j0+cols from their packed weight rows.
+    let columns = |panels: &[u32], j0: usize, cols: usize| {
+        // SAFETY: dst holds m rows of n values; columns j0..j0+cols are in each row.
         unsafe {
             engine.gemm(
                 (&xa, kp),
                 m,
                 kp,
-                packed,
-                n,
-                (dst.as_mut_ptr(), n),
+                panels,
+                cols,
+                (out.add(j0), n),
                 false,
                 parallel,
             )
-        };
-        return dst;
-    }
-    // Whole panels per block: each block's columns start a panel.
-    let nb = (block / k.max(1)).max(NR) / NR * NR;
-    let len = nb.min(n).div_ceil(NR) * kp * NR;
-    with_scratch(len, |packed| {
-        for j0 in (0..n).step_by(nb) {
-            let rb = nb.min(n - j0);
-            pack_t(&w[j0 * k..(j0 + rb) * k], rb, k, kp, packed, parallel);
-            // SAFETY: dst holds m rows of n values; columns j0..j0+rb are in each row.
-            unsafe {
-                engine.gemm(
-                    (&xa, kp),
-                    m,
-                    kp,
-                    packed,
-                    rb,
-                    (dst.as_mut_ptr().add(j0), n),
-                    false,
-                    parallel,
-                )
-            };
         }
-    });
+    };
+    match packed {
+        Some(all) => {
+            assert_eq!(
+                all.len(),
+                n.div_ceil(NR) * kp * NR,
+                "a packing of another shape"
+            );
+            columns(all, 0, n);
+        }
+        None => {
+            // Whole panels per block: each block's columns start a panel.
+            let nb = (block / k.max(1)).max(NR) / NR * NR;
+            let len = nb.min(n).div_ceil(NR) * kp * NR;
+            with_scratch(len, |panels| {
+                for j0 in (0..n).step_by(nb) {
+                    let rb = nb.min(n - j0);
+                    pack_t(&w[j0 * k..(j0 + rb) * k], rb, k, kp, panels, parallel);
+                    columns(panels, j0, rb);
+                }
+            });
+        }
+    }
     dst
 }
 
@@ -673,56 +422,52 @@ pub fn matmul_n(
         return vec![0f32; m * k];
     }
     // The first block (or the whole packing) writes every output tile (accumulate = false).
-    let mut dst = uninit(m * k);
+    let mut dst: Vec<f32> = uninit(m * k);
+    let out = dst.as_mut_ptr();
     let (ra, sa) = engine.align();
     let np = n.div_ceil(2).next_multiple_of(sa);
     let dya = round_pairs(dy, (m, n), (m.next_multiple_of(ra), np), parallel);
-    if let Some(packed) = packed {
-        assert_eq!(
-            packed.len(),
-            k.div_ceil(NR) * np * NR,
-            "a packing of another shape"
-        );
-        // SAFETY: dst holds m rows of k values.
+    // dst (+)= dy[:, j0..j0+2·steps] · (the packed weight rows j0..).
+    let rows = |panels: &[u32], j0: usize, steps: usize| {
+        // SAFETY: dst holds m rows of k values; dya's rows hold pairs j0/2..j0/2+steps of
+        // np (the padding zero).
         unsafe {
             engine.gemm(
-                (&dya, np),
+                (&dya[j0 / 2..], np),
                 m,
-                np,
-                packed,
+                steps,
+                panels,
                 k,
-                (dst.as_mut_ptr(), k),
-                false,
+                (out, k),
+                j0 > 0,
                 parallel,
             )
-        };
-        return dst;
-    }
-    // Each block starts a pair, and a whole number of the engine's steps.
-    let unit = 2 * sa;
-    let nb = ((block / k.max(1)).max(unit) / unit * unit).min(n.next_multiple_of(unit));
-    let len = k.div_ceil(NR) * (nb / 2) * NR;
-    with_scratch(len, |packed| {
-        for j0 in (0..n).step_by(nb) {
-            let rb = nb.min(n - j0);
-            let steps = rb.div_ceil(2).next_multiple_of(sa);
-            pack_n(&w[j0 * k..(j0 + rb) * k], rb, k, steps, packed, parallel);
-            // SAFETY: dst holds m rows of k values; dya's rows hold pairs j0/2..j0/2+steps
-            // of np (the padding zero).
-            unsafe {
-                engine.gemm(
-                    (&dya[j0 / 2..], np),
-                    m,
-                    steps,
-                    packed,
-                    k,
-                    (dst.as_mut_ptr(), k),
-                    j0 > 0,
-                    parallel,
-                )
-            };
         }
-    });
+    };
+    match packed {
+        Some(all) => {
+            assert_eq!(
+                all.len(),
+                k.div_ceil(NR) * np * NR,
+                "a packing of another shape"
+            );
+            rows(all, 0, np);
+        }
+        None => {
+            // Each block starts a pair, and a whole number of the engine's steps.
+            let unit = 2 * sa;
+            let nb = ((block / k.max(1)).max(unit) / unit * unit).min(n.next_multiple_of(unit));
+            let len = k.div_ceil(NR) * (nb / 2) * NR;
+            with_scratch(len, |panels| {
+                for j0 in (0..n).step_by(nb) {
+                    let rb = nb.min(n - j0);
+                    let steps = rb.div_ceil(2).next_multiple_of(sa);
+                    pack_n(&w[j0 * k..(j0 + rb) * k], rb, k, steps, panels, parallel);
+                    rows(panels, j0, steps);
+                }
+            });
+        }
+    }
     dst
 }
 
@@ -744,163 +489,18 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
     })
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::{sum_lanes, MR, NR};
-    use std::arch::x86_64::*;
-
-    /// The [`super::TileKernel`] for AVX512-BF16.
-    ///
-    /// # Safety
-    /// As [`super::TileKernel`]; the CPU must have avx512f, avx512bw and avx512bf16.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile(
-        kc: usize,
-        a: *const u32,
-        lda: usize,
-        b: *const u32,
-        c: *mut f32,
-        ldc: usize,
-        mr: usize,
-        nr: usize,
-        accumulate: bool,
-    ) {
-        match mr {
-            6 => tile_mr::<6>(kc, a, lda, b, c, ldc, nr, accumulate),
-            5 => tile_mr::<5>(kc, a, lda, b, c, ldc, nr, accumulate),
-            4 => tile_mr::<4>(kc, a, lda, b, c, ldc, nr, accumulate),
-            3 => tile_mr::<3>(kc, a, lda, b, c, ldc, nr, accumulate),
-            2 => tile_mr::<2>(kc, a, lda, b, c, ldc, nr, accumulate),
-            1 => tile_mr::<1>(kc, a, lda, b, c, ldc, nr, accumulate),
-            _ => unreachable!("tile rows {mr} > {MR}"),
-        }
-    }
-
-    /// The store mask of vector `v` (columns 16v..16v+16) of an `nr`-column tile.
-    #[inline(always)]
-    fn mask(nr: usize, v: usize) -> __mmask16 {
-        let cols = nr.saturating_sub(16 * v).min(16);
-        ((1u32 << cols) - 1) as __mmask16
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile_mr<const R: usize>(
-        kc: usize,
-        a: *const u32,
-        lda: usize,
-        b: *const u32,
-        c: *mut f32,
-        ldc: usize,
-        nr: usize,
-        accumulate: bool,
-    ) {
-        let masks = [mask(nr, 0), mask(nr, 1), mask(nr, 2), mask(nr, 3)];
-        let mut acc = [[_mm512_setzero_ps(); 4]; R];
-        if accumulate {
-            for (i, row) in acc.iter_mut().enumerate() {
-                for (v, r) in row.iter_mut().enumerate() {
-                    *r = _mm512_maskz_loadu_ps(masks[v], c.add(i * ldc + 16 * v));
-                }
-            }
-        }
-        for p in 0..kc {
-            let bp = b.add(p * NR) as *const __m512i;
-            let bv: [__m512bh; 4] = [
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp)),
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.add(1))),
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.add(2))),
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.add(3))),
-            ];
-            for (i, row) in acc.iter_mut().enumerate() {
-                let av = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
-                    *a.add(i * lda + p) as i32,
-                ));
-                for (r, bvv) in row.iter_mut().zip(bv) {
-                    *r = _mm512_dpbf16_ps(*r, av, bvv);
-                }
-            }
-        }
-        for (i, row) in acc.iter().enumerate() {
-            for (v, r) in row.iter().enumerate() {
-                _mm512_mask_storeu_ps(c.add(i * ldc + 16 * v), masks[v], *r);
-            }
-        }
-    }
-
-    /// `VCVTNE2PS2BF16` on 32 values at a time: `o[p] = bf16(x[2p]) | bf16(x[2p+1]) << 16` for
-    /// the whole 16-pair groups of `x`; returns how many pairs it wrote.
-    ///
-    /// # Safety
-    /// The CPU must have avx512f and avx512bf16.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub unsafe fn round_row(x: &[f32], o: &mut [u32]) -> usize {
-        let groups = (x.len() / 32).min(o.len() / 16);
-        for g in 0..groups {
-            let lo = _mm512_loadu_ps(x.as_ptr().add(32 * g));
-            let hi = _mm512_loadu_ps(x.as_ptr().add(32 * g + 16));
-            // The second operand fills the low 16 bf16 values.
-            let v = _mm512_cvtne2ps_pbh(hi, lo);
-            _mm512_storeu_si512(
-                o.as_mut_ptr().add(16 * g) as *mut __m512i,
-                std::mem::transmute::<__m512bh, __m512i>(v),
-            );
-        }
-        16 * groups
-    }
-
-    /// The [`super::DotKernel`] for AVX512-BF16: 32 values of each row per instruction, the
-    /// tail by masked loads (zeros), lanes summed by [`sum_lanes`].
-    ///
-    /// # Safety
-    /// As [`super::DotKernel`]; the CPU must have avx512f, avx512bw and avx512bf16.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub unsafe fn dots(
-        x: *const u16,
-        w: *const u16,
-        k: usize,
-        mr: usize,
-        nc: usize,
-    ) -> [[f32; 4]; 4] {
-        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-        let load = |r: *const u16, s: usize| -> __m512bh {
-            let rem = k - 32 * s;
-            let v = if rem >= 32 {
-                _mm512_loadu_si512(r.add(32 * s) as *const __m512i)
-            } else {
-                _mm512_maskz_loadu_epi16(
-                    ((1u64 << rem) - 1) as __mmask32,
-                    r.add(32 * s) as *const i16,
-                )
-            };
-            std::mem::transmute::<__m512i, __m512bh>(v)
-        };
-        for s in 0..k.div_ceil(32) {
-            let mut wv = [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); 4];
-            for (j, v) in wv.iter_mut().enumerate().take(nc) {
-                *v = load(w.add(j * k), s);
-            }
-            for (i, row) in acc.iter_mut().enumerate().take(mr) {
-                let xv = load(x.add(i * k), s);
-                for (r, &wvj) in row.iter_mut().zip(&wv).take(nc) {
-                    *r = _mm512_dpbf16_ps(*r, xv, wvj);
-                }
-            }
-        }
-        let mut out = [[0f32; 4]; 4];
-        for i in 0..mr {
-            for j in 0..nc {
-                let mut lanes = [0f32; 16];
-                _mm512_storeu_ps(lanes.as_mut_ptr(), acc[i][j]);
-                out[i][j] = sum_lanes(lanes);
-            }
-        }
-        out
-    }
-}
-
 pub mod amx;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod cache;
+mod emulate;
+mod operands;
+pub mod weight;
+
+use emulate::sum_lanes;
+pub use emulate::{dot_pair, dots_emulated, round_bf16, tile_emulated};
+use operands::uninit;
+pub use operands::{pack_n, pack_t, round_pairs};
 
 #[cfg(test)]
 mod tests;

@@ -12,7 +12,7 @@
 //! the activations are rounded to bf16 as PyTorch's bf16 model holds them, the sums stay
 //! f32. f16 weights, k-bit codes and CPUs without those instructions keep the widening path.
 
-use super::bf16_dot::{self, cache::Packing};
+use super::bf16_dot;
 use super::gemm::{gemm_f32_strided, parallelism, PARALLEL_MIN_WEIGHT};
 use super::rowdot::{rowdot_half, ROWDOT_MAX_ROWS};
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
@@ -140,7 +140,7 @@ fn matmul_t_blocks(x: &[f32], m: usize, k: usize, w: &Tensor, block: usize) -> R
         if kw != k {
             candle_core::bail!("half-weight matmul: weight [{n}, {kw}] for inputs of width {k}");
         }
-        if let Some(y) = bf16_t(x, m, w, rows, (n, k), block) {
+        if let Some(y) = bf16_dot::weight::matmul_t(x, m, w, rows, (n, k), block) {
             return Ok(y);
         }
         if m <= ROWDOT_MAX_ROWS {
@@ -195,97 +195,11 @@ fn matmul_n_blocks(a: &[f32], m: usize, n: usize, w: &Tensor, block: usize) -> R
         if nw != n {
             candle_core::bail!("half-weight matmul: weight [{nw}, {k}] for inputs of width {n}");
         }
-        if let Some(dx) = bf16_n(a, m, w, rows, (n, k), block) {
+        if let Some(dx) = bf16_dot::weight::matmul_n(a, m, w, rows, (n, k), block) {
             return Ok(dx);
         }
         Ok(source_matmul_n(a, m, &rows, (n, k), block))
     })
-}
-
-/// Whether a product of `m` rows with a weight [n, k] is split across rayon's threads.
-fn parallel(m: usize, n: usize, k: usize) -> bool {
-    !matches!(parallelism(m, n, k), gemm::Parallelism::None)
-}
-
-/// `x · wᵀ` by the bf16 kernels ([`bf16_dot`]) when `w` is bf16 and the CPU has them: the
-/// packed product for many rows (the packing cached, [`bf16_dot::cache`]), the dot kernel
-/// for decoding's few where it is the faster one. None: widen as below.
-fn bf16_t(
-    x: &[f32],
-    m: usize,
-    w: &Tensor,
-    rows: HalfRows<'_>,
-    (n, k): (usize, usize),
-    block: usize,
-) -> Option<Vec<f32>> {
-    let (HalfRows::Bf16(_), Some(engine)) = (rows, bf16_dot::engine()) else {
-        return None;
-    };
-    let (bits, par) = (rows.bits(), parallel(m, n, k));
-    if m <= bf16_dot::DOT_MAX_ROWS {
-        return Some(match bf16_dot::decode_dot() {
-            Some(dot) => bf16_dot::rowdot(x, bits, (m, n, k), par, dot),
-            // The widening kernels on the rows rounded to bf16: the bf16 engine's products
-            // (bf16 rows, f32 sums), whatever the number of rows.
-            None => {
-                let xr: Vec<f32> = x[..m * k]
-                    .iter()
-                    .map(|&v| f32::from_bits((bf16_dot::round_bf16(v) as u32) << 16))
-                    .collect();
-                rowdot_half(&xr, rows, m, n, k, par)
-            }
-        });
-    }
-    let steps = bf16_dot::steps(k, engine);
-    let packed = w.is_contiguous().then(|| {
-        let len = n.div_ceil(bf16_dot::NR) * steps * bf16_dot::NR;
-        bf16_dot::cache::get_or_pack(w, bits, Packing::T, steps, len, |out| {
-            bf16_dot::pack_t(bits, n, k, steps, out, par)
-        })
-    });
-    let dot = bf16_dot::Kernels::emulated().dot; // unused: m > DOT_MAX_ROWS
-    Some(bf16_dot::matmul_t(
-        x,
-        bits,
-        (m, n, k),
-        block,
-        par,
-        engine,
-        dot,
-        packed.flatten().as_deref().map(|v| &v[..]),
-    ))
-}
-
-/// `dy · w` by the bf16 kernels when `w` is bf16 and the CPU has them (any number of rows:
-/// decoding never takes a gradient). None: widen as below.
-fn bf16_n(
-    dy: &[f32],
-    m: usize,
-    w: &Tensor,
-    rows: HalfRows<'_>,
-    (n, k): (usize, usize),
-    block: usize,
-) -> Option<Vec<f32>> {
-    let (HalfRows::Bf16(_), Some(engine)) = (rows, bf16_dot::engine()) else {
-        return None;
-    };
-    let (bits, par) = (rows.bits(), parallel(m, k, n));
-    let steps = bf16_dot::steps(n, engine);
-    let packed = w.is_contiguous().then(|| {
-        let len = k.div_ceil(bf16_dot::NR) * steps * bf16_dot::NR;
-        bf16_dot::cache::get_or_pack(w, bits, Packing::N, steps, len, |out| {
-            bf16_dot::pack_n(bits, n, k, steps, out, par)
-        })
-    });
-    Some(bf16_dot::matmul_n(
-        dy,
-        bits,
-        (m, n, k),
-        block,
-        par,
-        engine,
-        packed.flatten().as_deref().map(|v| &v[..]),
-    ))
 }
 
 /// `a · w` for `a` [m, n] and any [`RowSource`] weight [n, k], accumulated over blocks of at

@@ -50,7 +50,8 @@ fn budget() -> usize {
 }
 
 /// The packing of `bits` (the values of `weight`, [n, k]) with `steps` steps, from the cache
-/// or made by `pack` and kept; None when it does not fit the budget.
+/// or made by `pack` and kept; None when it does not fit the budget, or when `weight` is not
+/// contiguous (its values were copied for this product: nothing to key them by).
 pub fn get_or_pack(
     weight: &Tensor,
     bits: &[u16],
@@ -60,7 +61,7 @@ pub fn get_or_pack(
     pack: impl FnOnce(&mut [u32]),
 ) -> Option<Arc<Vec<u32>>> {
     let bytes = 4 * len;
-    if bytes > budget() {
+    if bytes > budget() || !weight.is_contiguous() {
         return None;
     }
     let at = (bits.as_ptr() as usize, bits.len());
