@@ -62,13 +62,16 @@ pub fn generate_unshared(
     generate_with(model, adapter, prompts, cfg, false)
 }
 
-/// Each row's group (runs of equal consecutive prompts) and each group's first row; None when
-/// no prompt repeats.
-fn prompt_groups(prompts: &[Vec<u32>]) -> Option<(Vec<u32>, Vec<usize>)> {
+/// Each row's group (runs of equal consecutive prompts: GRPO's and RLOO's groups) and each
+/// group's first row; None when no prompt repeats.
+pub fn prompt_groups<P: AsRef<[u32]>>(prompts: &[P]) -> Option<(Vec<u32>, Vec<usize>)> {
     let mut row_group = Vec::with_capacity(prompts.len());
     let mut firsts: Vec<usize> = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
-        if firsts.last().is_none_or(|&f| prompts[f] != *p) {
+        if firsts
+            .last()
+            .is_none_or(|&f| prompts[f].as_ref() != p.as_ref())
+        {
             firsts.push(i);
         }
         row_group.push((firsts.len() - 1) as u32);

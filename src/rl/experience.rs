@@ -2,12 +2,11 @@
 //! passes over them — old log-probs and values (policy, critic), reference log-probs
 //! (adapter off) — and the rewards.
 
-use super::rollout::{critic_values, response_logprobs_shared, score, Rollouts};
+use super::rollout::{critic_values, response_logprobs_shared, score, to_rows, Rollouts};
 use super::value_head::ValueHead;
 use crate::config::rl::RlConfig;
 use crate::data::prompts::Prompt;
 use anyhow::Result;
-use candle_core::Tensor;
 use rlft_policies::logprobs::Entropy;
 use rlft_policies::{
     generate, Adapter, CausalLm, ForwardCtx, GenerationConfig, SamplingParams, Tokenizer,
@@ -214,13 +213,4 @@ pub fn gen_config(cfg: &RlConfig, tok: &Tokenizer, seed: u64, greedy: bool) -> G
         pad_id: tok.pad_or_eos(),
         use_cache: true,
     }
-}
-
-/// `[b, R]` → one row per rollout, cut to its response length.
-pub fn to_rows(t: &Tensor, lens: &[usize]) -> Result<Vec<Vec<f64>>> {
-    let v: Vec<Vec<f32>> = t.to_vec2()?;
-    Ok(v.into_iter()
-        .zip(lens)
-        .map(|(r, &n)| r[..n].iter().map(|&x| x as f64).collect())
-        .collect())
 }

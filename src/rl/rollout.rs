@@ -9,6 +9,7 @@
 use super::value_head::ValueHead;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
+use rlft_policies::generate::prompt_groups;
 use rlft_policies::logprobs::{score_hidden, Entropy};
 use rlft_policies::{BatchInput, CausalLm, ForwardCtx, Generation};
 
@@ -61,6 +62,11 @@ impl Rollouts {
     /// Response tokens of rollout `i` (≥ 1).
     pub fn resp_len(&self, i: usize) -> usize {
         self.response_ids[i].len()
+    }
+
+    /// The response lengths of `rows`.
+    pub fn resp_lens(&self, rows: &[usize]) -> Vec<usize> {
+        rows.iter().map(|&i| self.resp_len(i)).collect()
     }
 
     /// `[rows, P + R]` input in the step's common layout.
@@ -190,21 +196,13 @@ pub fn response_logprobs_shared(
     let mut out = Vec::with_capacity(rows.len());
     for c in rows.chunks(chunk.max(1)) {
         // Each row's group: runs of rows with the same prompt.
-        let mut firsts: Vec<usize> = Vec::new();
-        let mut row_group: Vec<u32> = Vec::with_capacity(c.len());
-        for &i in c {
-            if firsts
-                .last()
-                .is_none_or(|&f| ro.prompt_ids[f] != ro.prompt_ids[i])
-            {
-                firsts.push(i);
-            }
-            row_group.push((firsts.len() - 1) as u32);
-        }
-        if ctx.grad || firsts.len() == c.len() {
+        let prompts: Vec<&Vec<u32>> = c.iter().map(|&i| &ro.prompt_ids[i]).collect();
+        let groups = prompt_groups(&prompts).filter(|_| !ctx.grad);
+        let Some((row_group, firsts)) = groups else {
             out.extend(response_logprobs(model, ctx, ro, c, c.len(), temperature)?);
             continue;
-        }
+        };
+        let firsts: Vec<usize> = firsts.iter().map(|&f| c[f]).collect();
         // 1. The groups' prompts, left-padded to P, into a cache.
         let (mut ids, mut valid) = (Vec::new(), Vec::new());
         for &f in &firsts {
@@ -239,16 +237,8 @@ pub fn response_logprobs_shared(
         } else {
             last
         };
-        let lp: Vec<Vec<f64>> =
-            score_hidden(model, &h, &responses.ids, ctx, temperature, Entropy::Skip)?
-                .logp
-                .to_dtype(DType::F64)?
-                .to_vec2()?;
-        out.extend(
-            c.iter()
-                .zip(lp)
-                .map(|(&i, row)| row[..ro.resp_len(i)].to_vec()),
-        );
+        let lp = score_hidden(model, &h, &responses.ids, ctx, temperature, Entropy::Skip)?.logp;
+        out.extend(to_rows(&lp, &ro.resp_lens(c))?);
     }
     Ok(out)
 }
@@ -267,7 +257,7 @@ pub fn response_logprobs(
     let mut out = Vec::with_capacity(rows.len());
     for c in rows.chunks(chunk.max(1)) {
         let input = ro.input(c, &dev)?;
-        let lp: Vec<Vec<f64>> = score(
+        let s = score(
             model,
             ctx,
             &input,
@@ -276,15 +266,17 @@ pub fn response_logprobs(
             temperature,
             None,
             Entropy::Skip,
-        )?
-        .logp
-        .to_dtype(DType::F64)?
-        .to_vec2()?;
-        out.extend(
-            c.iter()
-                .zip(lp)
-                .map(|(&i, r): (&usize, Vec<f64>)| r[..ro.resp_len(i)].to_vec()),
-        );
+        )?;
+        out.extend(to_rows(&s.logp, &ro.resp_lens(c))?);
     }
     Ok(out)
+}
+
+/// `[b, R]` (any float dtype) → one row per rollout, cut to its response length.
+pub fn to_rows(t: &Tensor, lens: &[usize]) -> Result<Vec<Vec<f64>>> {
+    let v: Vec<Vec<f64>> = t.to_dtype(DType::F64)?.to_vec2()?;
+    Ok(v.into_iter()
+        .zip(lens)
+        .map(|(r, &n)| r[..n].to_vec())
+        .collect())
 }

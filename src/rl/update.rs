@@ -3,9 +3,10 @@
 //! (docs/ALGORITHMS.md §7).
 
 use super::algorithm::{AlgorithmSpec, KlPlacement};
-use super::experience::{to_rows, Actors, Experience};
+use super::experience::{Actors, Experience};
 use super::losses::{agg_weights, policy_loss, value_loss, weighted_sum, ClipParams};
 use super::rollout::score_hidden_states;
+use super::rollout::to_rows;
 use super::shaping::{mean, Shaped};
 use crate::config::rl::RlConfig;
 use crate::train::update::{skipped_cause, Updater};
