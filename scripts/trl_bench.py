@@ -190,22 +190,10 @@ def median(xs):
     return round(statistics.median(xs), 4) if xs else None
 
 
-def run_w4(common, a, out_dir):
-    try:
-        from trl import GRPOConfig, GRPOTrainer
-    except ImportError as e:
-        v, p = trl_version()
-        die(f"W4 needs trl.GRPOTrainer; the trl {v} at {p} has none ({e}). "
-            "Run W4 with /work/peer/venv/bin/python (trl 1.16) and no PYTHONPATH.")
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-
-    d = common.small_model_dir()
-    tok = AutoTokenizer.from_pretrained(d)
-    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-    ds = Dataset.from_dict({"prompt": make_prompts(tok)})
+def timed_grpo_trainer(GRPOTrainer):
+    """A GRPOTrainer subclass that times each rollout, a callback that marks each step's begin
+    and end, and the lists they fill: (Trainer class, callback, marks, rollout seconds)."""
+    from transformers import TrainerCallback
 
     marks = {"begin": [], "end": []}
     rollout = []
@@ -225,6 +213,37 @@ def run_w4(common, a, out_dir):
             rollout.append(time.perf_counter() - t0)
             return r
 
+    return TimedGRPO, Timer(), marks, rollout
+
+
+def step_times(marks, warmup):
+    """Each step's end - begin after `warmup` steps (dies when none was timed)."""
+    b, e = marks["begin"], marks["end"]
+    n = min(len(b), len(e))
+    step = [e[i] - b[i] for i in range(n)][warmup:]
+    if not step:
+        die(f"no steps timed ({n} steps ran, warm-up {warmup})")
+    return step
+
+
+def run_w4(common, a, out_dir):
+    try:
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError as e:
+        v, p = trl_version()
+        die(f"W4 needs trl.GRPOTrainer; the trl {v} at {p} has none ({e}). "
+            "Run W4 with /work/peer/venv/bin/python (trl 1.16) and no PYTHONPATH.")
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = common.small_model_dir()
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    ds = Dataset.from_dict({"prompt": make_prompts(tok)})
+    TimedGRPO, timer, marks, rollout = timed_grpo_trainer(GRPOTrainer)
+
     cfg_kw = dict(common_args(out_dir, a.seed, a.trl_defaults), max_steps=a.warmup + a.steps, num_generations=4,
                   max_completion_length=NEW_TOKENS, beta=0.04, temperature=1.0, top_k=0, top_p=1.0,
                   num_iterations=1, max_grad_norm=1.0, disable_dropout=True, log_completions=False)
@@ -236,18 +255,15 @@ def run_w4(common, a, out_dir):
         f"loss_type={cfg.loss_type} scale_rewards={cfg.scale_rewards} per_device_train_batch_size="
         f"{cfg.per_device_train_batch_size} num_generations={cfg.num_generations}")
     trainer = TimedGRPO(model=model, reward_funcs=length_reward, args=cfg, train_dataset=ds,
-                        processing_class=tok, peft_config=LoraConfig(**common.LORA_KW), callbacks=[Timer()])
+                        processing_class=tok, peft_config=LoraConfig(**common.LORA_KW), callbacks=[timer])
     log(f"model: {type(trainer.model).__name__}, dtype {next(trainer.model.parameters()).dtype}, "
         f"gradient checkpointing {getattr(trainer.model, 'is_gradient_checkpointing', None)}, "
         f"trainable {sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}")
     trainer.train()
 
-    b, e = marks["begin"], marks["end"]
-    n = min(len(b), len(e))
-    step = [e[i] - b[i] for i in range(n)][a.warmup:]
+    step = step_times(marks, a.warmup)
+    e = marks["end"]
     wall = [e[i] - e[i - 1] for i in range(1, len(e))][max(0, a.warmup - 1):]
-    if not step:
-        die(f"no steps timed ({n} steps ran, warm-up {a.warmup})")
     s = statistics.median(step)
     return {"workload": "W4", "impl": "trl-grpo", "seconds_per_step": round(s, 4),
             "samples_per_s": round(BATCH / s, 2), "steps_timed": len(step),
@@ -341,7 +357,7 @@ def run_w7(common, a, out_dir):
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not a.model:
         die("W7 needs --model DIR (the folder rlft converted the GGUF into, or any HF folder)")
@@ -352,23 +368,7 @@ def run_w7(common, a, out_dir):
     prompts = [[{"role": "user", "content": f"What is {rng.randrange(1, 50)} + {rng.randrange(1, 50)}?"}]
                for _ in range(64)]
     ds = Dataset.from_dict({"prompt": prompts})
-    marks = {"begin": [], "end": []}
-    rollout = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            marks["begin"].append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            marks["end"].append(time.perf_counter())
-            log(f"step {state.global_step}: {marks['end'][-1] - marks['begin'][-1]:.3f} s")
-
-    class TimedGRPO(GRPOTrainer):
-        def _generate_and_score_completions(self, *args, **kw):
-            t0 = time.perf_counter()
-            r = super()._generate_and_score_completions(*args, **kw)
-            rollout.append(time.perf_counter() - t0)
-            return r
+    TimedGRPO, timer, marks, rollout = timed_grpo_trainer(GRPOTrainer)
 
     kw = common_args(out_dir, a.seed)
     kw.update(per_device_train_batch_size=32, bf16=False)
@@ -378,15 +378,11 @@ def run_w7(common, a, out_dir):
                      generation_kwargs={"min_new_tokens": W7_NEW_TOKENS})
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = TimedGRPO(model=model, reward_funcs=length_reward, args=cfg, train_dataset=ds,
-                        processing_class=tok, peft_config=lora, callbacks=[Timer()])
+                        processing_class=tok, peft_config=lora, callbacks=[timer])
     log(f"W7: dtype {next(trainer.model.parameters()).dtype}, trainable "
         f"{sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}")
     trainer.train()
-    b, e = marks["begin"], marks["end"]
-    n = min(len(b), len(e))
-    step = [e[i] - b[i] for i in range(n)][a.warmup:]
-    if not step:
-        die(f"no steps timed ({n} steps ran, warm-up {a.warmup})")
+    step = step_times(marks, a.warmup)
     s = statistics.median(step)
     return {"workload": "W7", "impl": "trl-grpo", "seconds_per_step": round(s, 4),
             "samples_per_s": round(32 / s, 2), "steps_timed": len(step), "rollout_s": median(rollout[a.warmup:]),
