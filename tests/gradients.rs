@@ -5,33 +5,7 @@ mod common;
 use common::*;
 use rlft::policies::candle_core::{DType, Tensor, Var};
 use rlft::policies::logprobs::token_logprobs;
-use rlft::policies::{Adapter, BatchInput, ForwardCtx, LoraConfig, Pretrained, Targets};
-
-/// A fresh all-linear adapter whose B is filled with seeded values, so that the gradient of
-/// A is non-zero too (with PEFT's B = 0 it would vanish).
-fn adapter_with_nonzero_b(pre: &Pretrained, dropout: f64) -> Adapter {
-    let cfg = LoraConfig {
-        r: 2,
-        lora_alpha: 4.0,
-        lora_dropout: dropout,
-        target_modules: Targets::all_linear(),
-        ..LoraConfig::default()
-    };
-    let adapter = Adapter::new(pre.model.as_ref(), cfg, 7).unwrap();
-    for (i, (_, m)) in adapter.modules().enumerate() {
-        let dims = m.b.as_tensor().dims().to_vec();
-        let n: usize = dims.iter().product();
-        let vals: Vec<f64> = (0..n)
-            .map(|j| (((i * 31 + j * 17) % 13) as f64 - 6.0) * 0.03)
-            .collect();
-        let t = Tensor::from_vec(vals, dims, &pre.model.info().device)
-            .unwrap()
-            .to_dtype(m.b.as_tensor().dtype())
-            .unwrap();
-        m.b.set(&t).unwrap();
-    }
-    adapter
-}
+use rlft::policies::{Adapter, BatchInput, ForwardCtx, Pretrained};
 
 fn batch(pre: &Pretrained) -> BatchInput {
     let rows = vec![

@@ -3,6 +3,7 @@
 //! bitwise unchanged, resume is exact, and reward plugins fail clearly.
 
 mod common;
+use common::rl_run::{config, mean, quiet, series};
 use common::*;
 use rlft::config::{self, rl::RlConfig};
 use rlft::policies::candle_core::{DType, Device};
@@ -11,52 +12,10 @@ use rlft::policies::{
     generate, Adapter, ForwardCtx, Generation, GenerationConfig, Pretrained, SamplingParams,
 };
 use rlft::rewards::default_registry;
+use rlft::rl::layout::Layout;
 use rlft::rl::rollout::{response_logprobs, response_logprobs_shared, score, Rollouts};
 use rlft::rl::trainer::{run, RunOptions};
 use std::path::Path;
-
-/// A tiny task on the fixture model: the response must start with a digit.
-fn config(dir: &Path, algorithm: &str, extra: &[&str]) -> RlConfig {
-    let prompts = dir.join("prompts.jsonl");
-    let rows: String = (0..48)
-        .map(|i| format!("{}\n", serde_json::json!({"prompt": format!("{}+{}=", i * 3 % 41, i * 7 % 23), "answer": "0"})))
-        .collect();
-    std::fs::write(&prompts, rows).unwrap();
-    let mut sets = vec![
-        format!("model.path={:?}", fixture("llama").display().to_string()),
-        "model.max_seq_len=64".into(),
-        "adapter.target_modules=\"all-linear\"".into(),
-        format!("data.prompt_file={:?}", prompts.display().to_string()),
-        "generation.max_new_tokens=4".into(),
-        format!("rl.algorithm={algorithm:?}"),
-        "rl.batch_size=32".into(),
-        "training.per_device_train_batch_size=16".into(),
-        "training.max_steps=30".into(),
-        format!(
-            "training.output_dir={:?}",
-            dir.join("out").display().to_string()
-        ),
-        "reward=[{name = \"regex\", pattern = '^\\s*\\d'}]".into(),
-    ];
-    sets.extend(extra.iter().map(|s| s.to_string()));
-    config::load(None, &sets).unwrap()
-}
-
-fn quiet() -> RunOptions {
-    RunOptions {
-        resume: None,
-        quiet: true,
-        separate_old_pass: false,
-    }
-}
-
-fn series(m: &[serde_json::Value], key: &str) -> Vec<f64> {
-    m.iter().filter_map(|r| r[key].as_f64()).collect()
-}
-
-fn mean(x: &[f64]) -> f64 {
-    x.iter().sum::<f64>() / x.len() as f64
-}
 
 /// The reference pass with each group's prompt computed once equals the per-row pass: groups
 /// of ragged prompts (left padding), ragged responses (right padding, a one-token one), a
@@ -156,13 +115,11 @@ fn reference_logprobs_are_the_base_and_the_sft_merged_model() {
                 .collect();
             let ro = Rollouts::new((0..gens.len()).collect(), gens, 0);
             let rows: Vec<usize> = (0..ro.len()).collect();
-            let input = ro.input(&rows, &Device::Cpu).unwrap();
+            let layout = Layout::rows(&ro, &rows, &Device::Cpu).unwrap();
             let s = score(
                 pre.model.as_ref(),
                 &ForwardCtx::inference(None),
-                &input,
-                ro.p_len,
-                ro.r_len,
+                &layout,
                 1.0,
                 None,
                 Entropy::Skip,

@@ -127,6 +127,10 @@ pub struct RlSection {
     /// `false` applies `adapter.lora_dropout` in the training passes (masks seeded and
     /// checkpointed as in SFT).
     pub disable_dropout: bool,
+    /// Compute each group's prompt once in the old-policy and training passes (a packed row
+    /// per group) where that costs less; off with dropout. The results equal the per-row
+    /// passes' to rounding.
+    pub share_prompts: bool,
     /// Hash the base weights before and after the run and log whether they are bitwise
     /// unchanged (`check/base_weights_unchanged`); costs one read of the weights.
     pub verify_base_weights: bool,
@@ -165,6 +169,7 @@ impl Default for RlSection {
             log_rollouts_every: 1,
             rollouts_per_log: 8,
             disable_dropout: true,
+            share_prompts: true,
             verify_base_weights: false,
         }
     }

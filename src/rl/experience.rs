@@ -2,6 +2,7 @@
 //! passes over them — old log-probs and values (policy, critic), reference log-probs
 //! (adapter off) — and the rewards.
 
+use super::layout::Layout;
 use super::rollout::{critic_values, response_logprobs_shared, score, to_rows, Rollouts};
 use super::value_head::ValueHead;
 use crate::config::rl::RlConfig;
@@ -69,6 +70,8 @@ pub struct Request<'a> {
     /// Skip the old-policy pass (the single update computes the old log-probs).
     pub old_from_update: bool,
     pub reference: bool,
+    /// Pack each group's prompt once into the old-policy pass ([`Layout::choose`]).
+    pub share_prompts: bool,
 }
 
 /// Generates the step's rollouts and runs the scoring passes.
@@ -80,7 +83,6 @@ pub fn collect(
 ) -> Result<Experience> {
     let mut timing = Timing::default();
     let model = actors.model;
-    let dev = model.info().device.clone();
     let (g, mb) = (
         cfg.rl.num_generations,
         cfg.training.per_device_train_batch_size,
@@ -113,14 +115,13 @@ pub fn collect(
     let all: Vec<usize> = (0..n).collect();
     let (mut logp_old, mut values) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for chunk in all.chunks(mb).filter(|_| !req.old_from_update) {
-        let input = ro.input(chunk, &dev)?;
+        // The training pass's micro-batches and layout, so the first ratio is exactly 1.
+        let layout = Layout::choose(&ro, chunk, model.info(), req.share_prompts)?;
         let lens_c: Vec<usize> = chunk.iter().map(|&i| lens[i]).collect();
         let s = score(
             model,
             &ForwardCtx::inference(Some(actors.policy)),
-            &input,
-            ro.p_len,
-            ro.r_len,
+            &layout,
             temperature,
             actors.shared_head(),
             Entropy::Skip,
@@ -130,9 +131,7 @@ pub fn collect(
             (Some(c), Some(h)) => Some(critic_values(
                 model,
                 &ForwardCtx::inference(Some(c)),
-                &input,
-                ro.p_len,
-                ro.r_len,
+                &layout,
                 h,
             )?),
             _ => s.values,

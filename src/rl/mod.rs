@@ -6,6 +6,7 @@ pub mod advantages;
 pub mod algorithm;
 pub mod experience;
 pub mod kl;
+pub mod layout;
 pub mod losses;
 pub mod report;
 pub mod rollout;

@@ -6,6 +6,7 @@
 //! micro-batches of one size, so a row's numbers do not depend on which rows share its
 //! micro-batch: the first update's ratio is exactly 1.
 
+use super::layout::Layout;
 use super::value_head::ValueHead;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -22,7 +23,7 @@ pub struct Rollouts {
     pub stopped: Vec<bool>,
     pub p_len: usize,
     pub r_len: usize,
-    pad: u32,
+    pub(crate) pad: u32,
 }
 
 impl Rollouts {
@@ -109,49 +110,31 @@ pub struct Scored {
 
 /// Log-probs of the response tokens under `ctx` (tempered by `temperature`), and, with a
 /// value head, the values read from the same hidden states (`critic = "shared"`).
-#[allow(clippy::too_many_arguments)]
 pub fn score(
     model: &dyn CausalLm,
     ctx: &ForwardCtx,
-    input: &BatchInput,
-    p_len: usize,
-    r_len: usize,
+    layout: &Layout,
     temperature: f64,
     head: Option<&ValueHead>,
     want_entropy: Entropy,
 ) -> Result<Scored> {
-    let hidden = model.forward_hidden(input, ctx, None)?;
-    score_hidden_states(
-        model,
-        ctx,
-        &hidden,
-        input,
-        p_len,
-        r_len,
-        temperature,
-        head,
-        want_entropy,
-    )
+    let hidden = model.forward_hidden(&layout.input, ctx, None)?;
+    score_hidden_states(model, ctx, &hidden, layout, temperature, head, want_entropy)
 }
 
-/// [`score`] from the final hidden states of `input` (a caller that runs the forward itself,
-/// e.g. with activation checkpointing).
-#[allow(clippy::too_many_arguments)]
+/// [`score`] from the final hidden states of `layout.input` (a caller that runs the forward
+/// itself, e.g. with activation checkpointing).
 pub fn score_hidden_states(
     model: &dyn CausalLm,
     ctx: &ForwardCtx,
     hidden: &Tensor,
-    input: &BatchInput,
-    p_len: usize,
-    r_len: usize,
+    layout: &Layout,
     temperature: f64,
     head: Option<&ValueHead>,
     want_entropy: Entropy,
 ) -> Result<Scored> {
-    // The state at position P−1+t predicts response token t.
-    let h = hidden.narrow(1, p_len - 1, r_len)?;
-    let targets = input.ids.narrow(1, p_len, r_len)?;
-    let s = score_hidden(model, &h, &targets, ctx, temperature, want_entropy)?;
+    let h = layout.states(hidden)?;
+    let s = score_hidden(model, &h, &layout.targets, ctx, temperature, want_entropy)?;
     let values = match head {
         Some(h_) => Some(h_.forward(&h, ctx.grad)?),
         None => None,
@@ -167,13 +150,11 @@ pub fn score_hidden_states(
 pub fn critic_values(
     model: &dyn CausalLm,
     ctx: &ForwardCtx,
-    input: &BatchInput,
-    p_len: usize,
-    r_len: usize,
+    layout: &Layout,
     head: &ValueHead,
 ) -> Result<Tensor> {
-    let hidden = model.forward_hidden(input, ctx, None)?;
-    head.forward(&hidden.narrow(1, p_len - 1, r_len)?, ctx.grad)
+    let hidden = model.forward_hidden(&layout.input, ctx, None)?;
+    head.forward(&layout.states(&hidden)?, ctx.grad)
 }
 
 /// [`response_logprobs`] without gradients, each group's prompt computed once: rows of a chunk
@@ -256,17 +237,8 @@ pub fn response_logprobs(
     let dev = model.info().device.clone();
     let mut out = Vec::with_capacity(rows.len());
     for c in rows.chunks(chunk.max(1)) {
-        let input = ro.input(c, &dev)?;
-        let s = score(
-            model,
-            ctx,
-            &input,
-            ro.p_len,
-            ro.r_len,
-            temperature,
-            None,
-            Entropy::Skip,
-        )?;
+        let layout = Layout::rows(ro, c, &dev)?;
+        let s = score(model, ctx, &layout, temperature, None, Entropy::Skip)?;
         out.extend(to_rows(&s.logp, &ro.resp_lens(c))?);
     }
     Ok(out)

@@ -131,6 +131,13 @@ impl RlStage<'_> {
         !self.cfg.rl.disable_dropout && self.cfg.adapter.lora_dropout > 0.0
     }
 
+    /// Whether the old-policy and training passes compute a group's prompt once: asked for,
+    /// and without dropout (a packed prompt would draw one dropout mask for its group, not
+    /// one per completion).
+    fn share_prompts(&self) -> bool {
+        self.cfg.rl.share_prompts && !self.dropout()
+    }
+
     /// The rewards of the step's rollouts. A non-finite score makes the step a bad one
     /// (inner `Err`); any other reward failure ends the run.
     fn score_rewards(
@@ -318,6 +325,7 @@ impl Stage for RlStage<'_> {
             seed: mix(cfg.training.seed, ctx.step, 1),
             old_from_update,
             reference: spec.needs_reference(beta),
+            share_prompts: self.share_prompts(),
         };
         let mut x = experience::collect(self.actors(), &self.pre.tokenizer, cfg, &request)?;
         let scored = match self.score_rewards(&mut x, ctx.step)? {
@@ -344,6 +352,7 @@ impl Stage for RlStage<'_> {
             step: ctx.step,
             dropout: ctx.dropout,
             entropy_metric: ctx.log,
+            share_prompts: self.share_prompts(),
         };
         let mut trained = train_on_rollouts(self.actors(), ctx.updater, &x, &shaped, &plan)?;
         x.timing.train = t0.elapsed().as_secs_f64();

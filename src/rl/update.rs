@@ -4,6 +4,7 @@
 
 use super::algorithm::{AlgorithmSpec, KlPlacement};
 use super::experience::{Actors, Experience};
+use super::layout::Layout;
 use super::losses::{agg_weights, policy_loss, value_loss, weighted_sum, ClipParams};
 use super::rollout::score_hidden_states;
 use super::rollout::to_rows;
@@ -95,6 +96,8 @@ pub struct UpdatePlan<'a> {
     pub dropout: Option<&'a Mutex<ChaCha8Rng>>,
     /// Compute the policy's entropy (for the metric) even when it is not in the loss.
     pub entropy_metric: bool,
+    /// Pack each group's prompt once into the training passes ([`Layout::choose`]).
+    pub share_prompts: bool,
 }
 
 /// A seed for (run seed, step, purpose) so every step's randomness is reproducible on resume.
@@ -179,7 +182,7 @@ fn mini_batch_update(
     };
     let checkpointing = t.gradient_checkpointing;
     for micro in m.chunks(t.per_device_train_batch_size) {
-        let input = ro.input(micro, &dev)?;
+        let layout = Layout::choose(ro, micro, actors.model.info(), plan.share_prompts)?;
         let lens: Vec<usize> = micro.iter().map(|&i| x.lens[i]).collect();
         let w = agg_weights(
             r.loss_aggregation,
@@ -213,7 +216,7 @@ fn mini_batch_update(
         let mut terms = None;
         backward_from_hidden::<anyhow::Error>(
             actors.model,
-            &input,
+            &layout.input,
             &policy_ctx,
             checkpointing,
             &mut |hidden| {
@@ -221,9 +224,7 @@ fn mini_batch_update(
                     actors.model,
                     &policy_ctx,
                     hidden,
-                    &input,
-                    ro.p_len,
-                    width,
+                    &layout,
                     plan.cfg.generation.temperature,
                     actors.shared_head(),
                     want_entropy,
@@ -275,11 +276,11 @@ fn mini_batch_update(
             let mut vf = None;
             backward_from_hidden::<anyhow::Error>(
                 actors.model,
-                &input,
+                &layout.input,
                 &critic_ctx,
                 checkpointing,
                 &mut |hidden| {
-                    let v = h.forward(&hidden.narrow(1, ro.p_len - 1, width)?, true)?;
+                    let v = h.forward(&layout.states(hidden)?, true)?;
                     let (vf_t, vclipped) = value_loss(&v, vold, ret, r.cliprange_value)?;
                     let vf_loss = weighted_sum(&vf_t, &w)?;
                     vf = Some((vf_loss.detach(), vclipped));

@@ -13,6 +13,10 @@ pub struct BatchInput {
     pub valid: Vec<Vec<bool>>,
     /// Largest position in the batch (checked against the model's limit).
     pub max_position: usize,
+    /// `[b][t]` for a packed batch, where a row holds a shared prefix and several
+    /// continuations of it ([`BatchInput::packed`]): 0 for the prefix, k ≥ 1 for the k-th
+    /// continuation. `None`: one sequence per row.
+    pub segments: Option<Vec<Vec<u32>>>,
 }
 
 impl BatchInput {
@@ -79,7 +83,30 @@ impl BatchInput {
             positions: Tensor::from_vec(positions, (b, t), device)?,
             valid,
             max_position,
+            segments: None,
         })
+    }
+
+    /// A packed batch: [`BatchInput::from_parts`] with each token's segment (0: the row's
+    /// shared prefix, k ≥ 1: its k-th continuation). A token attends the prefix and its own
+    /// continuation only ([`packed_attention_bias`]), so each continuation computes what it
+    /// would after the prefix in a row of its own, the prefix once for all of them.
+    pub fn packed(
+        ids: Vec<u32>,
+        positions: Vec<u32>,
+        valid: Vec<Vec<bool>>,
+        segments: Vec<Vec<u32>>,
+        device: &Device,
+    ) -> Result<Self> {
+        let t = valid.first().map_or(0, Vec::len);
+        if segments.len() != valid.len() || segments.iter().any(|s| s.len() != t) {
+            return Err(PolicyError::InvalidArgument(
+                "a packed batch needs one segment per token".into(),
+            ));
+        }
+        let mut input = Self::from_parts(ids, positions, valid, device)?;
+        input.segments = Some(segments);
+        Ok(input)
     }
 
     pub fn batch_size(&self) -> usize {
@@ -122,6 +149,38 @@ pub fn attention_bias(
     Ok(Tensor::from_vec(bias, (b, 1, t, s), device)?)
 }
 
+/// [`attention_bias`] for a packed batch without a cache, `[b, 1, t, t]`: key j is visible
+/// to query i when j ≤ i, key j is a real token, j is in the shared prefix (segment 0) or in
+/// i's own segment, and, with a sliding window w, `pos_i − pos_j < w`. In a row of its own
+/// the real tokens are contiguous, so that position distance is the index distance
+/// [`attention_bias`] measures: each continuation sees exactly the keys it would there. A
+/// query always sees itself.
+pub fn packed_attention_bias(
+    valid: &[Vec<bool>],
+    segments: &[Vec<u32>],
+    positions: &[Vec<u32>],
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    let b = valid.len();
+    let t = valid.first().map_or(0, Vec::len);
+    let mut bias = vec![f32::NEG_INFINITY; b * t * t];
+    for bi in 0..b {
+        let (ok, seg, pos) = (&valid[bi], &segments[bi], &positions[bi]);
+        for i in 0..t {
+            let base = (bi * t + i) * t;
+            for j in 0..=i {
+                let same = seg[j] == 0 || seg[j] == seg[i];
+                let in_window = window.is_none_or(|w| (pos[i] as usize) < pos[j] as usize + w);
+                if (ok[j] && same && in_window) || j == i {
+                    bias[base + j] = 0.0;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(bias, (b, 1, t, t), device)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +217,52 @@ mod tests {
             &v[9..18],
             &[0.0, ninf, ninf, ninf, 0.0, ninf, ninf, ninf, 0.0]
         );
+    }
+
+    /// A packed row `[p0 p1 | a0 a1 | b0]` (prefix, continuations a and b) sees what the rows
+    /// `[p0 p1 a0 a1]` and `[p0 p1 b0]` see, with and without a window of 2.
+    #[test]
+    fn packed_rows_attend_their_prefix_and_themselves() {
+        let dev = Device::Cpu;
+        let valid = vec![vec![true; 5]];
+        let seg = vec![vec![0, 0, 1, 1, 2]];
+        let pos = vec![vec![0, 1, 2, 3, 2]];
+        let ninf = f32::NEG_INFINITY;
+        let got = |w| {
+            packed_attention_bias(&valid, &seg, &pos, w, &dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let z = 0.0;
+        #[rustfmt::skip]
+        let full = [
+            z, ninf, ninf, ninf, ninf,
+            z, z, ninf, ninf, ninf,
+            z, z, z, ninf, ninf,
+            z, z, z, z, ninf,
+            z, z, ninf, ninf, z,
+        ];
+        assert_eq!(got(None), full);
+        #[rustfmt::skip]
+        let window = [
+            z, ninf, ninf, ninf, ninf,
+            z, z, ninf, ninf, ninf,
+            ninf, z, z, ninf, ninf,
+            ninf, ninf, z, z, ninf,
+            ninf, z, ninf, ninf, z,
+        ];
+        assert_eq!(got(Some(2)), window);
+        let err = BatchInput::packed(
+            vec![1; 5],
+            vec![0; 5],
+            valid.clone(),
+            vec![vec![0; 4]],
+            &dev,
+        );
+        assert!(err.is_err());
     }
 
     #[test]

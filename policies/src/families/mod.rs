@@ -16,7 +16,7 @@ pub mod pass;
 pub mod qwen2;
 pub mod rotary;
 
-pub use batch::{attention_bias, BatchInput};
+pub use batch::{attention_bias, packed_attention_bias, BatchInput};
 pub use config::Activation;
 pub use pass::PassCtx;
 

@@ -4,7 +4,7 @@
 //!
 //! [`CausalLm::embed`]: super::CausalLm::embed
 
-use super::batch::{attention_bias, BatchInput};
+use super::batch::{attention_bias, packed_attention_bias, BatchInput};
 use super::ModelInfo;
 use crate::error::{PolicyError, Result};
 use crate::kv_cache::KvCache;
@@ -32,6 +32,14 @@ impl PassCtx {
         let t = input.seq_len();
         let offset = cache.as_ref().map_or(0, |c| c.len());
         check_positions(info, input, offset + t)?;
+        if let Some(segments) = &input.segments {
+            if cache.is_some() {
+                return Err(PolicyError::InvalidArgument(
+                    "a packed batch (shared prefixes) runs without a KV cache".into(),
+                ));
+            }
+            return Self::packed(info, input, segments, windows);
+        }
         let keys: Vec<Vec<bool>> = match cache {
             Some(c) => c.push_valid(&input.valid).to_vec(),
             None => input.valid.clone(),
@@ -42,6 +50,30 @@ impl PassCtx {
         for w in windows.into_iter().flatten() {
             if !window_biases.iter().any(|(ww, _)| *ww == w) {
                 window_biases.push((w, attention_bias(&keys, t, offset, Some(w), dev)?));
+            }
+        }
+        Ok(Self {
+            bias,
+            window_biases,
+            rope: None,
+        })
+    }
+
+    /// [`PassCtx::new`] for a packed batch: the biases of [`packed_attention_bias`].
+    fn packed(
+        info: &ModelInfo,
+        input: &BatchInput,
+        segments: &[Vec<u32>],
+        windows: impl IntoIterator<Item = Option<usize>>,
+    ) -> Result<Self> {
+        let positions: Vec<Vec<u32>> = input.positions.to_vec2()?;
+        let dev = &info.device;
+        let bias = packed_attention_bias(&input.valid, segments, &positions, None, dev)?;
+        let mut window_biases: Vec<(usize, Tensor)> = Vec::new();
+        for w in windows.into_iter().flatten() {
+            if !window_biases.iter().any(|(ww, _)| *ww == w) {
+                let b = packed_attention_bias(&input.valid, segments, &positions, Some(w), dev)?;
+                window_biases.push((w, b));
             }
         }
         Ok(Self {
