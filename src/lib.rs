@@ -8,6 +8,7 @@ pub mod config;
 pub mod dashboard;
 pub mod data;
 pub mod demo;
+pub mod dist;
 pub mod preference;
 pub mod rewards;
 pub mod rl;

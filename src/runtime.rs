@@ -28,8 +28,9 @@ pub fn tune() {
 /// once here and pinned in `RAYON_NUM_THREADS`.
 fn tune_threads() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = rlft_policies::candle_core::utils::get_num_threads();
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        // Ranks of a data-parallel run on one machine share its cores.
+        let n = rlft_policies::candle_core::utils::get_num_threads() / crate::dist::local_size();
+        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cores <= 4 && std::env::var_os("CANDLE_NUM_THREADS").is_none() {

@@ -4,6 +4,7 @@
 use crate::config::sft::SftConfig;
 use crate::data::sft::{tokenize, Tokenized};
 use crate::data::{read_rows, Columns, DataFiles};
+use crate::dist;
 use crate::telemetry::METRICS;
 use crate::train::memory;
 use crate::train::order::DataOrder;
@@ -109,7 +110,8 @@ pub fn nll_from_hidden(
     Ok((lp * w.to_dtype(DType::F32)?)?.sum_all()?.neg()?)
 }
 
-/// Token-mean NLL of `examples` under the current weights (no gradients).
+/// Token-mean NLL of `examples` under the current weights (no gradients). With several
+/// ranks each scores its share of the batches and the sums are added over ranks.
 pub fn evaluate(
     model: &dyn CausalLm,
     ctx: &ForwardCtx,
@@ -117,17 +119,20 @@ pub fn evaluate(
     batch: usize,
     pad: u32,
 ) -> Result<f64> {
-    let (mut total, mut count) = (0f64, 0usize);
-    for chunk in examples.chunks(batch) {
+    let world = dist::world();
+    let chunks: Vec<&[Tokenized]> = examples.chunks(batch).collect();
+    let mut sums = [0f64, 0f64];
+    for chunk in dist::shard(&chunks, world.rank(), world.size()) {
         let refs: Vec<&Tokenized> = chunk.iter().collect();
         let (input, w, n) = make_batch(&refs, pad, &model.info().device)?;
         if n == 0 {
             continue;
         }
-        total += nll_sum(model, &input, &w, ctx)?.to_scalar::<f32>()? as f64;
-        count += n;
+        sums[0] += nll_sum(model, &input, &w, ctx)?.to_scalar::<f32>()? as f64;
+        sums[1] += n as f64;
     }
-    Ok(total / count.max(1) as f64)
+    dist::sum(&mut sums)?;
+    Ok(sums[0] / sums[1].max(1.0))
 }
 
 /// The SFT stage on the shared loop: its data order, batches and loss.
@@ -208,8 +213,10 @@ impl Stage for SftStage<'_> {
         Ok(())
     }
 
-    /// One optimizer update over `gradient_accumulation_steps` micro-batches; the loss is
-    /// the token mean over all of them, so each micro-batch contributes Σ nll / N_total.
+    /// One optimizer update over `gradient_accumulation_steps` batches of every rank; the
+    /// loss is the token mean over all of them, so each micro-batch contributes
+    /// Σ nll / N_total, N_total counted over every rank's batches (each rank knows them: one
+    /// seeded order, each rank its slice of every batch).
     fn step(&mut self, ctx: StepCtx) -> Result<StepOutcome> {
         let accum = self.cfg.training.gradient_accumulation_steps as u64;
         let batches = self.order.step_batches(ctx.position, accum);
@@ -218,14 +225,23 @@ impl Stage for SftStage<'_> {
             .flatten()
             .map(|&i| self.train[i].n_trained())
             .sum();
+        self.run_tokens += batches
+            .iter()
+            .flatten()
+            .map(|&i| self.train[i].ids.len())
+            .sum::<usize>();
+        let world = dist::world();
+        let batches: Vec<Vec<usize>> = batches
+            .iter()
+            .map(|b| dist::shard(b, world.rank(), world.size()))
+            .collect();
         let model = self.pre.model.as_ref();
         let device = model.info().device.clone();
         let mut acc = ctx.updater.accumulator();
         let mut loss_sum = 0f64;
         let fwd = ForwardCtx::train(self.trainable.adapter(), ctx.dropout);
-        for b in &batches {
+        for b in batches.iter().filter(|b| !b.is_empty()) {
             let exs: Vec<&Tokenized> = b.iter().map(|&i| &self.train[i]).collect();
-            self.run_tokens += exs.iter().map(|e| e.ids.len()).sum::<usize>();
             let (input, w, n) = make_batch(&exs, self.pad, &device)?;
             if n == 0 {
                 continue;
@@ -245,10 +261,12 @@ impl Stage for SftStage<'_> {
             )?;
         }
         let loss = loss_sum / n_total.max(1) as f64;
+        // The step's loss: the ranks' shares summed.
         let update = ctx.updater.apply(acc, loss, "loss", ctx.lr, ctx.step)?;
+        let loss = update.loss;
         self.last_loss = loss;
         let w = &mut self.window;
-        w.loss_sum += loss_sum;
+        w.loss_sum += loss * n_total as f64;
         w.tokens += n_total;
         w.grad_norm += update.grad_norm;
         w.steps += 1;
@@ -343,9 +361,10 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftOutcome> {
         t.seed,
         resume.as_ref().map(|r| r.dir.as_path()),
     )?;
+    // One seeded order of global batches (per rank × ranks); each rank takes its slice.
     let order = DataOrder::new(
         train.len(),
-        t.per_device_train_batch_size,
+        t.per_device_train_batch_size * dist::world().size(),
         t.seed,
         cfg.data.shuffle,
     );

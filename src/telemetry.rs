@@ -33,8 +33,14 @@ static PROGRESS: Mutex<Option<ProgressBar>> = Mutex::new(None);
 
 /// Installs the global subscriber (once; later calls do nothing).
 pub fn init() {
+    // Rank 0 speaks for a data-parallel run; the others report warnings and errors.
+    let default = if crate::dist::is_main() {
+        "info"
+    } else {
+        "warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Terminal lines show the message only; metric fields go to metrics.jsonl.
     let message_only = tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
         if field.name() == "message" {

@@ -60,13 +60,15 @@ enum Command {
     },
 }
 
-/// `rlft --version`: the version, whether the build has CUDA, and the CPU features the
-/// kernels detected at run time (`avx2`, `fma`, `f16c`, …; rlft picks its kernels by them).
+/// `rlft --version`: the version, whether the build has CUDA and MPI, and the CPU features
+/// the kernels detected at run time (`avx2`, `fma`, `f16c`, …; rlft picks its kernels by
+/// them).
 pub fn version_line() -> String {
-    let cuda = if cfg!(feature = "cuda") { "yes" } else { "no" };
+    let yes = |on: bool| if on { "yes" } else { "no" };
+    let (cuda, mpi) = (yes(cfg!(feature = "cuda")), yes(cfg!(feature = "mpi")));
     let cpu = crate::bench::cpu_features();
     format!(
-        "{} (cuda: {cuda}; CPU features: {})",
+        "{} (cuda: {cuda}; mpi: {mpi}; CPU features: {})",
         env!("CARGO_PKG_VERSION"),
         if cpu.is_empty() {
             "none detected".to_string()
@@ -136,6 +138,16 @@ where
             crate::telemetry::finish_progress();
             crate::telemetry::mark_failed(&format!("{e:#}"));
             eprintln!("error: {e:#}");
+            // The other ranks would wait for this one in their next all-reduce forever.
+            let world = crate::dist::world();
+            if world.size() > 1 {
+                eprintln!(
+                    "rank {} of {} failed: stopping every rank",
+                    world.rank(),
+                    world.size()
+                );
+                world.abort(1);
+            }
             ExitCode::FAILURE
         }
     }

@@ -58,6 +58,9 @@ pub struct TrainerState {
     /// Stage-specific state (e.g. PPO's adaptive β).
     #[serde(default)]
     pub extra: serde_json::Value,
+    /// Ranks of a data-parallel run (absent: 1); a resume must have as many.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<usize>,
 }
 
 /// Saves tensors with `candle`'s safetensors writer, via a temporary file.
@@ -466,6 +469,7 @@ mod tests {
             config: serde_json::json!({}),
             optimizer_step: Some(step),
             extra: serde_json::Value::Null,
+            world_size: None,
         };
         let ck = Checkpointer {
             output_dir: out.to_path_buf(),

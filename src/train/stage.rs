@@ -13,11 +13,17 @@
 //!    `training.max_bad_steps` bad steps in a row the run stops with a checkpoint);
 //! 5. checkpoints on schedule, at the end and on SIGINT/SIGTERM;
 //! 6. the final save of the stage's outputs.
+//!
+//! With several ranks (docs/distributed.md) every rank runs this loop in step: the adapter
+//! starts from rank 0's values, the updater sums the gradients over ranks, a stop signal on
+//! any rank stops all at the same step, dropout draws from a stream per (seed, rank, step),
+//! and rank 0 alone writes the run folder, checkpoints and outputs.
 
 use super::checkpoint::{self, Checkpointer, TrainerState};
 use super::optimizer::Optimizer;
 use super::update::Updater;
 use crate::config::common::{ModelSection, TrainingSection};
+use crate::dist;
 use crate::telemetry::{self, METRICS};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Var};
@@ -249,14 +255,20 @@ pub fn run(
             .parse()
             .context("trainer_state.json: dropout_rng_word_pos")?;
         dropout_rng.lock().expect("not poisoned").set_word_pos(pos);
+        dist::check_resume_size(s.world_size, &r.dir)?;
         if &s.config != config {
             tracing::warn!("resuming with a configuration that differs from the checkpoint's; the result will not match an uninterrupted run");
         }
         tracing::info!("resuming from {} at step {step}", r.dir.display());
     }
+    let world = dist::world();
+    let main = world.rank() == 0;
+    dist::broadcast_vars(&params)?;
     // 2. Resource checks before the first step.
     let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
-    super::check_disk_space(&t.output_dir, n_params)?;
+    if main {
+        super::check_disk_space(&t.output_dir, n_params)?;
+    }
     for need in stage.memory_needs(n_params) {
         super::memory::check(
             device,
@@ -270,11 +282,14 @@ pub fn run(
     let (per_epoch, per_step) = stage.batches();
     let schedule = super::plan(t, per_epoch, per_step);
     let total_steps = schedule.total_steps;
-    let ckpt = super::open_run(t, config)?;
-    tracing::info!("{name}: {total_steps} steps, {n_params} trainable parameters");
+    let ckpt = main.then(|| super::open_run(t, config)).transpose()?;
+    tracing::info!(
+        "{name}: {total_steps} steps, {n_params} trainable parameters ({})",
+        world.describe()
+    );
     stage.begin(step)?;
 
-    let pb = telemetry::progress(total_steps, &name, quiet);
+    let pb = telemetry::progress(total_steps, &name, quiet || !main);
     pb.set_position(step);
     let started = Instant::now();
     let start_step = step;
@@ -292,12 +307,21 @@ pub fn run(
             optimizer_step: Some(updater.optimizer.step),
             config: config.clone(),
             extra: stage.extra_state(),
+            world_size: (world.size() > 1).then_some(world.size()),
         };
-        save_checkpoint(&ckpt, stage, step, &updater.optimizer, &state)
+        match &ckpt {
+            Some(c) => save_checkpoint(c, stage, step, &updater.optimizer, &state),
+            // Rank 0 writes; the others name the folder it writes.
+            None => Ok(t.output_dir.join(format!("checkpoint-{step}"))),
+        }
     };
     super::interrupt::install();
     let mut interrupted = None;
     while step < total_steps {
+        if world.size() > 1 && use_dropout {
+            let seed = dist::rank_seed(t.seed.wrapping_add(1), world.rank(), step);
+            *dropout_rng.lock().expect("not poisoned") = ChaCha8Rng::seed_from_u64(seed);
+        }
         // 4. The step, then evaluation and the bad-step count.
         let outcome = stage.step(StepCtx {
             step,
@@ -324,7 +348,8 @@ pub fn run(
         // 5. Checkpoint on schedule, at the end, when interrupted, and before stopping
         // after too many bad steps (then with the last good state).
         let too_many_bad = bad_steps >= t.max_bad_steps.max(1);
-        let stop = super::interrupt::requested() && step < total_steps;
+        // A signal may reach one rank first: every rank stops at the same step.
+        let stop = dist::any(super::interrupt::requested())? && step < total_steps;
         if (t.save_steps > 0 && step % t.save_steps == 0)
             || step == total_steps
             || stop
@@ -355,8 +380,12 @@ pub fn run(
             interrupted: true,
         });
     }
-    // 6. The outputs.
-    let output = stage.finish(step)?;
+    // 6. The outputs (rank 0's).
+    let output = if main {
+        stage.finish(step)?
+    } else {
+        t.output_dir.clone()
+    };
     let seconds = started.elapsed().as_secs_f64();
     tracing::info!(target: METRICS, step, status = "finished", elapsed = seconds, "{name} finished: {} written", output.display());
     telemetry::close_metrics();

@@ -20,6 +20,8 @@ pub struct Update {
     pub grad_norm: f64,
     /// False when the loss or the norm was not finite and the update was skipped.
     pub applied: bool,
+    /// The loss summed over ranks (the step's loss when each rank passes its share).
+    pub loss: f64,
 }
 
 /// The cause a skipped update gives to the loop's bad-step count.
@@ -44,9 +46,11 @@ impl Updater {
         GradAccumulator::new(self.params().len())
     }
 
-    /// Clips the summed gradients, checks `loss` (named `loss_name` in the warning) and the
-    /// norm, and applies the update at `lr` when both are finite. `step` is the 0-based
-    /// index of the stage step (the warning shows it 1-based, as the metrics do).
+    /// Sums the gradients and `loss` over ranks (one all-reduce; nothing with one rank),
+    /// clips the gradients, checks the loss (named `loss_name` in the warning) and the norm,
+    /// and applies the update at `lr` when both are finite: every rank takes the same
+    /// decision on the same numbers. `step` is the 0-based index of the stage step (the
+    /// warning shows it 1-based, as the metrics do).
     pub fn apply(
         &mut self,
         acc: GradAccumulator,
@@ -56,6 +60,9 @@ impl Updater {
         step: u64,
     ) -> Result<Update> {
         let mut grads = acc.finish(self.optimizer.params())?;
+        let mut sums = [loss];
+        crate::dist::all_reduce_grads(&mut grads, &mut sums)?;
+        let loss = sums[0];
         let grad_norm = clip(&mut grads, self.max_grad_norm)?;
         let applied = loss.is_finite() && grad_norm.is_finite();
         if applied {
@@ -66,6 +73,10 @@ impl Updater {
                 step + 1
             );
         }
-        Ok(Update { grad_norm, applied })
+        Ok(Update {
+            grad_norm,
+            applied,
+            loss,
+        })
     }
 }
