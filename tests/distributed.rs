@@ -206,3 +206,123 @@ fn two_rank_runs_resume_exactly_and_only_on_two_ranks() {
         "{msg}"
     );
 }
+
+/// 24 pairs: the right sum chosen over a wrong one.
+fn pair_sets(dir: &Path, batch: usize, extra: &[&str]) -> Vec<String> {
+    let mut s = String::new();
+    for i in 0..24u32 {
+        let (a, b) = ((i * 7) % 41, (i * 13) % 37);
+        let wrong = if i % 2 == 0 { a + b + 1 } else { a + b + 10 };
+        s += &serde_json::json!({"prompt": format!("{a}+{b}="), "chosen": (a + b).to_string(), "rejected": wrong.to_string()}).to_string();
+        s.push('\n');
+    }
+    let data = dir.join("pairs.jsonl");
+    std::fs::write(&data, s).unwrap();
+    let mut sets = vec![
+        format!("model.path={:?}", fixture("llama").display().to_string()),
+        format!("data.train_file={:?}", data.display().to_string()),
+        format!("data.eval_file={:?}", data.display().to_string()),
+        format!(
+            "training.output_dir={:?}",
+            dir.join("out").display().to_string()
+        ),
+        "training.learning_rate=5e-3".into(),
+        "training.max_steps=6".into(),
+        format!("training.per_device_train_batch_size={batch}"),
+        "training.eval_steps=3".into(),
+        "training.logging_steps=1".into(),
+        "training.lr_scheduler=\"constant\"".into(),
+        "adapter.target_modules=\"all-linear\"".into(),
+        "adapter.lora_dropout=0.0".into(),
+    ];
+    sets.extend(extra.iter().map(|e| e.to_string()));
+    sets
+}
+
+/// The reward model and DPO on two ranks with half the per-rank batch: the one-process
+/// run's losses, metrics (reward accuracy and margins, over every rank's pairs), evaluation
+/// and adapter within 1e-5 relative — with SGD, whose update is the gradient's. With AdamW
+/// they are held to 1e-4: Adam divides each gradient by its own magnitude, so an element
+/// whose gradient is near zero moves by its f32 rounding, and the later steps' figures with
+/// it.
+#[test]
+fn reward_model_and_dpo_on_two_ranks_equal_one_process() {
+    use rlft::config::preference::{DpoConfig, RmConfig};
+    use rlft::preference::{dpo, rm, RunOptions as PrefOptions};
+    type Stage = fn(&Path, usize, &str) -> anyhow::Result<()>;
+    let rm_run: Stage = |d, b, opt| {
+        let cfg: RmConfig = config::load(None, &pair_sets(d, b, &[opt]))?;
+        rm::run(
+            &cfg,
+            &PrefOptions {
+                resume: None,
+                quiet: true,
+            },
+        )
+        .map(|_| ())
+    };
+    let dpo_run: Stage = |d, b, opt| {
+        let cfg: DpoConfig = config::load(None, &pair_sets(d, b, &[opt]))?;
+        dpo::run(
+            &cfg,
+            &PrefOptions {
+                resume: None,
+                quiet: true,
+            },
+        )
+        .map(|_| ())
+    };
+    let rm_keys = [
+        "train/loss",
+        "accuracy",
+        "margin",
+        "min_reward",
+        "max_reward",
+        "eval/loss",
+        "eval/accuracy",
+    ];
+    let dpo_keys = [
+        "train/loss",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "eval/loss",
+        "eval/rewards/margins",
+    ];
+    let stages: [(&str, Stage, &[&str]); 2] =
+        [("rm", rm_run, &rm_keys), ("dpo", dpo_run, &dpo_keys)];
+    for (opt, tol) in [("sgd", 1e-5), ("adamw", 1e-4)] {
+        let opt_set: &'static str = if opt == "sgd" {
+            "training.optimizer=\"sgd\""
+        } else {
+            "training.optimizer=\"adamw\""
+        };
+        for (name, stage, keys) in stages {
+            let one = TempDir::new(&format!("dp-{name}-{opt}-one"));
+            stage(&one.0, 4, opt_set).unwrap();
+            let two = TempDir::new(&format!("dp-{name}-{opt}-two"));
+            let dir = two.0.clone();
+            for o in on_ranks(2, move |_| stage(&dir, 2, opt_set)) {
+                o.unwrap();
+            }
+            let adapter = |d: &Path| tensors(&d.join("out/adapter/adapter_model.safetensors"));
+            let what = format!("{name} {opt}");
+            assert_close(&adapter(&one.0), &adapter(&two.0), tol, &what);
+            for key in keys.iter() {
+                let (a, b) = (series(&one.0, key), series(&two.0, key));
+                assert!(
+                    !a.is_empty() && a.len() == b.len(),
+                    "{what} {key}: {a:?} vs {b:?}"
+                );
+                for (x, y) in a.iter().zip(&b) {
+                    // Floor 1e-2: DPO's rewards are β × differences of summed log-probs
+                    // (~30 in size), near zero at first: their f32 rounding is ~1e-7.
+                    assert!(
+                        (x - y).abs() <= tol * x.abs().max(1e-2),
+                        "{what} {key}: {a:?} vs {b:?}"
+                    );
+                }
+            }
+        }
+    }
+}

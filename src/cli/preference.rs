@@ -23,6 +23,10 @@ fn interrupted(stage: &str, steps: u64, out: &std::path::Path) {
 pub fn run_rm(args: Args) -> Result<()> {
     let cfg: RmConfig = config::load(args.config.as_deref(), &args.overrides)?;
     let out = rm::run(&cfg, &options(&args))?;
+    // Rank 0 reports for a data-parallel run.
+    if !crate::dist::is_main() {
+        return Ok(());
+    }
     if out.interrupted {
         interrupted("rm", out.steps, &out.output);
         return Ok(());
@@ -47,6 +51,10 @@ pub fn run_rm(args: Args) -> Result<()> {
 pub fn run_dpo(args: Args) -> Result<()> {
     let cfg: DpoConfig = config::load(args.config.as_deref(), &args.overrides)?;
     let out = dpo::run(&cfg, &options(&args))?;
+    // Rank 0 reports for a data-parallel run.
+    if !crate::dist::is_main() {
+        return Ok(());
+    }
     if out.interrupted {
         interrupted("dpo", out.steps, &out.output);
         return Ok(());

@@ -20,6 +20,10 @@ pub fn run(args: Args, defaults: &[&str], registry: &Registry) -> Result<()> {
             separate_old_pass: false,
         },
     )?;
+    // Rank 0 reports for a data-parallel run.
+    if !crate::dist::is_main() {
+        return Ok(());
+    }
     if out.interrupted {
         println!(
             "{:?}: interrupted after step {}; checkpoint {} written. Resume with the same command and --resume",

@@ -15,6 +15,10 @@ pub fn run(args: Args) -> Result<()> {
             quiet: args.quiet,
         },
     )?;
+    // Rank 0 reports for a data-parallel run.
+    if !crate::dist::is_main() {
+        return Ok(());
+    }
     if out.interrupted {
         println!(
             "sft: interrupted after step {}; checkpoint {} written. Resume with the same command and --resume",

@@ -190,6 +190,31 @@ pub fn sum(v: &mut [f64]) -> Result<()> {
     world().all_reduce_f64(v)
 }
 
+/// Every rank's `v` (any lengths), in rank order, on every rank: an all-gather made of two
+/// sums (the lengths, then each rank's values at its offset in a zero buffer). For the few
+/// numbers metrics need (a step's extremes, a window's sums).
+pub fn all_gather(v: &[f64]) -> Result<Vec<Vec<f64>>> {
+    let w = world();
+    if w.size() == 1 {
+        return Ok(vec![v.to_vec()]);
+    }
+    let mut lens = vec![0f64; w.size()];
+    lens[w.rank()] = v.len() as f64;
+    w.all_reduce_f64(&mut lens)?;
+    let lens: Vec<usize> = lens.iter().map(|&n| n as usize).collect();
+    let offset: usize = lens[..w.rank()].iter().sum();
+    let mut all = vec![0f64; lens.iter().sum()];
+    all[offset..offset + v.len()].copy_from_slice(v);
+    w.all_reduce_f64(&mut all)?;
+    let mut out = Vec::with_capacity(lens.len());
+    let mut at = 0;
+    for n in lens {
+        out.push(all[at..at + n].to_vec());
+        at += n;
+    }
+    Ok(out)
+}
+
 /// Whether any rank says `flag` (e.g. a stop requested by a signal one rank received).
 pub fn any(flag: bool) -> Result<bool> {
     let mut v = [f64::from(u8::from(flag))];
@@ -247,6 +272,23 @@ pub fn check_resume_size(saved: Option<usize>, dir: &std::path::Path) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gathers_ragged_values_in_rank_order() {
+        let group = threads::ThreadGroup::new(3);
+        let handles: Vec<_> = group
+            .into_iter()
+            .map(|g| {
+                std::thread::spawn(move || {
+                    let r = g.rank();
+                    with_world(g, || all_gather(&vec![r as f64; r]).unwrap())
+                })
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap(), vec![vec![], vec![1.0], vec![2.0, 2.0]]);
+        }
+    }
 
     #[test]
     fn shards_cover_the_items_once() {

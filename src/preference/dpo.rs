@@ -178,7 +178,10 @@ impl DpoStage<'_> {
         let batch = self.cfg.training.per_device_train_batch_size.max(1);
         let all: Vec<usize> = (0..ev.len()).collect();
         let dev = model.info().device.clone();
-        for idx in all.chunks(batch) {
+        // Each rank scores its share of the chunks; the figures are added over ranks.
+        let world = crate::dist::world();
+        let chunks: Vec<&[usize]> = all.chunks(batch).collect();
+        for idx in crate::dist::shard(&chunks, world.rank(), world.size()) {
             let refs: Vec<&Pair> = idx.iter().map(|&i| &ev[i]).collect();
             let b = PairBatch::new(&refs, self.pad, self.loss.averages_log_probs(), &dev)?;
             let hidden = model.forward_hidden(&b.input, &ctx, None)?;
@@ -188,8 +191,11 @@ impl DpoStage<'_> {
             loss += f.losses.sum_all()?.to_scalar::<f32>()? as f64;
             f.record(&mut w);
         }
+        let mut sum = [loss];
+        crate::dist::sum(&mut sum)?;
+        let w = w.over_ranks()?;
         Ok(Some(DpoEval {
-            loss: loss / ev.len().max(1) as f64,
+            loss: sum[0] / ev.len().max(1) as f64,
             accuracy: w.mean("rewards/accuracies", 1),
             margin: w.mean("rewards/margins", 1),
         }))
@@ -245,6 +251,13 @@ impl Stage for DpoStage<'_> {
         let accum = self.cfg.training.gradient_accumulation_steps as u64;
         let batches = self.order.step_batches(ctx.position, accum);
         let n_total: usize = batches.iter().map(Vec::len).sum();
+        // Every rank's slice of each batch; the loss is normalised by the pairs of all.
+        let world = crate::dist::world();
+        let batches: Vec<Vec<usize>> = batches
+            .iter()
+            .map(|b| crate::dist::shard(b, world.rank(), world.size()))
+            .filter(|b| !b.is_empty())
+            .collect();
         let model = self.pre.model.as_ref();
         let dev = model.info().device.clone();
         let d = &self.cfg.dpo;
@@ -279,11 +292,12 @@ impl Stage for DpoStage<'_> {
         }
         let loss = loss_sum / n_total.max(1) as f64;
         let update = ctx.updater.apply(acc, loss, "loss", ctx.lr, ctx.step)?;
+        let loss = update.loss;
         self.last_loss = loss;
         self.window.end_update(loss, update.grad_norm);
         if ctx.log {
             let step = ctx.step + 1;
-            let w = std::mem::take(&mut self.window);
+            let w = std::mem::take(&mut self.window).over_ranks()?;
             let (loss, grad_norm) = w.update_means();
             let accuracy = w.mean("rewards/accuracies", 1);
             let margin = w.mean("rewards/margins", 1);
@@ -387,7 +401,13 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<DpoOutcome> {
         t.seed,
         resume.as_ref().map(|r| r.dir.as_path()),
     )?;
-    let order = DataOrder::new(train.len(), batch, t.seed, cfg.data.shuffle);
+    // One seeded order of global batches (per rank × ranks); each rank takes its slice.
+    let order = DataOrder::new(
+        train.len(),
+        batch * crate::dist::world().size(),
+        t.seed,
+        cfg.data.shuffle,
+    );
     let mut stage = DpoStage {
         cfg,
         pre,

@@ -120,6 +120,39 @@ impl PairStats {
         self.sums.get(name).copied().unwrap_or(f64::NAN)
     }
 
+    /// The window's sums and pair count over every rank (a data-parallel run's metrics are
+    /// over all of its pairs). A rank that saw no pair has no figures to add; the others
+    /// record the same names, as they run the same code.
+    pub fn over_ranks(mut self) -> anyhow::Result<Self> {
+        let mine: Vec<f64> = std::iter::once(self.pairs as f64)
+            .chain(self.sums.values().copied())
+            .collect();
+        let all = crate::dist::all_gather(&mine)?;
+        let mut pairs = 0f64;
+        let mut sums = vec![0f64; self.sums.len()];
+        for (rank, v) in all.iter().enumerate() {
+            if v[0] == 0.0 {
+                continue;
+            }
+            if v.len() != mine.len() {
+                anyhow::bail!(
+                    "rank {rank} recorded {} figures, this rank {}",
+                    v.len() - 1,
+                    mine.len() - 1
+                );
+            }
+            pairs += v[0];
+            for (s, x) in sums.iter_mut().zip(&v[1..]) {
+                *s += x;
+            }
+        }
+        self.pairs = pairs as usize;
+        for (slot, s) in self.sums.values_mut().zip(sums) {
+            *slot = s;
+        }
+        Ok(self)
+    }
+
     /// The mean of `name` over the window's pairs (`per` values per pair).
     pub fn mean(&self, name: &str, per: usize) -> f64 {
         self.sum(name) / (self.pairs * per).max(1) as f64

@@ -85,7 +85,10 @@ pub fn evaluate_pairs(
     let ctx = ForwardCtx::inference(adapter);
     let dev = model.info().device.clone();
     let (mut loss, mut correct, mut margin) = (0f64, 0usize, 0f64);
-    for chunk in pairs.chunks(batch.max(1)) {
+    // Each rank scores its share of the chunks; the sums are added over ranks.
+    let world = crate::dist::world();
+    let chunks: Vec<&[Pair]> = pairs.chunks(batch.max(1)).collect();
+    for chunk in crate::dist::shard(&chunks, world.rank(), world.size()) {
         let refs: Vec<&Pair> = chunk.iter().collect();
         let b = PairBatch::new(&refs, pad, false, &dev)?;
         let hidden = model.forward_hidden(&b.input, &ctx, None)?;
@@ -96,11 +99,13 @@ pub fn evaluate_pairs(
         correct += c.iter().zip(&r).filter(|(c, r)| c > r).count();
         margin += c.iter().zip(&r).map(|(c, r)| (c - r) as f64).sum::<f64>();
     }
+    let mut sums = [loss, correct as f64, margin];
+    crate::dist::sum(&mut sums)?;
     let n = pairs.len().max(1) as f64;
     Ok(RmEval {
-        loss: loss / n,
-        accuracy: correct as f64 / n,
-        margin: margin / n,
+        loss: sums[0] / n,
+        accuracy: sums[1] / n,
+        margin: sums[2] / n,
     })
 }
 
@@ -141,8 +146,10 @@ struct RmStage<'a> {
     pad: u32,
     /// The logging interval's figures.
     window: PairStats,
-    /// Real tokens trained on since the run began (TRL's `num_tokens`).
+    /// Real tokens trained on since the run began (TRL's `num_tokens`), over every rank.
     num_tokens: u64,
+    /// The logging interval's sums of each step's lowest and highest reward.
+    extremes: [f64; 2],
     last_loss: f64,
     last_eval: Option<RmEval>,
 }
@@ -198,6 +205,14 @@ impl Stage for RmStage<'_> {
         let accum = self.cfg.training.gradient_accumulation_steps as u64;
         let batches = self.order.step_batches(ctx.position, accum);
         let n_total: usize = batches.iter().map(Vec::len).sum();
+        // Every rank's slice of each batch; the loss is normalised by the pairs of all.
+        let world = crate::dist::world();
+        let batches: Vec<Vec<usize>> = batches
+            .iter()
+            .map(|b| crate::dist::shard(b, world.rank(), world.size()))
+            .filter(|b| !b.is_empty())
+            .collect();
+        let mut step_tokens = 0f64;
         let model = self.pre.model.as_ref();
         let dev = model.info().device.clone();
         let (score, pad) = (self.score.clone(), self.pad);
@@ -209,7 +224,7 @@ impl Stage for RmStage<'_> {
         for b in &batches {
             let pairs: Vec<&Pair> = b.iter().map(|&i| &self.train[i]).collect();
             let batch = PairBatch::new(&pairs, self.pad, false, &dev)?;
-            self.num_tokens += batch.tokens as u64;
+            step_tokens += batch.tokens as f64;
             let m = margins(&pairs, &dev)?;
             let share = pairs.len() as f64 / n_total.max(1) as f64;
             let params = ctx.updater.params();
@@ -238,19 +253,24 @@ impl Stage for RmStage<'_> {
             )?;
         }
         let update = ctx.updater.apply(acc, loss_sum, "loss", ctx.lr, ctx.step)?;
+        let loss_sum = update.loss;
         self.last_loss = loss_sum;
         self.window.end_update(loss_sum, update.grad_norm);
-        // TRL's min_reward / max_reward: each step's extremes, averaged over the window.
+        // TRL's min_reward / max_reward: each step's extremes (over every rank), averaged
+        // over the window.
         let (lo, hi) = step_rewards
             .iter()
             .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &r| {
                 (lo.min(r), hi.max(r))
             });
-        self.window.add("min_reward", &[lo]);
-        self.window.add("max_reward", &[hi]);
+        let all = crate::dist::all_gather(&[lo as f64, hi as f64, step_tokens])?;
+        self.extremes[0] += all.iter().map(|v| v[0]).fold(f64::INFINITY, f64::min);
+        self.extremes[1] += all.iter().map(|v| v[1]).fold(f64::NEG_INFINITY, f64::max);
+        self.num_tokens += all.iter().map(|v| v[2]).sum::<f64>() as u64;
         if ctx.log {
             let step = ctx.step + 1;
-            let w = std::mem::take(&mut self.window);
+            let w = std::mem::take(&mut self.window).over_ranks()?;
+            let extremes = std::mem::take(&mut self.extremes);
             let (loss, grad_norm) = w.update_means();
             let accuracy = w.mean("accuracy", 1);
             ctx.progress
@@ -262,9 +282,9 @@ impl Stage for RmStage<'_> {
                 "train/loss" = loss,
                 accuracy,
                 margin = w.mean("margin", 1),
-                min_reward = w.sum("min_reward") / w.updates(),
+                min_reward = extremes[0] / w.updates(),
                 mean_reward = w.mean("reward", 2),
-                max_reward = w.sum("max_reward") / w.updates(),
+                max_reward = extremes[1] / w.updates(),
                 num_tokens = self.num_tokens,
                 lr = ctx.lr,
                 grad_norm,
@@ -384,9 +404,10 @@ pub fn run(cfg: &RmConfig, opts: &RunOptions) -> Result<RmOutcome> {
     if let Trainable::Lora(a) = &mut trainable {
         a.set_head("score", score.clone())?;
     }
+    // One seeded order of global batches (per rank × ranks); each rank takes its slice.
     let order = DataOrder::new(
         train.len(),
-        t.per_device_train_batch_size,
+        t.per_device_train_batch_size * crate::dist::world().size(),
         t.seed,
         cfg.data.shuffle,
     );
@@ -404,6 +425,7 @@ pub fn run(cfg: &RmConfig, opts: &RunOptions) -> Result<RmOutcome> {
             .as_ref()
             .and_then(|r| r.state.extra["num_tokens"].as_u64())
             .unwrap_or(0),
+        extremes: [0.0; 2],
         last_loss: f64::NAN,
         last_eval: None,
     };

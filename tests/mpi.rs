@@ -1,0 +1,243 @@
+//! The `mpi` build under `mpirun -n 2` (`.ci/run`: `cargo test --release --features mpi
+//! --test mpi`): two ranks train what one process trains with twice the per-rank batch,
+//! resume bit-identically on two ranks and refuse one, a killed rank stops the run with the
+//! last checkpoint intact, and `--version` says the build has MPI. Needs Open MPI's
+//! `mpirun`; as root, Open MPI also needs `OMPI_ALLOW_RUN_AS_ROOT=1` and
+//! `OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1` (set here).
+#![cfg(feature = "mpi")]
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn data(dir: &Path) -> PathBuf {
+    let p = dir.join("train.jsonl");
+    let rows: String = (0..24u32)
+        .map(|i| {
+            let (a, b) = ((i * 7) % 41, (i * 13) % 37);
+            format!("{}\n", serde_json::json!({"prompt": format!("{a}+{b}="), "completion": format!("{}", a + b)}))
+        })
+        .collect();
+    std::fs::write(&p, rows).unwrap();
+    p
+}
+
+/// `rlft sft` on the Llama fixture, on `ranks` ranks (`mpirun -n ranks`, or the binary alone
+/// for 0), `batch` examples per rank.
+fn sft(ranks: usize, dir: &Path, batch: usize, extra: &[&str]) -> Command {
+    let bin = env!("CARGO_BIN_EXE_rlft");
+    let mut c = if ranks == 0 {
+        Command::new(bin)
+    } else {
+        let mut c = Command::new("mpirun");
+        c.args(["-n", &ranks.to_string(), "--oversubscribe", bin]);
+        c
+    };
+    let train = data(dir);
+    c.args(["sft", "--quiet"])
+        .arg(format!(
+            "--set=model.path={:?}",
+            fixture("llama").display().to_string()
+        ))
+        .arg(format!(
+            "--set=data.train_file={:?}",
+            train.display().to_string()
+        ))
+        .arg(format!(
+            "--set=training.output_dir={:?}",
+            dir.join("out").display().to_string()
+        ))
+        .args([
+            "--set=training.learning_rate=5e-3",
+            "--set=training.max_steps=6",
+            &format!("--set=training.per_device_train_batch_size={batch}"),
+            "--set=training.logging_steps=1",
+            "--set=training.lr_scheduler=\"constant\"",
+            "--set=adapter.target_modules=\"all-linear\"",
+            "--set=adapter.lora_dropout=0.0",
+        ])
+        .args(extra)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn ok(o: Output) -> Output {
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    o
+}
+
+fn adapter(dir: &Path) -> Vec<(String, Vec<f64>)> {
+    use rlft::policies::candle_core::{safetensors, DType, Device};
+    let t = safetensors::load(
+        dir.join("out/adapter/adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut v: Vec<_> = t
+        .into_iter()
+        .map(|(k, x)| {
+            (
+                k,
+                x.to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn losses(dir: &Path) -> Vec<f64> {
+    metrics(dir)
+        .iter()
+        .filter_map(|r| r["train/loss"].as_f64())
+        .collect()
+}
+
+#[test]
+fn the_build_says_it_has_mpi() {
+    let o = ok(rlft(&["--version"]));
+    assert!(stdout(&o).contains("mpi: yes"), "{}", stdout(&o));
+}
+
+/// `mpirun -n 2` with 2 examples per rank trains the one-process run with 4: losses and
+/// adapter within 1e-5 relative (f32); one metrics line per step, one summary line.
+#[test]
+fn two_mpi_ranks_train_what_one_process_trains() {
+    let one = TempDir::new("mpi-one");
+    ok(sft(0, &one.0, 4, &[]).output().unwrap());
+    let two = TempDir::new("mpi-two");
+    let o = ok(sft(2, &two.0, 2, &[]).output().unwrap());
+    assert_eq!(
+        stdout(&o).matches("sft: 6 steps").count(),
+        1,
+        "{}",
+        stdout(&o)
+    );
+    let (a, b) = (losses(&one.0), losses(&two.0));
+    assert_eq!(b.len(), 6, "{b:?}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "{a:?} vs {b:?}");
+    }
+    for ((name, x), (_, y)) in adapter(&one.0).iter().zip(&adapter(&two.0)) {
+        let norm = x.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let err = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q) * (p - q))
+            .sum::<f64>()
+            .sqrt();
+        assert!(err <= 1e-5 * norm, "{name}: ‖Δ‖ {err:e}, ‖a‖ {norm:e}");
+    }
+}
+
+/// Resumed on two ranks from its checkpoint, a two-rank run ends bit-identical to the
+/// uninterrupted one; on one rank the resume is refused.
+#[test]
+fn an_mpi_run_resumes_exactly_on_as_many_ranks() {
+    let save = ["--set=training.save_steps=3"];
+    let whole = TempDir::new("mpi-whole");
+    ok(sft(2, &whole.0, 2, &save).output().unwrap());
+    let resumed = TempDir::new("mpi-resumed");
+    copy_dir(
+        &whole.0.join("out/checkpoint-3"),
+        &resumed.0.join("out/checkpoint-3"),
+    );
+    let mut args = save.to_vec();
+    args.extend(["--resume", "latest"]);
+    ok(sft(2, &resumed.0, 2, &args).output().unwrap());
+    let f = "out/adapter/adapter_model.safetensors";
+    assert!(
+        std::fs::read(whole.0.join(f)).unwrap() == std::fs::read(resumed.0.join(f)).unwrap(),
+        "the resumed run differs"
+    );
+    let single = TempDir::new("mpi-resume-one");
+    copy_dir(
+        &whole.0.join("out/checkpoint-3"),
+        &single.0.join("out/checkpoint-3"),
+    );
+    let o = sft(0, &single.0, 2, &args).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("resume it on 2"), "{}", stderr(&o));
+}
+
+/// The process of `rank` under an `mpirun` whose ranks run `bin` with `tag` in their
+/// arguments (tests run at once: each kills its own run's rank).
+fn rank_pid(bin: &str, rank: usize, tag: &str) -> Option<u32> {
+    for e in std::fs::read_dir("/proc").ok()? {
+        let Ok(pid) = e.ok()?.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+        if exe.as_deref() != Some(Path::new(bin)) {
+            continue;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains(tag) {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let want = format!("OMPI_COMM_WORLD_RANK={rank}");
+        if env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// SIGKILL of rank 1 mid-run: `mpirun` stops rank 0 too and fails, naming the killed rank;
+/// every checkpoint folder left is complete.
+#[test]
+fn a_killed_rank_stops_the_run_and_leaves_complete_checkpoints() {
+    let tmp = TempDir::new("mpi-kill");
+    let mut child = sft(
+        2,
+        &tmp.0,
+        2,
+        &[
+            "--set=training.max_steps=100000",
+            "--set=training.save_steps=5",
+            "--set=training.save_total_limit=1000",
+        ],
+    )
+    .spawn()
+    .unwrap();
+    let out = tmp.0.join("out");
+    let t0 = Instant::now();
+    while !out.join("checkpoint-10").exists() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint-10");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let bin = std::fs::canonicalize(env!("CARGO_BIN_EXE_rlft")).unwrap();
+    let tag = out.display().to_string();
+    let pid = rank_pid(bin.to_str().unwrap(), 1, &tag).expect("rank 1's process");
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        !o.status.success(),
+        "mpirun must fail when a rank is killed"
+    );
+    let text = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(
+        text.contains("signal 9") || text.contains("Killed"),
+        "{text}"
+    );
+    let steps = complete_checkpoints(&out);
+    assert!(
+        steps.len() >= 2 && steps.iter().all(|s| s % 5 == 0),
+        "{steps:?}"
+    );
+}
