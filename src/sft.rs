@@ -157,6 +157,8 @@ struct Window {
     loss_sum: f64,
     tokens: usize,
     grad_norm: f64,
+    /// Seconds in the all-reduce of the gradients (several ranks).
+    allreduce: f64,
     steps: u64,
     started: Option<Instant>,
 }
@@ -269,6 +271,7 @@ impl Stage for SftStage<'_> {
         w.loss_sum += loss * n_total as f64;
         w.tokens += n_total;
         w.grad_norm += update.grad_norm;
+        w.allreduce += update.allreduce_seconds;
         w.steps += 1;
         if ctx.log {
             let step = ctx.step + 1;
@@ -285,6 +288,7 @@ impl Stage for SftStage<'_> {
                 grad_norm = w.grad_norm / w.steps as f64,
                 tokens_per_s = self.run_tokens as f64 / elapsed.max(1e-9),
                 steps_per_s = w.steps as f64 / secs.max(1e-9),
+                "time/allreduce" = w.allreduce / w.steps as f64,
                 elapsed,
                 "step {step}/{} loss {train_loss:.4} lr {:.3e}",
                 ctx.total_steps,

@@ -326,3 +326,30 @@ fn reward_model_and_dpo_on_two_ranks_equal_one_process() {
         }
     }
 }
+
+/// RL on several ranks is refused with a message naming what is supported, on every rank.
+#[test]
+fn rl_on_two_ranks_is_refused_with_a_message() {
+    use common::rl_run::config as rl_config;
+    let tmp = TempDir::new("dp-rl");
+    let dir = tmp.0.clone();
+    let outs = on_ranks(2, move |_| {
+        let cfg = rl_config(
+            &dir,
+            "grpo",
+            &["rl.num_generations=4", "training.max_steps=1"],
+        );
+        rlft::rl::trainer::run(
+            &cfg,
+            &rlft::rewards::default_registry(),
+            &common::rl_run::quiet(),
+        )
+    });
+    for o in outs {
+        let msg = format!("{:#}", o.err().expect("refused"));
+        assert!(
+            msg.contains("grpo on 2 ranks is not supported yet"),
+            "{msg}"
+        );
+    }
+}

@@ -67,6 +67,12 @@ fn version_names_the_build_and_the_cpu_features() {
         "cuda: no"
     };
     assert!(v.contains(cuda), "{v}");
+    let mpi = if cfg!(feature = "mpi") {
+        "mpi: yes"
+    } else {
+        "mpi: no"
+    };
+    assert!(v.contains(mpi), "{v}");
     #[cfg(target_arch = "x86_64")]
     for f in ["avx2", "fma", "f16c", "avx512f"] {
         let has = match f {

@@ -414,6 +414,15 @@ impl Stage for RlStage<'_> {
 
 pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlOutcome> {
     cfg.validate()?;
+    let ranks = crate::dist::world().size();
+    if ranks > 1 {
+        // Rollouts per rank, global advantage and reward statistics, global loss weights:
+        // not yet (docs/distributed.md). Refused rather than run as N unrelated runs.
+        anyhow::bail!(
+            "{} on {ranks} ranks is not supported yet: data parallelism covers sft, rm and dpo; run RL on one rank (docs/distributed.md)",
+            AlgorithmSpec::of(cfg).name()
+        );
+    }
     let (t, r) = (&cfg.training, &cfg.rl);
     let spec = AlgorithmSpec::of(cfg);
     let (pre, device) = stage::load_base(&cfg.model, t, r.sft_adapter.as_deref())?;

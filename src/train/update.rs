@@ -22,6 +22,8 @@ pub struct Update {
     pub applied: bool,
     /// The loss summed over ranks (the step's loss when each rank passes its share).
     pub loss: f64,
+    /// Seconds spent summing the gradients over ranks (0 with one rank).
+    pub allreduce_seconds: f64,
 }
 
 /// The cause a skipped update gives to the loop's bad-step count.
@@ -61,7 +63,9 @@ impl Updater {
     ) -> Result<Update> {
         let mut grads = acc.finish(self.optimizer.params())?;
         let mut sums = [loss];
+        let t0 = std::time::Instant::now();
         crate::dist::all_reduce_grads(&mut grads, &mut sums)?;
+        let allreduce_seconds = t0.elapsed().as_secs_f64();
         let loss = sums[0];
         let grad_norm = clip(&mut grads, self.max_grad_norm)?;
         let applied = loss.is_finite() && grad_norm.is_finite();
@@ -77,6 +81,7 @@ impl Updater {
             grad_norm,
             applied,
             loss,
+            allreduce_seconds,
         })
     }
 }
