@@ -327,17 +327,91 @@ fn reward_model_and_dpo_on_two_ranks_equal_one_process() {
     }
 }
 
-/// RL on several ranks is refused with a message naming what is supported, on every rank.
+/// PPO and GRPO on two ranks train what one process trains on the same rollouts: greedy
+/// generation (`top_k = 1`) makes every rank's rollouts those of the one-process run, so
+/// scores, KL, losses, statistics (PPO's whitened advantages over the whole batch) and the
+/// adapter, value head included, must agree — with two mini-batches and two epochs, whose
+/// shuffled mini-batches mix both ranks' rollouts. Figures within 1e-4 relative, PPO's
+/// adapter and value head too. (A greedy GRPO group's completions are alike, so its
+/// advantages are 0 and its adapter moves only by the KL term's rounding-sized gradients:
+/// GRPO is held to its figures.)
 #[test]
-fn rl_on_two_ranks_is_refused_with_a_message() {
+fn rl_on_two_ranks_trains_what_one_process_trains_on_the_same_rollouts() {
     use common::rl_run::config as rl_config;
-    let tmp = TempDir::new("dp-rl");
+    for alg in ["ppo", "grpo"] {
+        let sets: Vec<String> = vec![
+            "generation.top_k=1".into(),
+            "rl.num_mini_batches=2".into(),
+            "rl.num_ppo_epochs=2".into(),
+            "training.max_steps=3".into(),
+            "training.per_device_train_batch_size=8".into(),
+            format!("rl.num_generations={}", if alg == "grpo" { 4 } else { 1 }),
+        ];
+        let run_rl = move |dir: &Path| {
+            let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+            let cfg = rl_config(dir, alg, &refs);
+            rlft::rl::trainer::run(
+                &cfg,
+                &rlft::rewards::default_registry(),
+                &common::rl_run::quiet(),
+            )
+            .map(|_| ())
+        };
+        let one = TempDir::new(&format!("dp-{alg}-one"));
+        run_rl(&one.0).unwrap();
+        let two = TempDir::new(&format!("dp-{alg}-two"));
+        let dir = two.0.clone();
+        let run2 = run_rl.clone();
+        for o in on_ranks(2, move |_| run2(&dir)) {
+            o.unwrap();
+        }
+        let m = |d: &Path, k: &str| series(d, k);
+        assert_eq!(
+            m(&one.0, "objective/scores"),
+            m(&two.0, "objective/scores"),
+            "{alg}: the same rollouts"
+        );
+        for key in [
+            "objective/kl",
+            "loss/policy",
+            "policy/approxkl",
+            "policy/clipfrac",
+            "response/length_mean",
+            "val/vf_loss",
+        ] {
+            let (a, b) = (m(&one.0, key), m(&two.0, key));
+            assert_eq!(a.len(), b.len(), "{alg} {key}");
+            for (x, y) in a.iter().zip(&b) {
+                assert!(
+                    (x - y).abs() <= 1e-4 * x.abs().max(1e-2),
+                    "{alg} {key}: {a:?} vs {b:?}"
+                );
+            }
+        }
+        if alg == "ppo" {
+            let adapter = |d: &Path| tensors(&d.join("out/adapter/adapter_model.safetensors"));
+            assert_close(&adapter(&one.0), &adapter(&two.0), 1e-4, alg);
+            let head = |d: &Path| tensors(&d.join("out/value_head.safetensors"));
+            assert_close(&head(&one.0), &head(&two.0), 1e-4, "value head");
+        }
+    }
+}
+
+/// A step's prompts that do not divide among the ranks are refused, naming the keys.
+#[test]
+fn rl_batches_that_do_not_split_across_ranks_are_refused() {
+    use common::rl_run::config as rl_config;
+    let tmp = TempDir::new("dp-rl-split");
     let dir = tmp.0.clone();
     let outs = on_ranks(2, move |_| {
         let cfg = rl_config(
             &dir,
             "grpo",
-            &["rl.num_generations=4", "training.max_steps=1"],
+            &[
+                "rl.num_generations=4",
+                "rl.batch_size=12",
+                "training.per_device_train_batch_size=4",
+            ],
         );
         rlft::rl::trainer::run(
             &cfg,
@@ -348,7 +422,7 @@ fn rl_on_two_ranks_is_refused_with_a_message() {
     for o in outs {
         let msg = format!("{:#}", o.err().expect("refused"));
         assert!(
-            msg.contains("grpo on 2 ranks is not supported yet"),
+            msg.contains("rl.batch_size 12") && msg.contains("2 ranks"),
             "{msg}"
         );
     }

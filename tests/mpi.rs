@@ -241,3 +241,91 @@ fn a_killed_rank_stops_the_run_and_leaves_complete_checkpoints() {
         "{steps:?}"
     );
 }
+
+/// `rlft ppo` on two MPI ranks with greedy generation (each rank's rollouts are then those of
+/// the one-process run): the same scores, and KL, losses and approx KL within 1e-4; one
+/// summary line and one metrics line per step.
+#[test]
+fn ppo_on_two_mpi_ranks_trains_what_one_process_trains() {
+    let run = |ranks: usize, dir: &Path| -> Output {
+        let prompts = dir.join("prompts.jsonl");
+        let rows: String = (0..48)
+            .map(|i| {
+                format!(
+                    "{}\n",
+                    serde_json::json!({"prompt": format!("{}+{}=", i * 3 % 41, i * 7 % 23)})
+                )
+            })
+            .collect();
+        std::fs::write(&prompts, rows).unwrap();
+        let bin = env!("CARGO_BIN_EXE_rlft");
+        let mut c = if ranks == 0 {
+            Command::new(bin)
+        } else {
+            let mut c = Command::new("mpirun");
+            c.args(["-n", &ranks.to_string(), "--oversubscribe", bin]);
+            c
+        };
+        c.args(["ppo", "--quiet"])
+            .arg(format!(
+                "--set=model.path={:?}",
+                fixture("llama").display().to_string()
+            ))
+            .arg(format!(
+                "--set=data.prompt_file={:?}",
+                prompts.display().to_string()
+            ))
+            .arg(format!(
+                "--set=training.output_dir={:?}",
+                dir.join("out").display().to_string()
+            ))
+            .args([
+                "--set=model.max_seq_len=64",
+                "--set=adapter.target_modules=\"all-linear\"",
+                "--set=generation.max_new_tokens=4",
+                "--set=generation.top_k=1",
+                "--set=rl.batch_size=16",
+                "--set=rl.num_mini_batches=2",
+                "--set=training.per_device_train_batch_size=4",
+                "--set=training.max_steps=3",
+                "--set=reward=[{name = \"regex\", pattern = '^\\s*\\d'}]",
+            ])
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .env("RUST_LOG", "warn");
+        ok(c.output().unwrap())
+    };
+    let one = TempDir::new("mpi-ppo-one");
+    run(0, &one.0);
+    let two = TempDir::new("mpi-ppo-two");
+    let o = run(2, &two.0);
+    assert_eq!(
+        stdout(&o).matches("Ppo: 3 steps").count(),
+        1,
+        "{}",
+        stdout(&o)
+    );
+    let series = |d: &Path, k: &str| -> Vec<f64> {
+        metrics(d).iter().filter_map(|r| r[k].as_f64()).collect()
+    };
+    assert_eq!(
+        series(&one.0, "objective/scores"),
+        series(&two.0, "objective/scores")
+    );
+    assert_eq!(series(&two.0, "objective/scores").len(), 3);
+    for key in [
+        "objective/kl",
+        "loss/policy",
+        "policy/approxkl",
+        "val/vf_loss",
+    ] {
+        let (a, b) = (series(&one.0, key), series(&two.0, key));
+        assert_eq!(a.len(), b.len(), "{key}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs().max(1e-2),
+                "{key}: {a:?} vs {b:?}"
+            );
+        }
+    }
+}

@@ -50,6 +50,13 @@ pub struct Experience {
     pub logp_ref: Option<Vec<Vec<f64>>>,
     pub samples: Vec<Sample>,
     pub timing: Timing,
+    /// Whether each response ended with a stop token.
+    pub stopped: Vec<bool>,
+    /// The longest prompt.
+    pub p_len: usize,
+    /// This rank's rollouts (`rollouts`, `samples`) in the step's batch; the other fields
+    /// cover the whole batch after `rl::gather` (all of it with one rank).
+    pub local: std::ops::Range<usize>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -158,6 +165,7 @@ pub fn collect(
     };
     timing.reference = t0.elapsed().as_secs_f64();
     let samples = samples(req.prompts, &prompt_index, &ro, tok)?;
+    let (stopped, p_len) = (ro.stopped.clone(), ro.p_len);
     Ok(Experience {
         prompt_index,
         rollouts: ro,
@@ -167,6 +175,9 @@ pub fn collect(
         logp_ref,
         samples,
         timing,
+        stopped,
+        p_len,
+        local: 0..n,
     })
 }
 

@@ -5,6 +5,7 @@
 pub mod advantages;
 pub mod algorithm;
 pub mod experience;
+pub mod gather;
 pub mod kl;
 pub mod layout;
 pub mod losses;

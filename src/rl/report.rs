@@ -28,13 +28,14 @@ pub struct StepReport<'a> {
 
 /// Writes the step's metrics line and one line per reward part.
 pub fn log_step(s: &StepReport) {
-    let (x, n) = (s.x, s.x.rollouts.len());
+    // The whole step's rollouts (every rank's, after rl::gather).
+    let (x, n) = (s.x, s.x.lens.len());
     let step = s.step;
     let score_mean = mean(&s.shaped.scores);
     let mean_kl = s.shaped.mean_kl();
     let beta = s.beta;
     let resp_tokens: usize = x.lens.iter().sum();
-    let stop_rate = x.rollouts.stopped.iter().filter(|&&v| v).count() as f64 / n as f64;
+    let stop_rate = x.stopped.iter().filter(|&&v| v).count() as f64 / n as f64;
     let t = s.timing;
     tracing::info!(
         target: METRICS,
@@ -64,7 +65,7 @@ pub fn log_step(s: &StepReport) {
         "time/score" = t.score,
         "time/train" = t.train,
         "time/step" = s.step_secs,
-        tokens_per_s = (resp_tokens + x.rollouts.p_len * n) as f64 / s.step_secs.max(1e-9),
+        tokens_per_s = (resp_tokens + x.p_len * n) as f64 / s.step_secs.max(1e-9),
         elapsed = s.elapsed,
         "step {step}/{} score {score_mean:.4} kl {mean_kl:.4} β {beta:.4} ({:.2} s)",
         s.total_steps,

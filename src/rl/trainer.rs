@@ -10,6 +10,7 @@
 
 use super::algorithm::AlgorithmSpec;
 use super::experience::{self, gen_config, Actors, Request};
+use super::gather;
 use super::kl::KlController;
 use super::losses::ClipParams;
 use super::report::{self, StepReport};
@@ -288,7 +289,8 @@ impl Stage for RlStage<'_> {
             self.cfg.prompts_per_step(),
             r.num_generations,
         );
-        if r.log_rollouts_every > 0 {
+        // Rank 0 writes the rollout log (its own rollouts).
+        if r.log_rollouts_every > 0 && crate::dist::is_main() {
             let path = self.cfg.training.output_dir.join("rollouts.jsonl");
             self.rollout_log = Some(
                 std::fs::OpenOptions::new()
@@ -316,29 +318,45 @@ impl Stage for RlStage<'_> {
         let (cfg, spec, beta) = (self.cfg, self.spec, self.kl_ctl.beta);
         let old_from_update =
             spec.old_logprobs_from_update(cfg, self.dropout()) && !self.separate_old_pass;
-        // 1. Experience: rollouts of the step's prompts, the scoring passes, the rewards.
-        let chosen = self.order.batch(*ctx.position);
+        // 1. Experience: rollouts of the step's prompts (with several ranks, each rank its
+        //    share of them, whole groups, sampled from its own stream), the scoring passes,
+        //    the rewards.
+        let world = crate::dist::world();
+        let chosen =
+            crate::dist::shard(&self.order.batch(*ctx.position), world.rank(), world.size());
         *ctx.position += 1;
+        let seed = match world.size() {
+            1 => mix(cfg.training.seed, ctx.step, 1),
+            _ => crate::dist::rank_seed(mix(cfg.training.seed, ctx.step, 1), world.rank(), 0),
+        };
         let request = Request {
             prompts: &self.prompts,
             chosen: &chosen,
-            seed: mix(cfg.training.seed, ctx.step, 1),
+            seed,
             old_from_update,
             reference: spec.needs_reference(beta),
             share_prompts: self.share_prompts(),
         };
         let mut x = experience::collect(self.actors(), &self.pre.tokenizer, cfg, &request)?;
-        let scored = match self.score_rewards(&mut x, ctx.step)? {
+        let scored = self.score_rewards(&mut x, ctx.step)?;
+        // A bad step on any rank is a bad step on all (they must make the same updates).
+        if crate::dist::any(scored.is_err())? && scored.is_ok() {
+            let cause = "a non-finite reward on another rank".to_string();
+            return Ok(StepOutcome::Bad(cause));
+        }
+        let mut scored = match scored {
             Ok(s) => s,
             Err(bad) => return Ok(bad),
         };
+        // Every rank's figures, so shaping and metrics see the whole batch.
+        gather::gather_experience(&mut x, &mut scored)?;
         // 2. Shaping: scores, the KL penalty, advantages (and PPO's returns).
         let inputs = ShapeInputs {
             lens: &x.lens,
             logp_old: &x.logp_old,
             logp_ref: x.logp_ref.as_ref(),
             values: x.values.as_ref(),
-            scores: shaping::adjust_scores(&cfg.rl, &scored.total, &x.rollouts.stopped),
+            scores: shaping::adjust_scores(&cfg.rl, &scored.total, &x.stopped),
         };
         let mut shaped = shaping::shape(&spec, &cfg.rl, beta, inputs);
         // 3. Update: epochs × mini-batches × micro-batches.
@@ -358,12 +376,13 @@ impl Stage for RlStage<'_> {
         x.timing.train = t0.elapsed().as_secs_f64();
         if old_from_update {
             // The step's KL, from the log-probs the update computed.
-            x.logp_old = std::mem::take(&mut trained.logp_from_update);
+            let own = std::mem::take(&mut trained.logp_from_update);
+            x.logp_old = gather::gather_logp(own, &x.lens)?;
             shaped.kl =
                 shaping::token_kl(spec.kl_estimator, &x.lens, &x.logp_old, x.logp_ref.as_ref());
         }
         // 4. The KL controller, metrics and the rollout log.
-        self.kl_ctl.update(shaped.mean_kl(), x.rollouts.len());
+        self.kl_ctl.update(shaped.mean_kl(), x.lens.len());
         self.record(&ctx, &x, &shaped, &trained, &scored.parts, beta, started)?;
         Ok(match trained.skipped {
             None => StepOutcome::Trained,
@@ -414,15 +433,7 @@ impl Stage for RlStage<'_> {
 
 pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlOutcome> {
     cfg.validate()?;
-    let ranks = crate::dist::world().size();
-    if ranks > 1 {
-        // Rollouts per rank, global advantage and reward statistics, global loss weights:
-        // not yet (docs/distributed.md). Refused rather than run as N unrelated runs.
-        anyhow::bail!(
-            "{} on {ranks} ranks is not supported yet: data parallelism covers sft, rm and dpo; run RL on one rank (docs/distributed.md)",
-            AlgorithmSpec::of(cfg).name()
-        );
-    }
+    check_ranks(cfg)?;
     let (t, r) = (&cfg.training, &cfg.rl);
     let spec = AlgorithmSpec::of(cfg);
     let (pre, device) = stage::load_base(&cfg.model, t, r.sft_adapter.as_deref())?;
@@ -553,4 +564,31 @@ fn hash_base(model: &dyn CausalLm) -> Result<u64> {
         }
     }
     Ok(h)
+}
+
+/// With several ranks each takes whole groups of the step's prompts and trains its rollouts
+/// in micro-batches: the prompts must divide among the ranks, and each rank's rollouts into
+/// micro-batches (so the old-policy pass and the first epoch cut them alike).
+fn check_ranks(cfg: &RlConfig) -> Result<()> {
+    let ranks = crate::dist::world().size();
+    let (r, t) = (&cfg.rl, &cfg.training);
+    if ranks == 1 {
+        return Ok(());
+    }
+    let prompts = cfg.prompts_per_step();
+    if prompts % ranks != 0 {
+        anyhow::bail!(
+            "rl.batch_size {} is {prompts} prompts × rl.num_generations {} per step, which do not divide among {ranks} ranks (each rank takes whole groups): make the prompts per step a multiple of {ranks}",
+            r.batch_size,
+            r.num_generations
+        );
+    }
+    let per_rank = r.batch_size / ranks;
+    if per_rank % t.per_device_train_batch_size != 0 {
+        anyhow::bail!(
+            "each of the {ranks} ranks has rl.batch_size / {ranks} = {per_rank} rollouts, not a multiple of training.per_device_train_batch_size {}",
+            t.per_device_train_batch_size
+        );
+    }
+    Ok(())
 }

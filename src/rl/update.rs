@@ -114,7 +114,9 @@ pub fn train_on_rollouts(
     plan: &UpdatePlan,
 ) -> Result<Trained> {
     let (r, t) = (&plan.cfg.rl, &plan.cfg.training);
-    let n = x.rollouts.len();
+    // The whole step's rollouts (every rank's): mini-batches are cut from one order, the
+    // same on every rank, and each rank trains the members it holds.
+    let n = x.lens.len();
     let mini = n / r.num_mini_batches;
     let mut out = Trained {
         stats: UpdateStats::default(),
@@ -152,7 +154,8 @@ pub fn train_on_rollouts(
     Ok(out)
 }
 
-/// One optimizer update on mini-batch `m`, its gradients summed over micro-batches.
+/// One optimizer update on mini-batch `m` (indices into the step's batch), its gradients
+/// summed over this rank's micro-batches of it and then over ranks.
 fn mini_batch_update(
     actors: Actors,
     updater: &mut Updater,
@@ -181,8 +184,12 @@ fn mini_batch_update(
         Entropy::Skip
     };
     let checkpointing = t.gradient_checkpointing;
-    for micro in m.chunks(t.per_device_train_batch_size) {
-        let layout = Layout::choose(ro, micro, actors.model.info(), plan.share_prompts)?;
+    // This rank's members of `m`, in `m`'s order; `micro` indexes the step's figures,
+    // `local` this rank's rollouts.
+    let own: Vec<usize> = m.iter().copied().filter(|i| x.local.contains(i)).collect();
+    for micro in own.chunks(t.per_device_train_batch_size) {
+        let local: Vec<usize> = micro.iter().map(|&i| i - x.local.start).collect();
+        let layout = Layout::choose(ro, &local, actors.model.info(), plan.share_prompts)?;
         let lens: Vec<usize> = micro.iter().map(|&i| x.lens[i]).collect();
         let w = agg_weights(
             r.loss_aggregation,
@@ -193,7 +200,7 @@ fn mini_batch_update(
             plan.cfg.generation.max_new_tokens,
         );
         let w = Tensor::from_vec(w, (micro.len(), width), &dev)?;
-        let mask = ro.mask(micro, &dev)?;
+        let mask = ro.mask(&local, &dev)?;
         let old_given = (!x.logp_old.is_empty())
             .then(|| rows_tensor(micro, &x.logp_old, width, &dev))
             .transpose()?;
@@ -328,6 +335,11 @@ fn mini_batch_update(
     if !update.applied {
         out.skipped = Some(skipped_cause("policy loss"));
     }
+    // The figures over every rank's members (the policy loss came back summed).
+    s.pg_loss = update.loss;
+    let mut sums = [s.vf_loss, s.kl_loss, akl, cf, vcf, rsum, ent];
+    crate::dist::sum(&mut sums)?;
+    [s.vf_loss, s.kl_loss, akl, cf, vcf, rsum, ent] = sums;
     let tok = mb_tokens.max(1) as f64;
     s.approxkl = akl / tok;
     s.clipfrac = cf / tok;
