@@ -259,11 +259,13 @@ impl Stage for RlStage<'_> {
         let mb = t.per_device_train_batch_size;
         let ckpt = t.gradient_checkpointing;
         let training = |c| memory::training_bytes(model, mb, seq, trainable_params, c);
+        // Each rank generates its share of the step's rollouts.
+        let per_rank = r.batch_size / crate::dist::world().size();
         vec![
             MemoryNeed {
-                bytes: memory::generation_bytes(model, r.batch_size, seq),
+                bytes: memory::generation_bytes(model, per_rank, seq),
                 with_checkpointing: None,
-                what: format!("generating {} rollouts of up to {seq} tokens", r.batch_size),
+                what: format!("generating {per_rank} rollouts of up to {seq} tokens"),
                 lower: "rl.batch_size or generation.max_new_tokens".into(),
             },
             MemoryNeed {
