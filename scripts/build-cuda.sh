@@ -32,7 +32,9 @@ sed -i 's/"dynamic-linking"/"dynamic-loading"/' "$CUDA13/candle-core-dl/Cargo.to
 # The patch rewrites Cargo.lock; keep the committed one.
 cp Cargo.lock "$CUDA13/Cargo.lock.keep"
 trap 'cp "$CUDA13/Cargo.lock.keep" Cargo.lock' EXIT
-RUSTFLAGS="-L$CUDA13/link" CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda \
+# RLFT_CUDA_FEATURES: e.g. "cuda,nccl" for data parallelism on GPUs (needs Open MPI's
+# libopenmpi-dev and libclang-dev, docs/distributed.md).
+RUSTFLAGS="-L$CUDA13/link" CARGO_TARGET_DIR=target/cuda cargo build --release --features "${RLFT_CUDA_FEATURES:-cuda}" \
     --config "patch.crates-io.candle-core.path=\"$CUDA13/candle-core-dl\""
 strip target/cuda/release/rlft
 ls -la target/cuda/release/rlft

@@ -12,7 +12,10 @@ pub fn parse_device(s: &str) -> Result<Device> {
                 Some(n) => n.parse::<usize>().map_err(|_| {
                     PolicyError::InvalidArgument(format!("device `{s}`: expected cuda:N"))
                 })?,
-                None => 0,
+                // Plain `cuda` is the launcher's local rank's GPU when several processes
+                // share a machine (mpirun's OMPI_COMM_WORLD_LOCAL_RANK, torchrun's and
+                // Slurm's LOCAL_RANK), else GPU 0.
+                None => local_rank(),
             };
             if !candle_core::utils::cuda_is_available() {
                 return Err(PolicyError::InvalidArgument(format!(
@@ -25,6 +28,19 @@ pub fn parse_device(s: &str) -> Result<Device> {
             "unknown device `{s}`; expected cpu, cuda or cuda:N"
         ))),
     }
+}
+
+/// This process's rank among those on its machine, as a launcher says (0 without one).
+pub fn local_rank() -> usize {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "LOCAL_RANK",
+        "SLURM_LOCALID",
+        "MPI_LOCALRANKID",
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok()?.parse().ok())
+    .unwrap_or(0)
 }
 
 /// `f32` (the CPU default), `bf16` or `f16`; transformers' names are accepted too.

@@ -66,6 +66,11 @@ enum Command {
 pub fn version_line() -> String {
     let yes = |on: bool| if on { "yes" } else { "no" };
     let (cuda, mpi) = (yes(cfg!(feature = "cuda")), yes(cfg!(feature = "mpi")));
+    let mpi = if cfg!(feature = "nccl") {
+        "yes, NCCL"
+    } else {
+        mpi
+    };
     let cpu = crate::bench::cpu_features();
     format!(
         "{} (cuda: {cuda}; mpi: {mpi}; CPU features: {})",

@@ -12,6 +12,8 @@
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod threads;
 
 use anyhow::{bail, Result};
@@ -29,6 +31,11 @@ pub trait Collective: Send + Sync {
     fn all_reduce_f64(&self, buf: &mut [f64]) -> Result<()>;
     /// Rank `root`'s `buf` into every rank's.
     fn broadcast_f64(&self, buf: &mut [f64], root: usize) -> Result<()>;
+    /// `t` (contiguous) summed over ranks where it lies, when this collective can do that on
+    /// its device (NCCL on a GPU); `None`: the caller sums through the host.
+    fn all_reduce_tensor(&self, _t: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
     /// "single process", "MPI (Open MPI …)", …
     fn describe(&self) -> String;
     /// Stops every rank (after a rank's error, so the others do not wait for it forever).
@@ -147,6 +154,24 @@ pub fn all_reduce_grads(grads: &mut [Tensor], scalars: &mut [f64]) -> Result<()>
     let w = world();
     if w.size() == 1 {
         return Ok(());
+    }
+    // On a device the collective reduces itself (NCCL on a GPU): one flat buffer there.
+    if !grads.is_empty() && !grads[0].device().is_cpu() {
+        let flat: Vec<Tensor> = grads
+            .iter()
+            .map(|g| g.flatten_all())
+            .collect::<candle_core::Result<_>>()?;
+        let flat = Tensor::cat(&flat, 0)?;
+        if let Some(sum) = w.all_reduce_tensor(&flat)? {
+            let mut at = 0;
+            for g in grads.iter_mut() {
+                let n = g.elem_count();
+                *g = sum.narrow(0, at, n)?.reshape(g.dims())?;
+                at += n;
+            }
+            w.all_reduce_f64(scalars)?;
+            return Ok(());
+        }
     }
     let f64_grads = grads.iter().any(|g| g.dtype() == DType::F64);
     let dims: Vec<(Vec<usize>, DType, candle_core::Device)> = grads

@@ -77,8 +77,21 @@ impl Collective for MpiWorld {
         self.world.process_at_rank(root as i32).broadcast_into(buf);
         Ok(())
     }
+    /// A CUDA tensor with NCCL on the device (`--features nccl`).
+    #[cfg(feature = "nccl")]
+    fn all_reduce_tensor(&self, t: &candle_core::Tensor) -> Result<Option<candle_core::Tensor>> {
+        if !t.device().is_cuda() {
+            return Ok(None);
+        }
+        super::nccl::all_reduce_device(self, t).map(Some)
+    }
     fn describe(&self) -> String {
-        format!("MPI, {} ranks ({})", self.size, self.library)
+        let nccl = if cfg!(feature = "nccl") {
+            ", NCCL on GPUs"
+        } else {
+            ""
+        };
+        format!("MPI, {} ranks ({}){nccl}", self.size, self.library)
     }
     fn abort(&self, code: i32) {
         self.world.abort(code)
