@@ -232,17 +232,13 @@ impl Stage for SftStage<'_> {
             .flatten()
             .map(|&i| self.train[i].ids.len())
             .sum::<usize>();
-        let world = dist::world();
-        let batches: Vec<Vec<usize>> = batches
-            .iter()
-            .map(|b| dist::shard(b, world.rank(), world.size()))
-            .collect();
+        let batches = dist::my_slices(&batches);
         let model = self.pre.model.as_ref();
         let device = model.info().device.clone();
         let mut acc = ctx.updater.accumulator();
         let mut loss_sum = 0f64;
         let fwd = ForwardCtx::train(self.trainable.adapter(), ctx.dropout);
-        for b in batches.iter().filter(|b| !b.is_empty()) {
+        for b in &batches {
             let exs: Vec<&Tokenized> = b.iter().map(|&i| &self.train[i]).collect();
             let (input, w, n) = make_batch(&exs, self.pad, &device)?;
             if n == 0 {

@@ -7,7 +7,6 @@ mod common;
 use common::*;
 use rlft::config::{self, sft::SftConfig};
 use rlft::dist::{self, threads::ThreadGroup, Collective};
-use rlft::policies::candle_core::{safetensors, DType, Device};
 use rlft::sft::{run, RunOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -84,44 +83,6 @@ fn quiet(resume: Option<&str>) -> RunOptions {
     }
 }
 
-fn tensors(path: &Path) -> Vec<(String, Vec<f64>)> {
-    let t = safetensors::load(path, &Device::Cpu).unwrap();
-    let mut v: Vec<_> = t
-        .into_iter()
-        .map(|(k, x)| {
-            let x = x.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-            (k, x.to_vec1().unwrap())
-        })
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-/// Each tensor within `rel` of `a`'s in norm: ‖a − b‖₂ ≤ rel · ‖a‖₂.
-fn assert_close(a: &[(String, Vec<f64>)], b: &[(String, Vec<f64>)], rel: f64, what: &str) {
-    assert_eq!(a.len(), b.len());
-    for ((name, x), (_, y)) in a.iter().zip(b) {
-        let norm = x.iter().map(|v| v * v).sum::<f64>().sqrt();
-        let err = x
-            .iter()
-            .zip(y)
-            .map(|(p, q)| (p - q) * (p - q))
-            .sum::<f64>()
-            .sqrt();
-        assert!(
-            err <= rel * norm,
-            "{what} {name}: ‖Δ‖ {err:e}, ‖a‖ {norm:e}"
-        );
-    }
-}
-
-fn series(dir: &Path, key: &str) -> Vec<f64> {
-    metrics(dir)
-        .iter()
-        .filter_map(|r| r[key].as_f64())
-        .collect()
-}
-
 /// Two ranks with half the per-rank batch train the one-process run: losses, evaluation and
 /// adapter within 1e-5 relative (f32), with and without gradient accumulation; rank 0 alone
 /// writes the run folder.
@@ -141,19 +102,12 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
             o.unwrap();
         }
         let adapter = |d: &Path| tensors(&d.join("out/adapter/adapter_model.safetensors"));
-        assert_close(&adapter(&one.0), &adapter(&two.0), 1e-5, "adapter");
+        assert_tensors_close(&adapter(&one.0), &adapter(&two.0), 1e-5, "adapter");
         for key in ["train/loss", "eval/loss"] {
-            let (a, b) = (series(&one.0, key), series(&two.0, key));
-            assert!(!a.is_empty() && a.len() == b.len(), "{key}: {a:?} vs {b:?}");
-            for (x, y) in a.iter().zip(&b) {
-                assert!(
-                    (x - y).abs() <= 1e-5 * x.abs(),
-                    "accum {accum} {key}: {a:?} vs {b:?}"
-                );
-            }
+            assert_series_close(&one.0, &two.0, key, 1e-5, 0.0, &format!("accum {accum}"));
         }
         // One metrics line per step (rank 0's), not two.
-        assert_eq!(series(&two.0, "train/loss").len(), 6);
+        assert_eq!(metric(&two.0, "train/loss").len(), 6);
     }
 }
 
@@ -307,21 +261,11 @@ fn reward_model_and_dpo_on_two_ranks_equal_one_process() {
             }
             let adapter = |d: &Path| tensors(&d.join("out/adapter/adapter_model.safetensors"));
             let what = format!("{name} {opt}");
-            assert_close(&adapter(&one.0), &adapter(&two.0), tol, &what);
+            assert_tensors_close(&adapter(&one.0), &adapter(&two.0), tol, &what);
             for key in keys.iter() {
-                let (a, b) = (series(&one.0, key), series(&two.0, key));
-                assert!(
-                    !a.is_empty() && a.len() == b.len(),
-                    "{what} {key}: {a:?} vs {b:?}"
-                );
-                for (x, y) in a.iter().zip(&b) {
-                    // Floor 1e-2: DPO's rewards are β × differences of summed log-probs
-                    // (~30 in size), near zero at first: their f32 rounding is ~1e-7.
-                    assert!(
-                        (x - y).abs() <= tol * x.abs().max(1e-2),
-                        "{what} {key}: {a:?} vs {b:?}"
-                    );
-                }
+                // Floor 1e-2: DPO's rewards are β × differences of summed log-probs (~30 in
+                // size), near zero at first: their f32 rounding is ~1e-7.
+                assert_series_close(&one.0, &two.0, key, tol, 1e-2, &what);
             }
         }
     }
@@ -365,7 +309,7 @@ fn rl_on_two_ranks_trains_what_one_process_trains_on_the_same_rollouts() {
         for o in on_ranks(2, move |_| run2(&dir)) {
             o.unwrap();
         }
-        let m = |d: &Path, k: &str| series(d, k);
+        let m = |d: &Path, k: &str| metric(d, k);
         assert_eq!(
             m(&one.0, "objective/scores"),
             m(&two.0, "objective/scores"),
@@ -379,20 +323,13 @@ fn rl_on_two_ranks_trains_what_one_process_trains_on_the_same_rollouts() {
             "response/length_mean",
             "val/vf_loss",
         ] {
-            let (a, b) = (m(&one.0, key), m(&two.0, key));
-            assert_eq!(a.len(), b.len(), "{alg} {key}");
-            for (x, y) in a.iter().zip(&b) {
-                assert!(
-                    (x - y).abs() <= 1e-4 * x.abs().max(1e-2),
-                    "{alg} {key}: {a:?} vs {b:?}"
-                );
-            }
+            assert_series_close(&one.0, &two.0, key, 1e-4, 1e-2, alg);
         }
         if alg == "ppo" {
             let adapter = |d: &Path| tensors(&d.join("out/adapter/adapter_model.safetensors"));
-            assert_close(&adapter(&one.0), &adapter(&two.0), 1e-4, alg);
+            assert_tensors_close(&adapter(&one.0), &adapter(&two.0), 1e-4, alg);
             let head = |d: &Path| tensors(&d.join("out/value_head.safetensors"));
-            assert_close(&head(&one.0), &head(&two.0), 1e-4, "value head");
+            assert_tensors_close(&head(&one.0), &head(&two.0), 1e-4, "value head");
         }
     }
 }

@@ -24,9 +24,9 @@ fn data(dir: &Path) -> PathBuf {
     p
 }
 
-/// `rlft sft` on the Llama fixture, on `ranks` ranks (`mpirun -n ranks`, or the binary alone
-/// for 0), `batch` examples per rank.
-fn sft(ranks: usize, dir: &Path, batch: usize, extra: &[&str]) -> Command {
+/// `rlft` on `ranks` ranks (`mpirun -n ranks --oversubscribe`, or the binary alone for 0),
+/// allowed to run as root, logging warnings only.
+fn launch(ranks: usize) -> Command {
     let bin = env!("CARGO_BIN_EXE_rlft");
     let mut c = if ranks == 0 {
         Command::new(bin)
@@ -35,6 +35,18 @@ fn sft(ranks: usize, dir: &Path, batch: usize, extra: &[&str]) -> Command {
         c.args(["-n", &ranks.to_string(), "--oversubscribe", bin]);
         c
     };
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// `rlft sft` on the Llama fixture, on `ranks` ranks ([`launch`]), `batch` examples per
+/// rank.
+fn sft(ranks: usize, dir: &Path, batch: usize, extra: &[&str]) -> Command {
+    let mut c = launch(ranks);
     let train = data(dir);
     c.args(["sft", "--quiet"])
         .arg(format!(
@@ -58,50 +70,13 @@ fn sft(ranks: usize, dir: &Path, batch: usize, extra: &[&str]) -> Command {
             "--set=adapter.target_modules=\"all-linear\"",
             "--set=adapter.lora_dropout=0.0",
         ])
-        .args(extra)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .args(extra);
     c
 }
 
 fn ok(o: Output) -> Output {
     assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
     o
-}
-
-fn adapter(dir: &Path) -> Vec<(String, Vec<f64>)> {
-    use rlft::policies::candle_core::{safetensors, DType, Device};
-    let t = safetensors::load(
-        dir.join("out/adapter/adapter_model.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let mut v: Vec<_> = t
-        .into_iter()
-        .map(|(k, x)| {
-            (
-                k,
-                x.to_dtype(DType::F64)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap(),
-            )
-        })
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-fn losses(dir: &Path) -> Vec<f64> {
-    metrics(dir)
-        .iter()
-        .filter_map(|r| r["train/loss"].as_f64())
-        .collect()
 }
 
 #[test]
@@ -124,21 +99,10 @@ fn two_mpi_ranks_train_what_one_process_trains() {
         "{}",
         stdout(&o)
     );
-    let (a, b) = (losses(&one.0), losses(&two.0));
-    assert_eq!(b.len(), 6, "{b:?}");
-    for (x, y) in a.iter().zip(&b) {
-        assert!((x - y).abs() <= 1e-5 * x.abs(), "{a:?} vs {b:?}");
-    }
-    for ((name, x), (_, y)) in adapter(&one.0).iter().zip(&adapter(&two.0)) {
-        let norm = x.iter().map(|v| v * v).sum::<f64>().sqrt();
-        let err = x
-            .iter()
-            .zip(y)
-            .map(|(p, q)| (p - q) * (p - q))
-            .sum::<f64>()
-            .sqrt();
-        assert!(err <= 1e-5 * norm, "{name}: ‖Δ‖ {err:e}, ‖a‖ {norm:e}");
-    }
+    assert_eq!(metric(&two.0, "train/loss").len(), 6);
+    assert_series_close(&one.0, &two.0, "train/loss", 1e-5, 0.0, "sft");
+    let adapter = |d: &Path| tensors(&d.join("out/adapter/adapter_model.safetensors"));
+    assert_tensors_close(&adapter(&one.0), &adapter(&two.0), 1e-5, "adapter");
 }
 
 /// Resumed on two ranks from its checkpoint, a two-rank run ends bit-identical to the
@@ -200,7 +164,7 @@ fn rank_pid(bin: &str, rank: usize, tag: &str) -> Option<u32> {
 #[test]
 fn a_killed_rank_stops_the_run_and_leaves_complete_checkpoints() {
     let tmp = TempDir::new("mpi-kill");
-    let mut child = sft(
+    let child = sft(
         2,
         &tmp.0,
         2,
@@ -258,14 +222,7 @@ fn ppo_on_two_mpi_ranks_trains_what_one_process_trains() {
             })
             .collect();
         std::fs::write(&prompts, rows).unwrap();
-        let bin = env!("CARGO_BIN_EXE_rlft");
-        let mut c = if ranks == 0 {
-            Command::new(bin)
-        } else {
-            let mut c = Command::new("mpirun");
-            c.args(["-n", &ranks.to_string(), "--oversubscribe", bin]);
-            c
-        };
+        let mut c = launch(ranks);
         c.args(["ppo", "--quiet"])
             .arg(format!(
                 "--set=model.path={:?}",
@@ -289,10 +246,7 @@ fn ppo_on_two_mpi_ranks_trains_what_one_process_trains() {
                 "--set=training.per_device_train_batch_size=4",
                 "--set=training.max_steps=3",
                 "--set=reward=[{name = \"regex\", pattern = '^\\s*\\d'}]",
-            ])
-            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-            .env("RUST_LOG", "warn");
+            ]);
         ok(c.output().unwrap())
     };
     let one = TempDir::new("mpi-ppo-one");
@@ -305,27 +259,17 @@ fn ppo_on_two_mpi_ranks_trains_what_one_process_trains() {
         "{}",
         stdout(&o)
     );
-    let series = |d: &Path, k: &str| -> Vec<f64> {
-        metrics(d).iter().filter_map(|r| r[k].as_f64()).collect()
-    };
     assert_eq!(
-        series(&one.0, "objective/scores"),
-        series(&two.0, "objective/scores")
+        metric(&one.0, "objective/scores"),
+        metric(&two.0, "objective/scores")
     );
-    assert_eq!(series(&two.0, "objective/scores").len(), 3);
+    assert_eq!(metric(&two.0, "objective/scores").len(), 3);
     for key in [
         "objective/kl",
         "loss/policy",
         "policy/approxkl",
         "val/vf_loss",
     ] {
-        let (a, b) = (series(&one.0, key), series(&two.0, key));
-        assert_eq!(a.len(), b.len(), "{key}");
-        for (x, y) in a.iter().zip(&b) {
-            assert!(
-                (x - y).abs() <= 1e-4 * x.abs().max(1e-2),
-                "{key}: {a:?} vs {b:?}"
-            );
-        }
+        assert_series_close(&one.0, &two.0, key, 1e-4, 1e-2, "ppo");
     }
 }

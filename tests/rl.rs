@@ -377,21 +377,6 @@ fn rl_lora_dropout_trains_differently_and_resumes_bit_identically() {
     );
 }
 
-/// Every tensor of a safetensors file, flattened to f64.
-fn tensors(path: &Path) -> Vec<(String, Vec<f64>)> {
-    let mut all: Vec<(String, Vec<f64>)> =
-        rlft::policies::candle_core::safetensors::load(path, &Device::Cpu)
-            .unwrap()
-            .into_iter()
-            .map(|(k, t)| {
-                let v = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-                (k, v.to_vec1().unwrap())
-            })
-            .collect();
-    all.sort_by(|a, b| a.0.cmp(&b.0));
-    all
-}
-
 #[test]
 fn rl_gradient_checkpointing_matches_keeping_activations_and_resumes_exactly() {
     // PPO with a separate critic and LoRA dropout: the policy, the critic and the value head

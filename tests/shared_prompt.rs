@@ -316,16 +316,3 @@ fn grpo_with_shared_prompts_trains_as_without() {
         assert!(err <= 1e-4 * scale, "{name}: {err:e} (scale {scale:e})");
     }
 }
-
-fn tensors(path: &std::path::Path) -> Vec<(String, Vec<f64>)> {
-    let t = rlft::policies::candle_core::safetensors::load(path, &Device::Cpu).unwrap();
-    let mut v: Vec<_> = t
-        .into_iter()
-        .map(|(k, x)| {
-            let x = x.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-            (k, x.to_vec1().unwrap())
-        })
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}

@@ -274,6 +274,16 @@ pub fn shard<T: Clone>(items: &[T], rank: usize, size: usize) -> Vec<T> {
     items[start.min(n)..(start + len).min(n)].to_vec()
 }
 
+/// This rank's non-empty slices of a step's global batches ([`shard`] of each).
+pub fn my_slices(batches: &[Vec<usize>]) -> Vec<Vec<usize>> {
+    let w = world();
+    batches
+        .iter()
+        .map(|b| shard(b, w.rank(), w.size()))
+        .filter(|b| !b.is_empty())
+        .collect()
+}
+
 /// The dropout generator's seed for `rank` at `step` when there are several ranks: its own
 /// stream per (seed, rank, step), so no rank's position needs checkpointing.
 pub fn rank_seed(seed: u64, rank: usize, step: u64) -> u64 {

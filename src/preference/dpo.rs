@@ -252,12 +252,7 @@ impl Stage for DpoStage<'_> {
         let batches = self.order.step_batches(ctx.position, accum);
         let n_total: usize = batches.iter().map(Vec::len).sum();
         // Every rank's slice of each batch; the loss is normalised by the pairs of all.
-        let world = crate::dist::world();
-        let batches: Vec<Vec<usize>> = batches
-            .iter()
-            .map(|b| crate::dist::shard(b, world.rank(), world.size()))
-            .filter(|b| !b.is_empty())
-            .collect();
+        let batches = crate::dist::my_slices(&batches);
         let model = self.pre.model.as_ref();
         let dev = model.info().device.clone();
         let d = &self.cfg.dpo;

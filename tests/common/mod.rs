@@ -216,3 +216,64 @@ pub fn adapter_with_nonzero_b(pre: &Pretrained, dropout: f64) -> Adapter {
     }
     adapter
 }
+
+/// The tensors of a safetensors file as f64, sorted by name.
+pub fn tensors(path: &Path) -> Vec<(String, Vec<f64>)> {
+    let t = rlft::policies::candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let mut v: Vec<_> = t
+        .into_iter()
+        .map(|(k, x)| {
+            let x = x.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+            (k, x.to_vec1().unwrap())
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Each tensor of `b` within `rel` of `a`'s in norm: ‖a − b‖₂ ≤ rel · ‖a‖₂.
+pub fn assert_tensors_close(
+    a: &[(String, Vec<f64>)],
+    b: &[(String, Vec<f64>)],
+    rel: f64,
+    what: &str,
+) {
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (_, y)) in a.iter().zip(b) {
+        let norm = x.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let err = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q) * (p - q))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            err <= rel * norm,
+            "{what} {name}: ‖Δ‖ {err:e}, ‖a‖ {norm:e}"
+        );
+    }
+}
+
+/// The values of `key` in `dir/out/metrics.jsonl`, in order.
+pub fn metric(dir: &Path, key: &str) -> Vec<f64> {
+    metrics(dir)
+        .iter()
+        .filter_map(|r| r[key].as_f64())
+        .collect()
+}
+
+/// `key`'s series in two runs: as many values, each within `rel` of the first run's
+/// (relative to at least `floor`).
+pub fn assert_series_close(a: &Path, b: &Path, key: &str, rel: f64, floor: f64, what: &str) {
+    let (x, y) = (metric(a, key), metric(b, key));
+    assert!(
+        !x.is_empty() && x.len() == y.len(),
+        "{what} {key}: {x:?} vs {y:?}"
+    );
+    for (p, q) in x.iter().zip(&y) {
+        assert!(
+            (p - q).abs() <= rel * p.abs().max(floor),
+            "{what} {key}: {x:?} vs {y:?}"
+        );
+    }
+}
