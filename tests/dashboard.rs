@@ -246,6 +246,28 @@ fn the_page_in_a_headless_browser_plots_every_point_and_lists_rollouts() {
         "the rollout table shows the rows"
     );
     assert!(dom.contains("class=\"chart\""), "chart elements rendered");
+    // Series of fewer than 5 points get markers (one point draws no line); longer ones not.
+    let marked = |metric: &str| -> &str {
+        let el = dom
+            .split(&format!("data-metric=\"{metric}\""))
+            .nth(1)
+            .and_then(|s| s.split('>').next())
+            .unwrap_or_else(|| panic!("no chart for {metric}"));
+        el.split("data-markers=\"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .unwrap_or_else(|| panic!("data-markers on {metric}: {el}"))
+    };
+    let count = |key: &str| {
+        std::fs::read_to_string(&metrics)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&format!("\"{key}\":")))
+            .count()
+    };
+    assert!(count("eval/score") < 5 && count("objective/scores") >= 5);
+    assert_eq!(marked("eval/score"), "1", "a few points: markers");
+    assert_eq!(marked("objective/scores"), "0", "a line: no markers");
     // A screenshot for people (a CI artifact in the run folder).
     let shot = runs.join("dashboard.png");
     chromium(&[format!("--screenshot={}", shot.display())]);

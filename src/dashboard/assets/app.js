@@ -92,6 +92,15 @@ function fmt(v) {
   return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(2) : v.toFixed(a < 1 ? 4 : 2);
 }
 
+// A series of so few points is drawn with markers: one point makes no line at all (an
+// `rlft rm` run's evaluation, a run's step-0 and final eval score), two or three barely one.
+const MARKERS_BELOW = 5;
+function fewPoints(values) {
+  let n = 0;
+  for (const v of values) if (v != null) n++;
+  return n < MARKERS_BELOW;
+}
+
 function draw() {
   const xkey = $("xaxis").value, alpha = +$("smooth").value;
   const keys = metricKeys(), box = $("charts");
@@ -126,13 +135,17 @@ function draw() {
         width, height: 180, legend: { show: false },
         scales: { x: { time: false } },
         axes: [{ stroke: "#6b7385", grid: { stroke: "#eef0f4" } }, { stroke: "#6b7385", grid: { stroke: "#eef0f4" }, size: 56 }],
-        series: [{ label: xkey }].concat(shown.map((n) => ({ label: n, stroke: color(n), width: 2, spanGaps: true, points: { show: false } }))),
+        series: [{ label: xkey }].concat(shown.map((n) => ({
+          label: n, stroke: color(n), width: 2, spanGaps: true,
+          points: { show: (u, i) => fewPoints(u.data[i]), size: 7, fill: color(n) },
+        }))),
       };
       c = state.charts[key] = { el, runs: shown.join("|"), plot: new uPlot(opts, [x].concat(series), el) };
     } else {
       c.plot.setData([x].concat(series));
     }
     c.el.dataset.points = perRun.reduce((s, r) => s + r.length, 0);
+    c.el.dataset.markers = series.some(fewPoints) ? "1" : "0";
     c.el.querySelector(".last").textContent = last.length ? fmt(last[last.length - 1]) : "";
   }
   // Keep chart order stable: key metrics first.
