@@ -9,6 +9,7 @@ pub mod gather;
 pub mod kl;
 pub mod layout;
 pub mod losses;
+pub mod micro_batch;
 pub mod report;
 pub mod rollout;
 pub mod shaping;

@@ -2,23 +2,19 @@
 //! micro-batches of clipped policy (and value) loss, one optimizer update per mini-batch
 //! (docs/ALGORITHMS.md §7).
 
-use super::algorithm::{AlgorithmSpec, KlPlacement};
+use super::algorithm::AlgorithmSpec;
 use super::experience::{Actors, Experience};
-use super::layout::Layout;
-use super::losses::{agg_weights, policy_loss, value_loss, weighted_sum, ClipParams};
-use super::rollout::score_hidden_states;
+use super::losses::ClipParams;
+use super::micro_batch::{critic_pass, policy_pass, response_values, MicroBatch, Tally};
 use super::rollout::to_rows;
 use super::shaping::{mean, Shaped};
 use crate::config::rl::RlConfig;
 use crate::train::update::{skipped_cause, Updater};
 use anyhow::Result;
-use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rlft_policies::backward::backward_from_hidden;
 use rlft_policies::logprobs::Entropy;
-use rlft_policies::ForwardCtx;
 use std::ops::AddAssign;
 use std::sync::Mutex;
 
@@ -166,16 +162,10 @@ fn mini_batch_update(
     out: &mut Trained,
 ) -> Result<UpdateStats> {
     let (r, t) = (&plan.cfg.rl, &plan.cfg.training);
-    let ro = &x.rollouts;
-    let dev = actors.model.info().device.clone();
-    let width = ro.r_len;
+    // 1. This rank's members of `m`, in `m`'s order; the losses are normalised over all of
+    //    `m` (every rank's).
+    let own: Vec<usize> = m.iter().copied().filter(|i| x.local.contains(i)).collect();
     let mb_tokens: usize = m.iter().map(|&i| x.lens[i]).sum();
-    let mut acc = updater.accumulator();
-    let mut s = UpdateStats {
-        updates: 1,
-        ..UpdateStats::default()
-    };
-    let (mut akl, mut cf, mut vcf, mut rsum, mut ent) = (0f64, 0f64, 0f64, 0f64, 0f64);
     let want_entropy = if r.entropy_coef > 0.0 {
         Entropy::Loss
     } else if plan.entropy_metric {
@@ -183,191 +173,27 @@ fn mini_batch_update(
     } else {
         Entropy::Skip
     };
-    let checkpointing = t.gradient_checkpointing;
-    // This rank's members of `m`, in `m`'s order; `micro` indexes the step's figures,
-    // `local` this rank's rollouts.
-    let own: Vec<usize> = m.iter().copied().filter(|i| x.local.contains(i)).collect();
+    let mut acc = updater.accumulator();
+    let mut tally = Tally::default();
+    // 2. Each micro-batch: its targets, the policy's pass, a separate critic's, the figures.
     for micro in own.chunks(t.per_device_train_batch_size) {
-        let local: Vec<usize> = micro.iter().map(|&i| i - x.local.start).collect();
-        let layout = Layout::choose(ro, &local, actors.model.info(), plan.share_prompts)?;
-        let lens: Vec<usize> = micro.iter().map(|&i| x.lens[i]).collect();
-        let w = agg_weights(
-            r.loss_aggregation,
-            &lens,
-            width,
-            mb_tokens,
-            m.len(),
-            plan.cfg.generation.max_new_tokens,
-        );
-        let w = Tensor::from_vec(w, (micro.len(), width), &dev)?;
-        let mask = ro.mask(&local, &dev)?;
-        let old_given = (!x.logp_old.is_empty())
-            .then(|| rows_tensor(micro, &x.logp_old, width, &dev))
-            .transpose()?;
-        let adv = rows_tensor(micro, &shaped.advantages, width, &dev)?;
-        let value_targets = match (&x.values, &shaped.returns) {
-            (Some(v), Some(ret)) => Some((
-                rows_tensor(micro, v, width, &dev)?,
-                rows_tensor(micro, ret, width, &dev)?,
-            )),
-            _ => None,
-        };
-        let logp_ref = match x.logp_ref.as_ref() {
-            Some(lr) if plan.spec.kl == KlPlacement::InLoss && plan.beta > 0.0 => {
-                Some(rows_tensor(micro, lr, width, &dev)?)
-            }
-            _ => None,
-        };
-        // The policy's loss terms, from its final hidden states.
-        let policy_ctx = ForwardCtx::train(Some(actors.policy), plan.dropout);
-        let mut terms = None;
-        backward_from_hidden::<anyhow::Error>(
-            actors.model,
-            &layout.input,
-            &policy_ctx,
-            checkpointing,
-            &mut |hidden| {
-                let sc = score_hidden_states(
-                    actors.model,
-                    &policy_ctx,
-                    hidden,
-                    &layout,
-                    plan.cfg.generation.temperature,
-                    actors.shared_head(),
-                    want_entropy,
-                )?;
-                let old = old_given.clone().unwrap_or_else(|| sc.logp.detach());
-                // Clipped surrogate: −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A), ρ = exp(logp − logp_old).
-                let (pg, clipped) = policy_loss(&sc.logp, &old, &adv, &plan.clip)?;
-                let pg_loss = weighted_sum(&pg, &w)?;
-                let mut loss = pg_loss.clone();
-                let mut vf = None;
-                if let (Some(v), Some((vold, ret))) = (&sc.values, &value_targets) {
-                    let (vf_t, vclipped) = value_loss(v, vold, ret, r.cliprange_value)?;
-                    let vf_loss = weighted_sum(&vf_t, &w)?;
-                    loss = (loss + (&vf_loss * r.vf_coef)?)?;
-                    vf = Some((vf_loss.detach(), vclipped));
-                }
-                let mut kl_loss = None;
-                if let Some(lref) = &logp_ref {
-                    // k3 = exp(logr) − 1 − logr, logr = logp_ref − logp.
-                    let logr = (lref - &sc.logp)?;
-                    let k3 = ((logr.exp()? - 1.0)? - &logr)?;
-                    let l = weighted_sum(&k3, &w)?;
-                    loss = (loss + (&l * plan.beta)?)?;
-                    kl_loss = Some(l.detach());
-                }
-                if let (Some(h), true) = (&sc.entropy, r.entropy_coef > 0.0) {
-                    let e = weighted_sum(h, &w)?;
-                    loss = (loss - (e * r.entropy_coef)?)?;
-                }
-                terms = Some(PolicyTerms {
-                    logp: sc.logp.detach(),
-                    old,
-                    pg_loss: pg_loss.detach(),
-                    clipped,
-                    vf,
-                    kl_loss,
-                    entropy: sc.entropy.map(|h| h.detach()),
-                });
-                Ok(loss)
-            },
-            &mut |grads| acc.add(updater.params(), grads),
-        )?;
-        let p = terms.expect("the loss closure ran");
-        // A separate critic: the value loss from its own hidden states.
-        if let (Some(c), Some(h), Some((vold, ret))) =
-            (actors.critic, actors.value_head, &value_targets)
-        {
-            let critic_ctx = ForwardCtx::train(Some(c), plan.dropout);
-            let mut vf = None;
-            backward_from_hidden::<anyhow::Error>(
-                actors.model,
-                &layout.input,
-                &critic_ctx,
-                checkpointing,
-                &mut |hidden| {
-                    let v = h.forward(&layout.states(hidden)?, true)?;
-                    let (vf_t, vclipped) = value_loss(&v, vold, ret, r.cliprange_value)?;
-                    let vf_loss = weighted_sum(&vf_t, &w)?;
-                    vf = Some((vf_loss.detach(), vclipped));
-                    Ok((vf_loss * r.vf_coef)?)
-                },
-                &mut |grads| acc.add(updater.params(), grads),
-            )?;
-            let (vf_loss, vclipped) = vf.expect("the loss closure ran");
-            s.vf_loss += vf_loss.to_scalar::<f32>()? as f64;
-            vcf += (vclipped * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
-        }
-        if let Some((vf_loss, vclipped)) = &p.vf {
-            s.vf_loss += vf_loss.to_scalar::<f32>()? as f64;
-            vcf += (vclipped * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
-        }
-        if let Some(l) = &p.kl_loss {
-            s.kl_loss += l.to_scalar::<f32>()? as f64;
-        }
-        if let Some(h) = &p.entropy {
-            ent += (h * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
-        }
+        let mb = MicroBatch::new(actors, x, shaped, plan, micro, (mb_tokens, m.len()))?;
+        let p = policy_pass(actors, plan, &mb, want_entropy, &mut acc, updater.params())?;
+        let critic = critic_pass(actors, plan, &mb, &mut acc, updater.params())?;
         if x.logp_old.is_empty() {
             // One update per step: its own log-probs are the old ones.
-            out.logp_from_update.extend(to_rows(&p.logp, &lens)?);
+            out.logp_from_update.extend(to_rows(&p.logp, &mb.lens)?);
         }
-        s.pg_loss += p.pg_loss.to_scalar::<f32>()? as f64;
-        let diff = (&p.logp - &p.old)?;
-        akl += ((diff.sqr()? * &mask)?.sum_all()?.to_scalar::<f32>()? as f64) * 0.5;
-        cf += (p.clipped * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
-        let ratio = diff.exp()?;
-        rsum += (&ratio * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
+        let ratio = tally.add(&p, critic.as_ref(), &mb.mask)?;
         if out.first_ratio.is_empty() {
             // Response tokens only (padding has no old log-prob).
-            let rv: Vec<f32> = ratio.flatten_all()?.to_vec1()?;
-            let mv: Vec<f32> = mask.flatten_all()?.to_vec1()?;
-            out.first_ratio = rv
-                .into_iter()
-                .zip(mv)
-                .filter(|(_, k)| *k > 0.0)
-                .map(|(v, _)| v)
-                .collect();
+            out.first_ratio = response_values(&ratio, &mb.mask)?;
         }
     }
-    let update = updater.apply(acc, s.pg_loss, "policy loss", plan.lr, plan.step)?;
+    // 3. The update (gradients and policy loss summed over ranks), the figures.
+    let update = updater.apply(acc, tally.pg_loss, "policy loss", plan.lr, plan.step)?;
     if !update.applied {
         out.skipped = Some(skipped_cause("policy loss"));
     }
-    // The figures over every rank's members (the policy loss came back summed).
-    s.pg_loss = update.loss;
-    let mut sums = [s.vf_loss, s.kl_loss, akl, cf, vcf, rsum, ent];
-    crate::dist::sum(&mut sums)?;
-    [s.vf_loss, s.kl_loss, akl, cf, vcf, rsum, ent] = sums;
-    let tok = mb_tokens.max(1) as f64;
-    s.approxkl = akl / tok;
-    s.clipfrac = cf / tok;
-    s.vf_clipfrac = vcf / tok;
-    s.ratio_mean = rsum / tok;
-    s.entropy = ent / tok;
-    s.grad_norm = update.grad_norm;
-    Ok(s)
-}
-
-/// What one micro-batch's policy pass leaves for the statistics (all detached).
-struct PolicyTerms {
-    logp: Tensor,
-    old: Tensor,
-    pg_loss: Tensor,
-    clipped: Tensor,
-    /// Shared critic: the value loss and its clip mask.
-    vf: Option<(Tensor, Tensor)>,
-    kl_loss: Option<Tensor>,
-    entropy: Option<Tensor>,
-}
-
-fn rows_tensor(rows: &[usize], data: &[Vec<f64>], width: usize, dev: &Device) -> Result<Tensor> {
-    let mut v = vec![0f32; rows.len() * width];
-    for (k, &i) in rows.iter().enumerate() {
-        for (t, x) in data[i].iter().enumerate().take(width) {
-            v[k * width + t] = *x as f32;
-        }
-    }
-    Ok(Tensor::from_vec(v, (rows.len(), width), dev)?)
+    tally.into_stats(&update, mb_tokens)
 }
