@@ -147,67 +147,50 @@ pub fn is_main() -> bool {
     world().rank() == 0
 }
 
-/// Sums `grads` (same shapes on every rank) over ranks as one flat buffer, and `scalars`
-/// with them: one all-reduce per optimizer step. f64 tensors (f64 test models) reduce in
-/// f64, the rest in f32.
+/// Sums `grads` (same shapes on every rank) over ranks as one flat buffer — one all-reduce
+/// of the gradients per optimizer step — and then the few `scalars` beside them. f64
+/// tensors (f64 test models) reduce in f64, the rest in f32.
 pub fn all_reduce_grads(grads: &mut [Tensor], scalars: &mut [f64]) -> Result<()> {
     let w = world();
     if w.size() == 1 {
         return Ok(());
     }
-    // On a device the collective reduces itself (NCCL on a GPU): one flat buffer there.
-    if !grads.is_empty() && !grads[0].device().is_cpu() {
-        let flat: Vec<Tensor> = grads
-            .iter()
-            .map(|g| g.flatten_all())
-            .collect::<candle_core::Result<_>>()?;
-        let flat = Tensor::cat(&flat, 0)?;
-        if let Some(sum) = w.all_reduce_tensor(&flat)? {
-            let mut at = 0;
-            for g in grads.iter_mut() {
-                let n = g.elem_count();
-                *g = sum.narrow(0, at, n)?.reshape(g.dims())?;
-                at += n;
-            }
-            w.all_reduce_f64(scalars)?;
-            return Ok(());
-        }
-    }
-    let f64_grads = grads.iter().any(|g| g.dtype() == DType::F64);
-    let dims: Vec<(Vec<usize>, DType, candle_core::Device)> = grads
-        .iter()
-        .map(|g| (g.dims().to_vec(), g.dtype(), g.device().clone()))
-        .collect();
-    if f64_grads {
-        let mut flat: Vec<f64> = Vec::new();
-        for g in grads.iter() {
-            flat.extend(g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
-        }
-        flat.extend_from_slice(scalars);
-        w.all_reduce_f64(&mut flat)?;
-        let mut at = 0;
-        for (g, (d, dt, dev)) in grads.iter_mut().zip(&dims) {
-            let n: usize = d.iter().product();
-            *g = Tensor::from_slice(&flat[at..at + n], d.as_slice(), dev)?.to_dtype(*dt)?;
-            at += n;
-        }
-        scalars.copy_from_slice(&flat[at..]);
+    // One flat buffer: f64 for f64 models, else f32.
+    let dtype = if grads.iter().any(|g| g.dtype() == DType::F64) {
+        DType::F64
     } else {
-        let mut flat: Vec<f32> = Vec::new();
-        for g in grads.iter() {
-            flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        DType::F32
+    };
+    let parts: Vec<Tensor> = grads
+        .iter()
+        .map(|g| g.to_dtype(dtype)?.flatten_all())
+        .collect::<candle_core::Result<_>>()?;
+    let flat = Tensor::cat(&parts, 0)?;
+    // On its device when the collective can (NCCL on a GPU), else through the host.
+    let sum = match w.all_reduce_tensor(&flat)? {
+        Some(sum) => sum,
+        None if dtype == DType::F64 => {
+            let mut v = flat.to_vec1::<f64>()?;
+            w.all_reduce_f64(&mut v)?;
+            Tensor::from_slice(&v, v.len(), flat.device())?
         }
-        w.all_reduce_f32(&mut flat)?;
-        let mut at = 0;
-        for (g, (d, dt, dev)) in grads.iter_mut().zip(&dims) {
-            let n: usize = d.iter().product();
-            *g = Tensor::from_slice(&flat[at..at + n], d.as_slice(), dev)?.to_dtype(*dt)?;
-            at += n;
+        None => {
+            let mut v = flat.to_vec1::<f32>()?;
+            w.all_reduce_f32(&mut v)?;
+            Tensor::from_slice(&v, v.len(), flat.device())?
         }
-        // Scalars (loss sums, counts) in f64, beside the f32 gradients.
-        w.all_reduce_f64(scalars)?;
+    };
+    let mut at = 0;
+    for g in grads.iter_mut() {
+        let n = g.elem_count();
+        *g = sum
+            .narrow(0, at, n)?
+            .reshape(g.dims())?
+            .to_dtype(g.dtype())?;
+        at += n;
     }
-    Ok(())
+    // Scalars (loss sums, counts) in f64.
+    w.all_reduce_f64(scalars)
 }
 
 /// Sums `v` over ranks.

@@ -10,12 +10,6 @@ use super::experience::Experience;
 use crate::dist;
 use anyhow::Result;
 use rlft_reward::Scores;
-use std::ops::Range;
-
-/// Where this rank's rollouts sit in the step's gathered batch.
-pub fn local_range(x: &Experience) -> Range<usize> {
-    x.local.clone()
-}
 
 /// Replaces the per-rollout host figures of `x` and `scored` with every rank's, in rank
 /// order, and sets `x.local` to this rank's range. With one rank nothing changes.

@@ -48,7 +48,7 @@ impl Updater {
         GradAccumulator::new(self.params().len())
     }
 
-    /// Sums the gradients and `loss` over ranks (one all-reduce; nothing with one rank),
+    /// Sums the gradients and `loss` over ranks (one all-reduce of the gradients; nothing with one rank),
     /// clips the gradients, checks the loss (named `loss_name` in the warning) and the norm,
     /// and applies the update at `lr` when both are finite: every rank takes the same
     /// decision on the same numbers. `step` is the 0-based index of the stage step (the

@@ -45,18 +45,7 @@ impl PassCtx {
             None => input.valid.clone(),
         };
         let dev = &info.device;
-        let bias = attention_bias(&keys, t, offset, None, dev)?;
-        let mut window_biases: Vec<(usize, Tensor)> = Vec::new();
-        for w in windows.into_iter().flatten() {
-            if !window_biases.iter().any(|(ww, _)| *ww == w) {
-                window_biases.push((w, attention_bias(&keys, t, offset, Some(w), dev)?));
-            }
-        }
-        Ok(Self {
-            bias,
-            window_biases,
-            rope: None,
-        })
+        Self::with_biases(windows, |w| attention_bias(&keys, t, offset, w, dev))
     }
 
     /// [`PassCtx::new`] for a packed batch: the biases of [`packed_attention_bias`].
@@ -68,16 +57,24 @@ impl PassCtx {
     ) -> Result<Self> {
         let positions: Vec<Vec<u32>> = input.positions.to_vec2()?;
         let dev = &info.device;
-        let bias = packed_attention_bias(&input.valid, segments, &positions, None, dev)?;
+        Self::with_biases(windows, |w| {
+            packed_attention_bias(&input.valid, segments, &positions, w, dev)
+        })
+    }
+
+    /// The full bias and one per distinct window in `windows`, each made by `bias`.
+    fn with_biases(
+        windows: impl IntoIterator<Item = Option<usize>>,
+        bias: impl Fn(Option<usize>) -> Result<Tensor>,
+    ) -> Result<Self> {
         let mut window_biases: Vec<(usize, Tensor)> = Vec::new();
         for w in windows.into_iter().flatten() {
             if !window_biases.iter().any(|(ww, _)| *ww == w) {
-                let b = packed_attention_bias(&input.valid, segments, &positions, Some(w), dev)?;
-                window_biases.push((w, b));
+                window_biases.push((w, bias(Some(w))?));
             }
         }
         Ok(Self {
-            bias,
+            bias: bias(None)?,
             window_biases,
             rope: None,
         })
