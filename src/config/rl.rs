@@ -5,7 +5,7 @@ use super::common::{AdapterSection, ModelSection, TrainableKind, TrainingSection
 use crate::data::DataFiles;
 use crate::rl::advantages::ScaleRewards;
 use crate::rl::kl::KlEstimator;
-use crate::rl::losses::LossAggregation;
+use crate::rl::losses::{ImportanceSamplingLevel, LossAggregation, LossType, PolicyObjective};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -115,7 +115,23 @@ pub struct RlSection {
     pub cliprange_value: f64,
     pub vf_coef: f64,
     pub entropy_coef: f64,
-    pub loss_aggregation: LossAggregation,
+    /// TRL's `loss_type`: grpo | dr_grpo | bnpo | dapo | cispo | sapo (unset: dapo, or what
+    /// the older `loss_aggregation` names).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_type: Option<LossType>,
+    /// The older name of the aggregation of grpo (`seq_mean_token_mean`), dr_grpo
+    /// (`seq_mean_token_sum_norm`) and dapo (`token_mean`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_aggregation: Option<LossAggregation>,
+    /// `token` | `sequence` (GSPO: one length-normalised ratio per sequence).
+    pub importance_sampling_level: ImportanceSamplingLevel,
+    /// SAPO's temperatures for tokens with positive and non-positive advantages.
+    pub sapo_temperature_pos: f64,
+    pub sapo_temperature_neg: f64,
+    /// Responses that hit max_new_tokens without a stop token get no loss (DAPO).
+    pub mask_truncated_completions: bool,
+    /// Drop groups whose scores are all equal before the update (DAPO); no refill.
+    pub dynamic_sampling: bool,
     pub scale_rewards: ScaleRewards,
     /// Stop the epoch loop early when the mean approx KL of an epoch exceeds this.
     pub target_kl: Option<f64>,
@@ -163,7 +179,13 @@ impl Default for RlSection {
             cliprange_value: 0.2,
             vf_coef: 0.1,
             entropy_coef: 0.0,
-            loss_aggregation: LossAggregation::TokenMean,
+            loss_type: None,
+            loss_aggregation: None,
+            importance_sampling_level: ImportanceSamplingLevel::Token,
+            sapo_temperature_pos: 1.0,
+            sapo_temperature_neg: 1.05,
+            mask_truncated_completions: false,
+            dynamic_sampling: false,
             scale_rewards: ScaleRewards::Group,
             target_kl: None,
             log_rollouts_every: 1,
@@ -173,6 +195,43 @@ impl Default for RlSection {
             verify_base_weights: false,
         }
     }
+}
+
+impl RlSection {
+    /// `loss_type`, else the loss type the older `loss_aggregation` names, else dapo; both
+    /// set and disagreeing is an error.
+    pub fn loss_type(&self) -> Result<LossType> {
+        match (self.loss_type, self.loss_aggregation) {
+            (Some(t), Some(a)) if t.aggregation() != a => bail!(
+                "rl.loss_aggregation = {} disagrees with rl.loss_type = {} (which aggregates as {}); loss_aggregation is the older name of the aggregation: set only rl.loss_type ({})",
+                toml_name(&a),
+                toml_name(&t),
+                toml_name(&t.aggregation()),
+                LossType::NAMES
+            ),
+            (Some(t), _) => Ok(t),
+            (None, Some(a)) => Ok(LossType::of_aggregation(a)),
+            (None, None) => Ok(LossType::default()),
+        }
+    }
+
+    /// The policy objective these settings describe.
+    pub fn objective(&self) -> Result<PolicyObjective> {
+        Ok(PolicyObjective {
+            loss_type: self.loss_type()?,
+            level: self.importance_sampling_level,
+            eps_low: self.cliprange,
+            eps_high: self.cliprange_high.unwrap_or(self.cliprange),
+            dual_clip: self.clip_ratio_c,
+            sapo_temperature_pos: self.sapo_temperature_pos,
+            sapo_temperature_neg: self.sapo_temperature_neg,
+        })
+    }
+}
+
+/// How a config enum value is written in TOML, e.g. `"seq_mean_token_mean"`.
+fn toml_name<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
 }
 
 /// One `[[reward]]` table: `name`, `weight`, and the reward's own options.
@@ -295,6 +354,16 @@ impl RlConfig {
         }
         if !(r.cliprange > 0.0) || r.cliprange_high.is_some_and(|e| !(e > 0.0)) {
             bail!("rl.cliprange and cliprange_high must be positive");
+        }
+        r.loss_type()?;
+        if r.loss_type()? == LossType::Cispo && r.cliprange_high.is_none() {
+            bail!("rl.loss_type = \"cispo\" caps the ratio at rl.cliprange_high (TRL's epsilon_high, ε_max; ScaleRL uses 5.0): set it");
+        }
+        if !(r.sapo_temperature_pos > 0.0 && r.sapo_temperature_neg > 0.0) {
+            bail!("rl.sapo_temperature_pos and rl.sapo_temperature_neg must be positive");
+        }
+        if r.dynamic_sampling && r.num_generations < 2 {
+            bail!("rl.dynamic_sampling drops groups whose scores are all equal: it needs rl.num_generations ≥ 2");
         }
         if r.clip_ratio_c.is_some_and(|c| c <= 1.0) {
             bail!("rl.clip_ratio_c must be greater than 1");

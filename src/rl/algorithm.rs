@@ -73,13 +73,16 @@ impl AlgorithmSpec {
     /// With one update per step and no dropout, that update's own forward pass yields the
     /// old log-probs (same weights, inputs and kernels; the ratio is 1), so the separate
     /// old-policy pass is skipped — as TRL does with `num_iterations = 1`. Only where the
-    /// advantages do not need the old log-probs (KL in the loss, no critic).
+    /// advantages do not need the old log-probs (KL in the loss, no critic), and where the
+    /// update sees every rollout (dynamic sampling may drop some, whose old log-probs the
+    /// step's KL still needs).
     pub fn old_logprobs_from_update(&self, cfg: &RlConfig, dropout: bool) -> bool {
         self.kl == KlPlacement::InLoss
             && !self.needs_critic
             && cfg.rl.num_ppo_epochs == 1
             && cfg.rl.num_mini_batches == 1
             && !dropout
+            && !cfg.rl.dynamic_sampling
     }
 
     /// The name for logs and the progress bar: "ppo", "grpo", "rloo".
@@ -111,6 +114,12 @@ mod tests {
             !grpo.old_logprobs_from_update(&cfg, true),
             "dropout: the update's pass differs"
         );
+        cfg.rl.dynamic_sampling = true;
+        assert!(
+            !grpo.old_logprobs_from_update(&cfg, false),
+            "dynamic sampling: the update skips rollouts"
+        );
+        cfg.rl.dynamic_sampling = false;
         cfg.rl.algorithm = Algorithm::Rloo;
         let rloo = AlgorithmSpec::of(&cfg);
         assert!(!rloo.needs_critic && rloo.advantages == AdvantageKind::LeaveOneOut);

@@ -5,7 +5,7 @@
 use super::algorithm::KlPlacement;
 use super::experience::{Actors, Experience};
 use super::layout::Layout;
-use super::losses::{agg_weights, policy_loss, value_loss, weighted_sum};
+use super::losses::{agg_weights, kl_k3, policy_loss, value_loss, weighted_sum};
 use super::rollout::score_hidden_states;
 use super::shaping::Shaped;
 use super::update::{UpdatePlan, UpdateStats};
@@ -22,7 +22,8 @@ pub struct MicroBatch {
     pub layout: Layout,
     /// Response lengths of the rows.
     pub lens: Vec<usize>,
-    /// Loss weights of `rl.loss_aggregation` over the whole mini-batch (every rank's rows).
+    /// Loss weights of `rl.loss_type`'s aggregation over the whole mini-batch (every rank's
+    /// rows); 0 on tokens without loss (masked truncated responses).
     w: Tensor,
     /// 1 on response tokens.
     pub mask: Tensor,
@@ -36,8 +37,8 @@ pub struct MicroBatch {
 }
 
 impl MicroBatch {
-    /// `micro`: indices into the step's batch, all held by this rank; `mb_tokens` and
-    /// `mb_rows` count the whole mini-batch.
+    /// `micro`: indices into the step's batch, all held by this rank; `mb_tokens` (loss
+    /// tokens) and `mb_rows` count the whole mini-batch.
     pub fn new(
         actors: Actors,
         x: &Experience,
@@ -46,15 +47,16 @@ impl MicroBatch {
         micro: &[usize],
         (mb_tokens, mb_rows): (usize, usize),
     ) -> Result<Self> {
-        let (r, ro) = (&plan.cfg.rl, &x.rollouts);
+        let ro = &x.rollouts;
         let dev = actors.model.info().device.clone();
         let width = ro.r_len;
         let local: Vec<usize> = micro.iter().map(|&i| i - x.local.start).collect();
         let layout = Layout::choose(ro, &local, actors.model.info(), plan.share_prompts)?;
         let lens: Vec<usize> = micro.iter().map(|&i| x.lens[i]).collect();
+        let loss_lens: Vec<usize> = micro.iter().map(|&i| plan.selection.loss_lens[i]).collect();
         let w = agg_weights(
-            r.loss_aggregation,
-            &lens,
+            plan.objective.loss_type.aggregation(),
+            &loss_lens,
             width,
             mb_tokens,
             mb_rows,
@@ -126,7 +128,8 @@ pub fn policy_pass(
             )?;
             let old = mb.old.clone().unwrap_or_else(|| sc.logp.detach());
             // Clipped surrogate: −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A), ρ = exp(logp − logp_old).
-            let (pg, clipped) = policy_loss(&sc.logp, &old, &mb.advantages, &plan.clip)?;
+            let (pg, clipped) =
+                policy_loss(&sc.logp, &old, &mb.advantages, &mb.mask, &plan.objective)?;
             let pg_loss = weighted_sum(&pg, &mb.w)?;
             let mut loss = pg_loss.clone();
             let mut vf = None;
@@ -138,10 +141,7 @@ pub fn policy_pass(
             }
             let mut kl_loss = None;
             if let Some(lref) = &mb.logp_ref {
-                // k3 = exp(logr) − 1 − logr, logr = logp_ref − logp.
-                let logr = (lref - &sc.logp)?;
-                let k3 = ((logr.exp()? - 1.0)? - &logr)?;
-                let l = weighted_sum(&k3, &mb.w)?;
+                let l = weighted_sum(&kl_k3(&sc.logp, lref)?, &mb.w)?;
                 loss = (loss + (&l * plan.beta)?)?;
                 kl_loss = Some(l.detach());
             }

@@ -19,6 +19,8 @@ pub struct StepReport<'a> {
     /// Per reward part: (name, scores).
     pub parts: &'a [(String, Vec<f64>)],
     pub beta: f64,
+    /// Dynamic sampling's (groups dropped, groups in the batch) (`None`: off).
+    pub dropped_groups: Option<(usize, usize)>,
     pub lr: f64,
     pub vf_coef: f64,
     pub timing: Timing,
@@ -71,6 +73,9 @@ pub fn log_step(s: &StepReport) {
         s.total_steps,
         s.step_secs
     );
+    if let Some((dropped, groups)) = s.dropped_groups {
+        tracing::info!(target: METRICS, step, "dynamic_sampling/dropped_groups" = dropped, "dynamic_sampling/kept_fraction" = 1.0 - dropped as f64 / groups.max(1) as f64, "dynamic sampling dropped {dropped} of {groups} groups");
+    }
     for (name, v) in s.parts {
         tracing::info!(target: METRICS, step, reward = name.as_str(), value = mean(v), "reward {name}: {:.4}", mean(v));
     }

@@ -12,9 +12,10 @@ use super::algorithm::AlgorithmSpec;
 use super::experience::{self, gen_config, Actors, Request};
 use super::gather;
 use super::kl::KlController;
-use super::losses::ClipParams;
+use super::losses::PolicyObjective;
 use super::report::{self, StepReport};
 use super::rollout::Rollouts;
+use super::selection::Selection;
 use super::shaping::{self, ShapeInputs};
 use super::update::{mix, train_on_rollouts, Trained, UpdatePlan};
 use super::value_head::ValueHead;
@@ -106,7 +107,7 @@ struct RlStage<'a> {
     rewards: Combined,
     order: DataOrder,
     kl_ctl: KlController,
-    clip: ClipParams,
+    objective: PolicyObjective,
     separate_old_pass: bool,
     rollout_log: Option<std::fs::File>,
     base_hash: Option<u64>,
@@ -171,7 +172,7 @@ impl RlStage<'_> {
         shaped: &shaping::Shaped,
         trained: &Trained,
         parts: &[(String, Vec<f64>)],
-        beta: f64,
+        (beta, dropped_groups): (f64, Option<(usize, usize)>),
         started: Instant,
     ) -> Result<()> {
         let step = ctx.step + 1;
@@ -195,6 +196,7 @@ impl RlStage<'_> {
                 stats: &trained.stats,
                 parts,
                 beta,
+                dropped_groups,
                 lr: ctx.lr,
                 vf_coef: self.cfg.rl.vf_coef,
                 timing: x.timing,
@@ -361,18 +363,26 @@ impl Stage for RlStage<'_> {
             scores: shaping::adjust_scores(&cfg.rl, &scored.total, &x.stopped),
         };
         let mut shaped = shaping::shape(&spec, &cfg.rl, beta, inputs);
+        let selection = Selection::of(&cfg.rl, &shaped.scores, &x.lens, &x.stopped);
+        if selection.rows.is_empty() {
+            tracing::info!(
+                "step {}: every group's scores are equal (dynamic sampling): no update",
+                ctx.step + 1
+            );
+        }
         // 3. Update: epochs × mini-batches × micro-batches.
         let t0 = Instant::now();
         let plan = UpdatePlan {
             cfg,
             spec: &spec,
-            clip: self.clip,
+            objective: self.objective,
             lr: ctx.lr,
             beta,
             step: ctx.step,
             dropout: ctx.dropout,
             entropy_metric: ctx.log,
             share_prompts: self.share_prompts(),
+            selection: &selection,
         };
         let mut trained = train_on_rollouts(self.actors(), ctx.updater, &x, &shaped, &plan)?;
         x.timing.train = t0.elapsed().as_secs_f64();
@@ -385,7 +395,19 @@ impl Stage for RlStage<'_> {
         }
         // 4. The KL controller, metrics and the rollout log.
         self.kl_ctl.update(shaped.mean_kl(), x.lens.len());
-        self.record(&ctx, &x, &shaped, &trained, &scored.parts, beta, started)?;
+        let dropped = cfg
+            .rl
+            .dynamic_sampling
+            .then(|| (selection.dropped_groups, selection.groups(&cfg.rl)));
+        self.record(
+            &ctx,
+            &x,
+            &shaped,
+            &trained,
+            &scored.parts,
+            (beta, dropped),
+            started,
+        )?;
         Ok(match trained.skipped {
             None => StepOutcome::Trained,
             Some(cause) => StepOutcome::Bad(cause),
@@ -505,11 +527,7 @@ pub fn run(cfg: &RlConfig, registry: &Registry, opts: &RunOptions) -> Result<RlO
         rewards,
         order,
         kl_ctl,
-        clip: ClipParams {
-            eps_low: r.cliprange,
-            eps_high: r.cliprange_high.unwrap_or(r.cliprange),
-            dual_clip: r.clip_ratio_c,
-        },
+        objective: r.objective()?,
         separate_old_pass: opts.separate_old_pass,
         rollout_log: None,
         base_hash: None,

@@ -4,9 +4,10 @@
 
 use super::algorithm::AlgorithmSpec;
 use super::experience::{Actors, Experience};
-use super::losses::ClipParams;
+use super::losses::PolicyObjective;
 use super::micro_batch::{critic_pass, policy_pass, response_values, MicroBatch, Tally};
 use super::rollout::to_rows;
+use super::selection::Selection;
 use super::shaping::{mean, Shaped};
 use crate::config::rl::RlConfig;
 use crate::train::update::{skipped_cause, Updater};
@@ -85,7 +86,7 @@ pub struct Trained {
 pub struct UpdatePlan<'a> {
     pub cfg: &'a RlConfig,
     pub spec: &'a AlgorithmSpec,
-    pub clip: ClipParams,
+    pub objective: PolicyObjective,
     pub lr: f64,
     pub beta: f64,
     pub step: u64,
@@ -94,6 +95,8 @@ pub struct UpdatePlan<'a> {
     pub entropy_metric: bool,
     /// Pack each group's prompt once into the training passes ([`Layout::choose`]).
     pub share_prompts: bool,
+    /// The rollouts trained on and their loss tokens (dynamic sampling, masked truncation).
+    pub selection: &'a Selection,
 }
 
 /// A seed for (run seed, step, purpose) so every step's randomness is reproducible on resume.
@@ -110,10 +113,11 @@ pub fn train_on_rollouts(
     plan: &UpdatePlan,
 ) -> Result<Trained> {
     let (r, t) = (&plan.cfg.rl, &plan.cfg.training);
-    // The whole step's rollouts (every rank's): mini-batches are cut from one order, the
-    // same on every rank, and each rank trains the members it holds.
-    let n = x.lens.len();
-    let mini = n / r.num_mini_batches;
+    // The whole step's rollouts kept for training (every rank's): mini-batches are cut from
+    // one order, the same on every rank, and each rank trains the members it holds.
+    let kept = &plan.selection.rows;
+    let n = kept.len();
+    let mini = n.div_ceil(r.num_mini_batches).max(1);
     let mut out = Trained {
         stats: UpdateStats::default(),
         skipped: None,
@@ -124,7 +128,7 @@ pub fn train_on_rollouts(
         // The first epoch keeps rollout order, so its first micro-batches are exactly the
         // chunks `logp_old` was computed on (the first ratio is exactly 1); later epochs
         // shuffle (rollouts are i.i.d.; the order matters only for bitwise reproducibility).
-        let mut perm: Vec<usize> = (0..n).collect();
+        let mut perm: Vec<usize> = kept.clone();
         if epoch > 0 {
             perm.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(
                 t.seed,
@@ -165,7 +169,7 @@ fn mini_batch_update(
     // 1. This rank's members of `m`, in `m`'s order; the losses are normalised over all of
     //    `m` (every rank's).
     let own: Vec<usize> = m.iter().copied().filter(|i| x.local.contains(i)).collect();
-    let mb_tokens: usize = m.iter().map(|&i| x.lens[i]).sum();
+    let mb_tokens: usize = m.iter().map(|&i| plan.selection.loss_lens[i]).sum();
     let want_entropy = if r.entropy_coef > 0.0 {
         Entropy::Loss
     } else if plan.entropy_metric {

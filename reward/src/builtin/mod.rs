@@ -5,6 +5,7 @@ mod contains;
 pub mod extract;
 mod length;
 mod matching;
+mod overlong;
 mod pattern;
 
 use crate::Registry;
@@ -18,6 +19,7 @@ pub(crate) fn register_all(r: &mut Registry) {
     });
     r.register("regex", |o| Ok(Box::new(pattern::RegexReward::new(o)?)));
     r.register("length", |o| Ok(Box::new(length::Length::new(o)?)));
+    r.register("overlong", |o| Ok(Box::new(overlong::Overlong::new(o)?)));
     r.register("contains", |o| Ok(Box::new(contains::Contains::new(o)?)));
     r.register("command", |o| Ok(Box::new(command::Command::new(o)?)));
 }
