@@ -76,6 +76,7 @@ fn a_quick_demo_runs_the_whole_pipeline() {
         "reward model",
         "after PPO (reward model)",
         "after DPO",
+        "after KTO",
         "KL to the SFT model",
         "-- dashboard ",
     ] {
@@ -89,6 +90,7 @@ fn a_quick_demo_runs_the_whole_pipeline() {
         "ppo_accuracy",
         "ppo_rm_accuracy",
         "dpo_accuracy",
+        "kto_accuracy",
     ] {
         let v = s[k].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&v), "{k} = {v}");
@@ -102,10 +104,10 @@ fn a_quick_demo_runs_the_whole_pipeline() {
         (rm * 40.0 - (rm * 40.0).round()).abs() < 1e-9,
         "rm_accuracy = {rm}"
     );
-    for k in ["ppo_kl", "ppo_rm_kl", "dpo_kl"] {
+    for k in ["ppo_kl", "ppo_rm_kl", "dpo_kl", "kto_kl"] {
         assert!(s[k].as_f64().unwrap().is_finite(), "{k}");
     }
-    for k in ["sft", "ppo", "rm", "ppo_rm", "dpo", "eval"] {
+    for k in ["sft", "ppo", "rm", "ppo_rm", "dpo", "kto", "eval"] {
         assert!(s["seconds"][k].as_f64().unwrap() > 0.0, "seconds.{k}");
     }
     // Each stage left its run folder: adapters, metrics, rollouts.
@@ -123,6 +125,11 @@ fn a_quick_demo_runs_the_whole_pipeline() {
     let m = std::fs::read_to_string(out.join("dpo/metrics.jsonl")).unwrap();
     assert!(
         m.contains("rewards/accuracies") && m.contains("logps/chosen"),
+        "{m}"
+    );
+    let m = std::fs::read_to_string(out.join("kto/metrics.jsonl")).unwrap();
+    assert!(
+        m.contains("\"kl\"") && m.contains("rewards/rejected"),
         "{m}"
     );
     // The held-out problems are the task's, in no training file.

@@ -263,9 +263,11 @@ fn reward_model_and_dpo_on_two_ranks_equal_one_process() {
             let what = format!("{name} {opt}");
             assert_tensors_close(&adapter(&one.0), &adapter(&two.0), tol, &what);
             for key in keys.iter() {
-                // Floor 1e-2: DPO's rewards are β × differences of summed log-probs (~30 in
-                // size), near zero at first: their f32 rounding is ~1e-7.
-                assert_series_close(&one.0, &two.0, key, tol, 1e-2, &what);
+                // Floor 0.1: DPO's rewards are β × differences of summed log-probs (~30 in
+                // size, an f32 ulp 2e-6), near zero at first: their rounding is ~2e-7, so
+                // the allowance is 1e-6 with SGD's 1e-5 (1e-2 allowed 1e-7, which the
+                // rounding alone can exceed).
+                assert_series_close(&one.0, &two.0, key, tol, 0.1, &what);
             }
         }
     }

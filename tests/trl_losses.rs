@@ -118,3 +118,93 @@ fn grpo_loss_types_match_trl() {
         }
     }
 }
+
+/// KTO's loss, its gradient with respect to the policy's sequence log-probs, the KL
+/// estimate and TRL's metrics, against `KTOTrainer._compute_loss` on fixed log-probs
+/// (scripts/twins/trl_kto_loss.py: step 0 with policy = reference, mixed labels, weights,
+/// a negative KL mean that TRL clamps to 0, all desirable).
+#[test]
+fn kto_loss_matches_trl() {
+    use rlft::preference::losses::{kto_kl, kto_losses};
+    let text = std::fs::read_to_string(fixture("trl_kto_loss.json")).unwrap();
+    let f: Value = serde_json::from_str(&text).unwrap();
+    let vec = |v: &Value| -> Tensor {
+        let x: Vec<f64> = parse(v);
+        Tensor::new(x, &Device::Cpu).unwrap()
+    };
+    for case in f["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let labels: Vec<bool> = parse(&case["labels"]);
+        let n = labels.len();
+        let desirable = Tensor::new(
+            labels
+                .iter()
+                .map(|&l| f64::from(u8::from(l)))
+                .collect::<Vec<_>>(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let beta = case["beta"].as_f64().unwrap();
+        let weights = (
+            case["desirable_weight"].as_f64().unwrap(),
+            case["undesirable_weight"].as_f64().unwrap(),
+        );
+        let pi = Var::from_tensor(&vec(&case["policy_logps"])).unwrap();
+        let reference = vec(&case["ref_logps"]);
+        let z0 = kto_kl(&vec(&case["policy_kl_logps"]), &vec(&case["ref_kl_logps"])).unwrap();
+        let losses =
+            kto_losses(beta, weights, (pi.as_tensor(), &reference), &desirable, z0).unwrap();
+        // TRL's loss: the mean over the batch's examples.
+        let loss = (losses.sum_all().unwrap() / n as f64).unwrap();
+        let grads = loss.backward().unwrap();
+        let grad = grads.get(pi.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
+        let (got, want) = (
+            loss.to_scalar::<f64>().unwrap(),
+            case["loss"].as_f64().unwrap(),
+        );
+        assert!(
+            (got - want).abs() <= 1e-6,
+            "{name}: loss {got} vs TRL {want}"
+        );
+        if name == "step0" {
+            assert!(
+                (got - 0.5).abs() < 1e-12,
+                "policy = reference: the loss is 0.5"
+            );
+        }
+        let want_grad: Vec<f64> = parse(&case["grad"]);
+        for (i, (a, b)) in grad.iter().zip(&want_grad).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-6,
+                "{name}: d loss / d logp[{i}] {a} vs TRL {b}"
+            );
+        }
+        let m = &case["metrics"];
+        assert!(
+            (z0 - m["kl"].as_f64().unwrap()).abs() <= 1e-6,
+            "{name}: kl {z0} vs {}",
+            m["kl"]
+        );
+        // rewards/chosen and /rejected: β r averaged over each class; logps the policy's.
+        let pi_v: Vec<f64> = parse(&case["policy_logps"]);
+        let ref_v: Vec<f64> = parse(&case["ref_logps"]);
+        for (side, want_label) in [("chosen", true), ("rejected", false)] {
+            let idx: Vec<usize> = (0..n).filter(|&i| labels[i] == want_label).collect();
+            let reward = |i: usize| beta * (pi_v[i] - ref_v[i]);
+            let mean = |f: &dyn Fn(usize) -> f64| {
+                idx.iter().map(|&i| f(i)).sum::<f64>() / idx.len() as f64
+            };
+            match m[format!("rewards/{side}")].as_f64() {
+                Some(w) => {
+                    assert!((mean(&reward) - w).abs() <= 1e-6, "{name}: rewards/{side}");
+                    let lp = m[format!("logps/{side}")].as_f64().unwrap();
+                    assert!(
+                        (mean(&|i| pi_v[i]) - lp).abs() <= 1e-6,
+                        "{name}: logps/{side}"
+                    );
+                }
+                None => assert!(idx.is_empty(), "{name}: TRL logged no {side}"),
+            }
+        }
+    }
+}

@@ -99,16 +99,23 @@ pub fn run_cmd(args: Args) -> Result<()> {
         s.dpo_kl
     );
     println!(
-        "  wall time: SFT {:.0} s, PPO {:.0} s, RM {:.0} s, PPO (RM) {:.0} s, DPO {:.0} s, evaluation {:.0} s",
+        "  {:<28} {:>7.1}%   KL to the SFT model {:.2} nats per answer",
+        "after KTO (pairs unpaired)",
+        100.0 * s.kto_accuracy,
+        s.kto_kl
+    );
+    println!(
+        "  wall time: SFT {:.0} s, PPO {:.0} s, RM {:.0} s, PPO (RM) {:.0} s, DPO {:.0} s, KTO {:.0} s, evaluation {:.0} s",
         secs("sft"),
         secs("ppo"),
         secs("rm"),
         secs("ppo_rm"),
         secs("dpo"),
+        secs("kto"),
         secs("eval")
     );
     println!(
-        "  results: {}/summary.json; metrics and rollouts in {}/{{sft,ppo,rm,ppo-rm,dpo}}",
+        "  results: {}/summary.json; metrics and rollouts in {}/{{sft,ppo,rm,ppo-rm,dpo,kto}}",
         args.out.display(),
         args.out.display()
     );

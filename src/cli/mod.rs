@@ -51,6 +51,8 @@ enum Command {
     Rm(preference::Args),
     /// Direct Preference Optimization of a LoRA adapter on preference pairs.
     Dpo(preference::Args),
+    /// Kahneman–Tversky Optimization of a LoRA adapter on completions labelled desirable or not.
+    Kto(preference::Args),
     /// Per-pair log-probs (policy and reference), DPO losses and reward-model scores.
     Pairs(pairs::Args),
     /// Print a shell completion script: `rlft completions bash > ~/.local/share/bash-completion/completions/rlft`.
@@ -131,6 +133,7 @@ where
         ),
         Command::Rm(a) => preference::run_rm(a),
         Command::Dpo(a) => preference::run_dpo(a),
+        Command::Kto(a) => preference::run_kto(a),
         Command::Pairs(a) => pairs::run(a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "rlft", &mut std::io::stdout());

@@ -1,7 +1,7 @@
-//! `rlft rm` and `rlft dpo`: learning from preference pairs, from a TOML config.
+//! `rlft rm`, `rlft dpo` and `rlft kto`: learning from preferences, from a TOML config.
 
-use crate::config::{self, preference::DpoConfig, preference::RmConfig};
-use crate::preference::{dpo, rm, RunOptions};
+use crate::config::{self, preference::DpoConfig, preference::KtoConfig, preference::RmConfig};
+use crate::preference::{dpo, kto, rm, RunOptions};
 use anyhow::Result;
 
 pub use super::common::StageArgs as Args;
@@ -69,6 +69,32 @@ pub fn run_dpo(args: Args) -> Result<()> {
                 e.loss,
                 100.0 * e.accuracy,
                 e.margin
+            ))
+            .unwrap_or_default(),
+        out.output.display()
+    );
+    Ok(())
+}
+
+pub fn run_kto(args: Args) -> Result<()> {
+    let cfg: KtoConfig = config::load(args.config.as_deref(), &args.overrides)?;
+    let out = kto::run(&cfg, &options(&args))?;
+    // Rank 0 reports for a data-parallel run.
+    if !crate::dist::is_main() {
+        return Ok(());
+    }
+    if out.interrupted {
+        interrupted("kto", out.steps, &out.output);
+        return Ok(());
+    }
+    println!(
+        "kto: {} steps, final train loss {:.4}{} → {}",
+        out.steps,
+        out.final_train_loss,
+        out.eval
+            .map(|e| format!(
+                ", eval loss {:.4}, kl {:.3}, rewards chosen {:.3} rejected {:.3}",
+                e.loss, e.kl, e.rewards_chosen, e.rewards_rejected
             ))
             .unwrap_or_default(),
         out.output.display()

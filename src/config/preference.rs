@@ -1,6 +1,6 @@
-//! `rlft rm` and `rlft dpo` configuration (configs/rm.toml, configs/dpo.toml; every key
-//! documented in docs/config.md). Both read preference pairs; names follow TRL's
-//! `RewardConfig` and `DPOConfig`.
+//! `rlft rm`, `rlft dpo` and `rlft kto` configuration (configs/rm.toml, configs/dpo.toml,
+//! configs/kto.toml; every key documented in docs/config.md). They read preference pairs
+//! (KTO also unpaired rows); names follow TRL's `RewardConfig`, `DPOConfig` and `KTOConfig`.
 
 use super::common::{AdapterSection, ModelSection, TrainableKind, TrainingSection};
 use crate::data::DataFiles;
@@ -196,5 +196,98 @@ impl DpoConfig {
 
     pub fn loss(&self) -> Result<DpoLoss> {
         DpoLoss::parse(&self.dpo.loss_type).map_err(|e| anyhow::anyhow!("dpo.loss_type: {e}"))
+    }
+}
+
+/// TRL's `KTOConfig.loss_type`s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum KtoLoss {
+    /// Kahneman–Tversky Optimization (Ethayarajh et al. 2024, eq. 7), with the KL estimate.
+    #[default]
+    Kto,
+    /// APO-zero's unpaired form (D'Oosterlinck et al. 2024): no KL estimate.
+    ApoZeroUnpaired,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KtoSection {
+    /// β (TRL's default 0.1).
+    pub beta: f64,
+    pub loss_type: KtoLoss,
+    /// λ_D: the weight of desirable examples' losses.
+    pub desirable_weight: f64,
+    /// λ_U: the weight of undesirable examples' losses.
+    pub undesirable_weight: f64,
+    /// An SFT adapter merged into the base first: the reference is then the SFT model.
+    #[serde(deserialize_with = "super::empty_as_none")]
+    pub sft_adapter: Option<PathBuf>,
+}
+
+impl Default for KtoSection {
+    fn default() -> Self {
+        Self {
+            beta: 0.1,
+            loss_type: KtoLoss::Kto,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
+            sft_adapter: None,
+        }
+    }
+}
+
+/// `rlft kto` (configs/kto.toml): the data section reads unpaired rows
+/// (`{"prompt", "completion", "label"}`) or pairs, which are unpaired.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KtoConfig {
+    pub model: ModelSection,
+    pub adapter: AdapterSection,
+    pub data: PreferenceData,
+    pub training: TrainingSection,
+    pub kto: KtoSection,
+}
+
+impl Default for KtoConfig {
+    fn default() -> Self {
+        Self {
+            model: ModelSection::default(),
+            adapter: AdapterSection::default(),
+            data: PreferenceData::default(),
+            training: TrainingSection {
+                output_dir: PathBuf::from("runs/kto"),
+                ..TrainingSection::default()
+            },
+            kto: KtoSection::default(),
+        }
+    }
+}
+
+impl KtoConfig {
+    pub fn validate(&self) -> Result<()> {
+        validate_model(&self.model)?;
+        self.data.validate()?;
+        let k = &self.kto;
+        if !(k.beta > 0.0 && k.beta.is_finite()) {
+            bail!("kto.beta must be positive, got {}", k.beta);
+        }
+        for (name, w) in [
+            ("desirable_weight", k.desirable_weight),
+            ("undesirable_weight", k.undesirable_weight),
+        ] {
+            if !(w > 0.0 && w.is_finite()) {
+                bail!("kto.{name} must be positive, got {w}");
+            }
+        }
+        if k.loss_type == KtoLoss::Kto && self.training.per_device_train_batch_size < 2 {
+            bail!("kto.loss_type = \"kto\" estimates the KL term from each prompt paired with another row's completion in the same micro-batch: training.per_device_train_batch_size must be at least 2 (TRL's requirement too)");
+        }
+        if self.adapter.trainable != TrainableKind::Lora {
+            bail!("adapter.trainable = {:?} changes the base weights, so the reference cannot be the base with the adapter off; rlft kto trains LoRA adapters", self.adapter.trainable);
+        }
+        self.adapter.validate()?;
+        self.model.validate_quantization(&self.adapter)?;
+        self.training.validate()
     }
 }

@@ -110,6 +110,8 @@ pub fn kind(config: &Value) -> &'static str {
         "rm"
     } else if config.get("dpo").is_some() {
         "dpo"
+    } else if config.get("kto").is_some() {
+        "kto"
     } else if config.get("data").is_some() {
         "sft"
     } else {
@@ -148,6 +150,10 @@ mod tests {
             (
                 serde_json::to_value(preference::DpoConfig::default()).unwrap(),
                 "dpo",
+            ),
+            (
+                serde_json::to_value(preference::KtoConfig::default()).unwrap(),
+                "kto",
             ),
             (serde_json::json!({}), "run"),
         ];

@@ -6,6 +6,7 @@ pub mod parquet;
 pub mod preference;
 pub mod prompts;
 pub mod sft;
+pub mod unpaired;
 
 pub use self::files::DataFiles;
 pub use self::parquet::Columns;

@@ -153,18 +153,14 @@ fn text_pair(row: &Row, tok: &Tokenizer) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>
         tok.encode(s, special)
             .map_err(|e| anyhow!("{}: {e}", row.at()))
     };
-    let eos = |mut ids: Vec<u32>| {
-        if let Some(e) = tok.eos_id {
-            if ids.last() != Some(&e) {
-                ids.push(e);
-            }
-        }
-        ids
-    };
     let (c, r) = (row.str_field("chosen")?, row.str_field("rejected")?);
     if row.fields.contains_key("prompt") {
         let p = enc(row.str_field("prompt")?, true)?;
-        return Ok((p, eos(enc(c, false)?), eos(enc(r, false)?)));
+        return Ok((
+            p,
+            text_completion(row, tok, c)?,
+            text_completion(row, tok, r)?,
+        ));
     }
     // Implicit prompt: the longest shared prefix of the two tokenizations.
     let (c, r) = (enc(c, true)?, enc(r, true)?);
@@ -178,7 +174,29 @@ fn text_pair(row: &Row, tok: &Tokenizer) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>
             "`chosen` and `rejected` share no prefix, so there is no implicit prompt; give a `prompt` field",
         ));
     }
-    Ok((c[..n].to_vec(), eos(c[n..].to_vec()), eos(r[n..].to_vec())))
+    Ok((
+        c[..n].to_vec(),
+        with_eos(tok, c[n..].to_vec()),
+        with_eos(tok, r[n..].to_vec()),
+    ))
+}
+
+/// `ids` ended by the tokenizer's EOS (added unless already there).
+fn with_eos(tok: &Tokenizer, mut ids: Vec<u32>) -> Vec<u32> {
+    if let Some(e) = tok.eos_id {
+        if ids.last() != Some(&e) {
+            ids.push(e);
+        }
+    }
+    ids
+}
+
+/// A text completion's ids: tokenized on its own, without special tokens, ended by EOS.
+pub(crate) fn text_completion(row: &Row, tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    let ids = tok
+        .encode(text, false)
+        .map_err(|e| anyhow!("{}: {e}", row.at()))?;
+    Ok(with_eos(tok, ids))
 }
 
 /// Conversations: the prompt messages (given, or the shared leading messages) rendered with
@@ -204,30 +222,62 @@ fn chat_pair(row: &Row, tok: &Tokenizer) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>
         }
         (c[..n].to_vec(), c[n..].to_vec(), r[n..].to_vec())
     };
-    let render = |m: &[Value], gen: bool| -> Result<String> {
-        tok.apply_chat_template(&Value::Array(m.to_vec()), gen)
-            .map_err(|e| anyhow!("{}: {e}", row.at()))
-    };
-    let enc = |s: &str| {
-        tok.encode(s, false)
-            .map_err(|e| anyhow!("{}: {e}", row.at()))
-    };
-    let head = render(&prompt, true)?;
-    let completion = |field: &str, rest: &[Value]| -> Result<Vec<u32>> {
-        let full = render(&[&prompt[..], rest].concat(), false)?;
-        match full.strip_prefix(&head) {
-            Some(tail) if !tail.is_empty() => enc(tail),
-            _ => Err(row.error(
+    let chat = ChatPrompt::new(row, tok, prompt)?;
+    Ok((
+        chat.ids()?,
+        chat.completion("chosen", &chosen)?,
+        chat.completion("rejected", &rejected)?,
+    ))
+}
+
+/// A conversation's prompt messages rendered with the chat template and its generation
+/// prompt; a completion is the text rendering the messages after them adds.
+pub(crate) struct ChatPrompt<'a> {
+    row: &'a Row,
+    tok: &'a Tokenizer,
+    messages: Vec<Value>,
+    head: String,
+}
+
+impl<'a> ChatPrompt<'a> {
+    pub fn new(row: &'a Row, tok: &'a Tokenizer, messages: Vec<Value>) -> Result<Self> {
+        let head = tok
+            .apply_chat_template(&Value::Array(messages.clone()), true)
+            .map_err(|e| anyhow!("{}: {e}", row.at()))?;
+        Ok(Self {
+            row,
+            tok,
+            messages,
+            head,
+        })
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.tok
+            .encode(text, false)
+            .map_err(|e| anyhow!("{}: {e}", self.row.at()))
+    }
+
+    /// The prompt's ids (the template writes its own special tokens).
+    pub fn ids(&self) -> Result<Vec<u32>> {
+        self.encode(&self.head)
+    }
+
+    /// The ids the completion `messages` (from `field`) add after the prompt.
+    pub fn completion(&self, field: &str, messages: &[Value]) -> Result<Vec<u32>> {
+        let all = Value::Array([&self.messages[..], messages].concat());
+        let full = self
+            .tok
+            .apply_chat_template(&all, false)
+            .map_err(|e| anyhow!("{}: {e}", self.row.at()))?;
+        match full.strip_prefix(&self.head) {
+            Some(tail) if !tail.is_empty() => self.encode(tail),
+            _ => Err(self.row.error(
                 field,
                 "the chat template does not render it after the prompt's generation prompt",
             )),
         }
-    };
-    Ok((
-        enc(&head)?,
-        completion("chosen", &chosen)?,
-        completion("rejected", &rejected)?,
-    ))
+    }
 }
 
 /// Cuts the completions to fit `max_len` with the whole prompt.

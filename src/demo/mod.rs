@@ -2,14 +2,16 @@
 //! `rlft demo build-base`), taught a two-number addition task by `rlft sft`, then improved by
 //! `rlft ppo` against the `exact_match` reward; then the human-feedback half on preference
 //! pairs made from the task: `rlft rm` learns a reward model from them, `rlft ppo` runs
-//! against that reward model alone, and `rlft dpo` learns from the pairs directly. Held-out
+//! against that reward model alone, and `rlft dpo` and `rlft kto` learn from the pairs
+//! directly (KTO from each completion judged alone). Held-out
 //! accuracy is measured at each stage. docs/demo.md walks through it.
 
 pub mod task;
 pub mod tokenizer;
 
 use crate::config::{
-    self, preference::DpoConfig, preference::RmConfig, rl::RlConfig, sft::SftConfig,
+    self, preference::DpoConfig, preference::KtoConfig, preference::RmConfig, rl::RlConfig,
+    sft::SftConfig,
 };
 use crate::rl::rollout::{response_logprobs, Rollouts};
 use crate::rl::trainer::{build_rewards, evaluate, RunOptions as RlOptions};
@@ -92,6 +94,9 @@ pub struct Summary {
     pub ppo_rm_kl: f64,
     pub dpo_accuracy: f64,
     pub dpo_kl: f64,
+    /// KTO on the same pairs, unpaired (chosen desirable, rejected not).
+    pub kto_accuracy: f64,
+    pub kto_kl: f64,
     pub eval_problems: usize,
     pub eval_pairs: usize,
     pub seconds: serde_json::Map<String, serde_json::Value>,
@@ -343,9 +348,26 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     let dpo = crate::preference::dpo::run(&dpo_cfg, &stage_opts)?;
     seconds.insert("dpo".into(), json!(t0.elapsed().as_secs_f64()));
 
+    // Stage 6: KTO from the SFT adapter on the same pairs, unpaired.
+    let mut kto_sets = vec![
+        format!("model.path={}", path_str(&base_dir)),
+        format!("kto.sft_adapter={}", path_str(&sft.output)),
+        format!("data.train_file={}", path_str(&data.join("pairs.jsonl"))),
+        format!("training.output_dir={}", path_str(&opts.out.join("kto"))),
+    ];
+    kto_sets.extend(model_sets.iter().cloned());
+    if opts.quick {
+        kto_sets.push("training.max_steps=2".into());
+    }
+    let kto_cfg: KtoConfig = config::load(Some(&opts.configs.join("kto.toml")), &kto_sets)?;
+    let t0 = Instant::now();
+    let kto = crate::preference::kto::run(&kto_cfg, &stage_opts)?;
+    seconds.insert("kto".into(), json!(t0.elapsed().as_secs_f64()));
+
     let t0 = Instant::now();
     let (ppo_rm_accuracy, ppo_rm_kl) = judge(&ppo_rm.output)?;
     let (dpo_accuracy, dpo_kl) = judge(&dpo.output)?;
+    let (kto_accuracy, kto_kl) = judge(&kto.output)?;
     eval_secs += t0.elapsed().as_secs_f64();
     seconds.insert("eval".into(), json!(eval_secs));
     let summary = Summary {
@@ -358,6 +380,8 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         ppo_rm_kl,
         dpo_accuracy,
         dpo_kl,
+        kto_accuracy,
+        kto_kl,
         eval_problems: eval_rows.len(),
         eval_pairs: eval_pairs.len(),
         seconds,

@@ -11,7 +11,7 @@
 
 use super::logps::{pair_logps, PairBatch};
 use super::losses::{dpo_losses, implicit_rewards, DpoLoss};
-use super::{load_pairs, pair_memory_needs, PairStats, RunOptions};
+use super::{load_pairs, pair_memory_needs, policy_and_order, PairStats, RunOptions};
 use crate::config::preference::DpoConfig;
 use crate::data::preference::Pair;
 use crate::telemetry::METRICS;
@@ -160,7 +160,7 @@ impl DpoStage<'_> {
             }
             Reference::AdapterOff => {
                 let ctx = ForwardCtx::inference(None);
-                let hidden = model.forward_hidden(&batch.input, &ctx, None)?;
+                let hidden = model.forward_hidden(batch.input(), &ctx, None)?;
                 Ok(batch.logps(model, &hidden, &ctx)?)
             }
         }
@@ -184,7 +184,7 @@ impl DpoStage<'_> {
         for idx in crate::dist::shard(&chunks, world.rank(), world.size()) {
             let refs: Vec<&Pair> = idx.iter().map(|&i| &ev[i]).collect();
             let b = PairBatch::new(&refs, self.pad, self.loss.averages_log_probs(), &dev)?;
-            let hidden = model.forward_hidden(&b.input, &ctx, None)?;
+            let hidden = model.forward_hidden(b.input(), &ctx, None)?;
             let (pc, pr) = b.logps(model, &hidden, &ctx)?;
             let (rc, rr) = self.reference_logps(&b, idx, true)?;
             let f = figures(self.loss, d.beta, d.label_smoothing, (&pc, &pr), (&rc, &rr))?;
@@ -271,7 +271,7 @@ impl Stage for DpoStage<'_> {
             let kind = self.loss;
             backward_from_hidden::<anyhow::Error>(
                 model,
-                &batch.input,
+                batch.input(),
                 &fwd,
                 self.cfg.training.gradient_checkpointing,
                 &mut |hidden| {
@@ -387,22 +387,14 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<DpoOutcome> {
     };
     let config_json = serde_json::to_value(cfg)?;
     let resume = Resume::find(opts.resume.as_deref(), &t.output_dir)?;
-    let mode = cfg
-        .adapter
-        .mode(&pre.model.info().model_type.clone(), &cfg.model.path);
-    let trainable = Trainable::build(
-        pre.model.as_mut(),
-        &mode,
-        t.seed,
-        resume.as_ref().map(|r| r.dir.as_path()),
+    let (trainable, order) = policy_and_order(
+        &mut pre,
+        &cfg.adapter,
+        &cfg.model.path,
+        t,
+        (train.len(), cfg.data.shuffle),
+        resume.as_ref(),
     )?;
-    // One seeded order of global batches (per rank × ranks); each rank takes its slice.
-    let order = DataOrder::new(
-        train.len(),
-        batch * crate::dist::world().size(),
-        t.seed,
-        cfg.data.shuffle,
-    );
     let mut stage = DpoStage {
         cfg,
         pre,

@@ -1,6 +1,7 @@
-//! Sequence log-probs of preference pairs: `log π(completion | prompt)`, summed over the
-//! completion's tokens (or their mean, for IPO), for every chosen and rejected sequence of a
-//! batch in one forward pass — under the policy (adapter on) or the reference (adapter off,
+//! Sequence log-probs of completions: `log π(completion | prompt)`, summed over the
+//! completion's tokens (or their mean, for IPO), for every sequence of a batch in one
+//! forward pass — a preference pair's chosen and rejected sequences, KTO's examples and
+//! their mismatched KL pairs — under the policy (adapter on) or the reference (adapter off,
 //! the same base weights).
 
 use crate::data::preference::Pair;
@@ -8,13 +9,62 @@ use candle_core::{DType, Result, Tensor};
 use rlft_policies::logprobs::next_token_logprobs;
 use rlft_policies::{BatchInput, CausalLm, ForwardCtx};
 
-/// The 2n sequences of n pairs as one left-padded batch, chosen first, and the weights that
-/// pick out each sequence's completion tokens.
-pub struct PairBatch {
+/// Sequences `prompt ++ completion` as one left-padded batch, and the weights that pick out
+/// each sequence's completion tokens.
+pub struct CompletionBatch {
     pub input: BatchInput,
-    /// `[2n, t − 1]`: 1 (or 1 / completion length, to average) on the targets that are
+    /// `[m, t − 1]`: 1 (or 1 / completion length, to average) on the targets that are
     /// completion tokens, 0 elsewhere.
     weights: Tensor,
+    /// Real tokens in the batch.
+    pub tokens: usize,
+}
+
+impl CompletionBatch {
+    pub fn new(
+        seqs: &[(&[u32], &[u32])],
+        pad_id: u32,
+        average: bool,
+        dev: &candle_core::Device,
+    ) -> Result<Self> {
+        let rows: Vec<Vec<u32>> = seqs.iter().map(|(p, c)| [*p, *c].concat()).collect();
+        let input = BatchInput::left_padded(&rows, pad_id, dev)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let t = input.seq_len();
+        // Column j predicts token j + 1; row i's completion starts at t − len_i + prompt_i.
+        let mut w = vec![0f32; seqs.len() * (t - 1)];
+        for (i, ((p, c), row)) in seqs.iter().zip(&rows).enumerate() {
+            let start = t - row.len() + p.len();
+            for j in start.saturating_sub(1)..t - 1 {
+                w[i * (t - 1) + j] = if average {
+                    1.0 / c.len().max(1) as f32
+                } else {
+                    1.0
+                };
+            }
+        }
+        let tokens = rows.iter().map(Vec::len).sum();
+        Ok(Self {
+            input,
+            weights: Tensor::from_vec(w, (seqs.len(), t - 1), dev)?,
+            tokens,
+        })
+    }
+
+    /// Each sequence's completion log-prob `[m]` f32 from the final hidden states of
+    /// [`Self::input`] (tracked when `ctx` records gradients).
+    pub fn logps(&self, model: &dyn CausalLm, hidden: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let lp = next_token_logprobs(model, &self.input, hidden, ctx, 1.0)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        (lp * self.weights.to_dtype(DType::F32)?)?
+            .sum(1)?
+            .to_dtype(DType::F32)
+    }
+}
+
+/// The 2n sequences of n pairs as one [`CompletionBatch`], chosen first.
+pub struct PairBatch {
+    pub batch: CompletionBatch,
     pub pairs: usize,
     /// Real tokens in the batch (both sequences of every pair).
     pub tokens: usize,
@@ -27,35 +77,21 @@ impl PairBatch {
         average: bool,
         dev: &candle_core::Device,
     ) -> Result<Self> {
-        let n = pairs.len();
-        let rows: Vec<Vec<u32>> = pairs
+        let seqs: Vec<(&[u32], &[u32])> = pairs
             .iter()
-            .map(|p| p.chosen_ids())
-            .chain(pairs.iter().map(|p| p.rejected_ids()))
+            .map(|p| (&p.prompt[..], &p.chosen[..]))
+            .chain(pairs.iter().map(|p| (&p.prompt[..], &p.rejected[..])))
             .collect();
-        let spans: Vec<(usize, usize)> = pairs
-            .iter()
-            .map(|p| (p.prompt.len(), p.chosen.len()))
-            .chain(pairs.iter().map(|p| (p.prompt.len(), p.rejected.len())))
-            .collect();
-        let input = BatchInput::left_padded(&rows, pad_id, dev)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let t = input.seq_len();
-        // Column j predicts token j + 1; row i's completion starts at t − len_i + prompt_i.
-        let mut w = vec![0f32; 2 * n * (t - 1)];
-        for (i, (&(p, c), row)) in spans.iter().zip(&rows).enumerate() {
-            let start = t - row.len() + p;
-            for j in start.saturating_sub(1)..t - 1 {
-                w[i * (t - 1) + j] = if average { 1.0 / c.max(1) as f32 } else { 1.0 };
-            }
-        }
-        let tokens = rows.iter().map(Vec::len).sum();
+        let batch = CompletionBatch::new(&seqs, pad_id, average, dev)?;
         Ok(Self {
-            input,
-            weights: Tensor::from_vec(w, (2 * n, t - 1), dev)?,
-            pairs: n,
-            tokens,
+            tokens: batch.tokens,
+            pairs: pairs.len(),
+            batch,
         })
+    }
+
+    pub fn input(&self) -> &BatchInput {
+        &self.batch.input
     }
 
     /// `(chosen, rejected)` sequence log-probs `[n]` f32 from the final hidden states of
@@ -66,11 +102,7 @@ impl PairBatch {
         hidden: &Tensor,
         ctx: &ForwardCtx,
     ) -> Result<(Tensor, Tensor)> {
-        let lp = next_token_logprobs(model, &self.input, hidden, ctx, 1.0)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let per_seq = (lp * self.weights.to_dtype(DType::F32)?)?
-            .sum(1)?
-            .to_dtype(DType::F32)?;
+        let per_seq = self.batch.logps(model, hidden, ctx)?;
         let n = self.pairs;
         Ok((per_seq.narrow(0, 0, n)?, per_seq.narrow(0, n, n)?))
     }
@@ -88,7 +120,7 @@ pub fn pair_logps(
 ) -> Result<(Tensor, Tensor)> {
     let batch = PairBatch::new(pairs, pad_id, average, &model.info().device)?;
     let hidden = model
-        .forward_hidden(&batch.input, ctx, None)
+        .forward_hidden(batch.input(), ctx, None)
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     batch.logps(model, &hidden, ctx)
 }

@@ -17,11 +17,18 @@
 
 use candle_core::{Result, Tensor};
 
-/// `log σ(x) = −softplus(−x)`, stable for large |x|: `min(x, 0) − log(1 + e^{−|x|})`.
+/// `log σ(x)`, stable for large |x| and with the right gradient `1 − σ(x)` everywhere, 0
+/// included: `−log(1 + e^{−x})` for x ≥ 0, `x − log(1 + e^{x})` for x < 0, each branch fed
+/// only its own half of the line so neither overflows. (A form with `|x|` and `min(x, 0)`
+/// has the right values but a gradient of 1 instead of ½ at exactly 0 — where a DPO pair
+/// sits at step 0, when the policy is the reference.)
 pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
-    let min0 = x.minimum(0.0)?;
-    let tail = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
-    min0 - tail
+    let pos = x.ge(0.0)?;
+    let zeros = x.zeros_like()?;
+    let (xp, xn) = (pos.where_cond(x, &zeros)?, pos.where_cond(&zeros, x)?);
+    let upper = (xp.neg()?.exp()? + 1.0)?.log()?.neg()?;
+    let lower = (&xn - (xn.exp()? + 1.0)?.log()?)?;
+    pos.where_cond(&upper, &lower)
 }
 
 /// The reward-model loss, a mean over pairs.
@@ -93,6 +100,37 @@ pub fn dpo_losses(
     }
 }
 
+/// KTO's per-example losses `[n]` (TRL's `KTOTrainer`, Ethayarajh et al. 2024 eq. 7), with
+/// `r = log π − log π_ref` and `z0` the batch's KL estimate (detached, ≥ 0):
+/// desirable `λ_D (1 − σ(β (r − z0)))`, undesirable `λ_U (1 − σ(β (z0 − r)))`. APO-zero's
+/// unpaired loss is the same with `z0 = 0` (`1 − σ(β r)` and `σ(β r)`). `desirable` holds
+/// 1 or 0 per example.
+pub fn kto_losses(
+    beta: f64,
+    (desirable_weight, undesirable_weight): (f64, f64),
+    (pi, reference): (&Tensor, &Tensor),
+    desirable: &Tensor,
+    z0: f64,
+) -> Result<Tensor> {
+    // d = β (r − z0); 1 − σ(d) = σ(−d) for the desirable, 1 − σ(−d) = σ(d) for the others.
+    let d = (((pi - reference)? - z0)? * beta)?;
+    let sigmoid = |x: &Tensor| log_sigmoid(x)?.exp();
+    let good = (sigmoid(&d.neg()?)? * desirable_weight)?;
+    let bad = (sigmoid(&d)? * undesirable_weight)?;
+    let undesirable = (desirable.ones_like()? - desirable)?;
+    (good * desirable)? + (bad * undesirable)?
+}
+
+/// KTO's KL estimate `z0 = max(0, mean(log π(y'|x) − log π_ref(y'|x)))` over mismatched
+/// pairs (each prompt with another example's completion), as a number (no gradient).
+pub fn kto_kl(pi_kl: &Tensor, ref_kl: &Tensor) -> Result<f64> {
+    let mean = (pi_kl.detach() - ref_kl.detach())?
+        .to_dtype(candle_core::DType::F64)?
+        .mean_all()?
+        .to_scalar::<f64>()?;
+    Ok(mean.max(0.0))
+}
+
 /// The implicit rewards `β (log π − log π_ref)` of one side, detached.
 pub fn implicit_rewards(beta: f64, pi: &Tensor, reference: &Tensor) -> Result<Tensor> {
     (pi.detach() - reference.detach())? * beta
@@ -132,6 +170,19 @@ mod tests {
         );
         assert_eq!(got[0], -800.0);
         assert_eq!(got[4], 0.0);
+        // The gradient 1 − σ(x), at 0 too (a kinked form gives 1 there) and far out.
+        let v = Var::from_tensor(&x).unwrap();
+        let g = log_sigmoid(v.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let s = |x: f64| 1.0 / (1.0 + (-x).exp());
+        close(
+            &vals(g.get(&v).unwrap()),
+            &[1.0, 1.0 - s(-3.0), 0.5, 1.0 - s(2.5), 0.0],
+        );
     }
 
     /// Two pairs by hand: r = (2, 0.5) chosen, (1, 1.5) rejected, margins (0.5, 0).

@@ -1,9 +1,11 @@
 //! Learning from preference pairs (issue 14): `rlft rm` trains a reward model ([`rm`]),
-//! `rlft dpo` the policy straight from the pairs ([`dpo`]). Both run on the shared stage
+//! `rlft dpo` the policy straight from the pairs ([`dpo`]), `rlft kto` from completions
+//! judged one by one ([`kto`]). All run on the shared stage
 //! loop ([`crate::train::stage`]); this module holds what they share: reading the pairs and
 //! averaging per-pair figures over a logging window.
 
 pub mod dpo;
+pub mod kto;
 pub mod logps;
 pub mod losses;
 pub mod rm;
@@ -60,7 +62,30 @@ pub(crate) fn pair_memory_needs(
         .map(|p| p.prompt.len() + p.chosen.len().max(p.rejected.len()))
         .max()
         .unwrap_or(1);
-    let micro = 2 * t.per_device_train_batch_size.min(train.len()).max(1);
+    let pairs = t.per_device_train_batch_size.min(train.len()).max(1);
+    let what = format!(
+        "a micro-batch of {pairs} pairs ({} × {longest} tokens)",
+        2 * pairs
+    );
+    sequence_memory_needs(
+        model,
+        (2 * pairs, longest),
+        t,
+        trainable_params,
+        logits,
+        what,
+    )
+}
+
+/// The memory check of a micro-batch of `micro` sequences of up to `longest` tokens.
+pub(crate) fn sequence_memory_needs(
+    model: &dyn CausalLm,
+    (micro, longest): (usize, usize),
+    t: &crate::config::common::TrainingSection,
+    trainable_params: usize,
+    logits: bool,
+    what: String,
+) -> Vec<MemoryNeed> {
     let ckpt = t.gradient_checkpointing;
     let bytes = |c| {
         if logits {
@@ -72,9 +97,35 @@ pub(crate) fn pair_memory_needs(
     vec![MemoryNeed {
         bytes: bytes(ckpt),
         with_checkpointing: (!ckpt).then(|| bytes(true)),
-        what: format!("a micro-batch of {} pairs ({micro} × {longest} tokens)", micro / 2),
+        what,
         lower: "training.per_device_train_batch_size (raise gradient_accumulation_steps to keep the effective batch) or model.max_seq_len".into(),
     }]
+}
+
+/// The policy's trainable set (fresh, or from the checkpoint `resume` names) and one seeded
+/// order of `n` examples in global batches (per rank × ranks; each rank takes its slice):
+/// what DPO and KTO build before their first step.
+pub(crate) fn policy_and_order(
+    pre: &mut rlft_policies::Pretrained,
+    adapter: &crate::config::common::AdapterSection,
+    model_path: &std::path::Path,
+    t: &crate::config::common::TrainingSection,
+    (n, shuffle): (usize, bool),
+    resume: Option<&crate::train::stage::Resume>,
+) -> Result<(
+    crate::train::trainable::Trainable,
+    crate::train::order::DataOrder,
+)> {
+    let mode = adapter.mode(&pre.model.info().model_type.clone(), model_path);
+    let trainable = crate::train::trainable::Trainable::build(
+        pre.model.as_mut(),
+        &mode,
+        t.seed,
+        resume.map(|r| r.dir.as_path()),
+    )?;
+    let batch = t.per_device_train_batch_size * crate::dist::world().size();
+    let order = crate::train::order::DataOrder::new(n, batch, t.seed, shuffle);
+    Ok((trainable, order))
 }
 
 /// Per-pair figures summed over a window (a logging interval or an evaluation), reported

@@ -60,7 +60,7 @@ fn pair_scores(
     score: &Tensor,
     pad: u32,
 ) -> Result<(Tensor, Tensor)> {
-    let s = scores_from_hidden(&batch.input, hidden, score, pad)?.squeeze(1)?;
+    let s = scores_from_hidden(batch.input(), hidden, score, pad)?.squeeze(1)?;
     let n = batch.pairs;
     Ok((s.narrow(0, 0, n)?, s.narrow(0, n, n)?))
 }
@@ -91,7 +91,7 @@ pub fn evaluate_pairs(
     for chunk in crate::dist::shard(&chunks, world.rank(), world.size()) {
         let refs: Vec<&Pair> = chunk.iter().collect();
         let b = PairBatch::new(&refs, pad, false, &dev)?;
-        let hidden = model.forward_hidden(&b.input, &ctx, None)?;
+        let hidden = model.forward_hidden(b.input(), &ctx, None)?;
         let (rc, rr) = pair_scores(&b, &hidden, &score, pad)?;
         let l = reward_model_loss(&rc, &rr, Some(&margins(&refs, &dev)?), center)?;
         loss += l.to_scalar::<f32>()? as f64 * chunk.len() as f64;
@@ -226,7 +226,7 @@ impl Stage for RmStage<'_> {
             let window = &mut self.window;
             backward_from_hidden::<anyhow::Error>(
                 model,
-                &batch.input,
+                batch.input(),
                 &fwd,
                 self.cfg.training.gradient_checkpointing,
                 &mut |hidden| {
