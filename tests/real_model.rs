@@ -348,3 +348,96 @@ fn the_real_grpo_recipe_learns() {
     assert_eq!(last.0, 5);
     assert!(last.1 >= 0.16 + 0.25, "after 5 steps: {}", last.1);
 }
+
+/// `rlft kto` on the real model and its chat template: chat rows (the right sum desirable, a
+/// wrong one not) tokenize through SmolLM2's template, the first step's loss is exactly 0.5
+/// with a zero KL estimate (policy = reference), and every figure of three steps is finite
+/// with a 49,152-token vocabulary.
+#[test]
+fn kto_on_the_real_model_starts_at_one_half() {
+    let Some(gguf) = real_model() else { return };
+    let work = TempDir::new("real-kto");
+    let sums = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/real/data/sums_train.jsonl");
+    let rows = std::fs::read_to_string(sums).unwrap();
+    let mut data = String::new();
+    for line in rows.lines().take(12) {
+        let r: Value = serde_json::from_str(line).unwrap();
+        let right: i64 = r["answer"].as_str().unwrap().parse().unwrap();
+        for (answer, label) in [(right, true), (right + 1, false)] {
+            let row = serde_json::json!({
+                "prompt": r["prompt"],
+                "completion": [{"role": "assistant", "content": format!("{answer}")}],
+                "label": label,
+            });
+            data += &format!("{row}\n");
+        }
+    }
+    let file = work.0.join("kto.jsonl");
+    std::fs::write(&file, data).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_rlft"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["kto", "--quiet"])
+        .args([
+            "--set",
+            &format!("model.path={:?}", gguf.display().to_string()),
+        ])
+        .args([
+            "--set",
+            &format!("data.train_file={:?}", file.display().to_string()),
+        ])
+        .args([
+            "--set",
+            &format!(
+                "training.output_dir={:?}",
+                work.0.join("out").display().to_string()
+            ),
+        ])
+        .args([
+            "--set",
+            "model.max_seq_len=96",
+            "--set",
+            "adapter.target_modules=\"all-linear\"",
+        ])
+        .args([
+            "--set",
+            "training.max_steps=3",
+            "--set",
+            "training.per_device_train_batch_size=4",
+        ])
+        .args([
+            "--set",
+            "training.logging_steps=1",
+            "--set",
+            "training.learning_rate=2e-4",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<Value> = metrics(&work.0)
+        .into_iter()
+        .filter(|r| !r["train/loss"].is_null())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert!(
+        (lines[0]["train/loss"].as_f64().unwrap() - 0.5).abs() < 1e-6,
+        "{}",
+        lines[0]
+    );
+    assert_eq!(lines[0]["kl"].as_f64(), Some(0.0));
+    for r in &lines {
+        for key in [
+            "train/loss",
+            "kl",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+            "grad_norm",
+        ] {
+            assert!(r[key].as_f64().is_some_and(f64::is_finite), "{key}: {r}");
+        }
+        // A completion of a few tokens under a 135M chat model: a log-prob of a few nats.
+        let lp = r["logps/chosen"].as_f64().unwrap();
+        assert!((-60.0..0.0).contains(&lp), "logps/chosen {lp}");
+    }
+}

@@ -359,6 +359,14 @@ impl RlConfig {
         if r.loss_type()? == LossType::Cispo && r.cliprange_high.is_none() {
             bail!("rl.loss_type = \"cispo\" caps the ratio at rl.cliprange_high (TRL's epsilon_high, ε_max; ScaleRL uses 5.0): set it");
         }
+        let sequence = r.importance_sampling_level == ImportanceSamplingLevel::Sequence;
+        if sequence && r.loss_type()?.aggregation() != LossAggregation::SeqMeanTokenMean {
+            // As TRL warns: GSPO's objective is per sequence.
+            tracing::warn!(
+                "rl.importance_sampling_level = \"sequence\" with rl.loss_type = {}: each sequence's ratio term is weighted by its length (the loss sums tokens); GSPO's paper setup is loss_type = \"grpo\"",
+                toml_name(&r.loss_type()?)
+            );
+        }
         if !(r.sapo_temperature_pos > 0.0 && r.sapo_temperature_neg > 0.0) {
             bail!("rl.sapo_temperature_pos and rl.sapo_temperature_neg must be positive");
         }
