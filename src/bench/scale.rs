@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rlft_policies::backward::backward_from_hidden;
+use rlft_policies::ops::flash_attention;
 use rlft_policies::quant::QuantConfig;
 use rlft_policies::{
     generate, Adapter, BatchInput, CausalLm, ForwardCtx, GenerationConfig, LoraConfig, Pretrained,
@@ -134,9 +135,11 @@ pub fn w5(
     let w = Tensor::ones((b, t - 1), DType::F32, dev)?;
     let ctx = ForwardCtx::train(Some(&adapter), None);
     let (mut total, mut tf, mut tb, mut to) = (vec![], vec![], vec![], vec![]);
+    let mut attention = vec![];
     let mut last_loss = f64::NAN;
     for i in 0..warmup + steps {
         let t0 = Instant::now();
+        let kernel0 = flash_attention::kernel_seconds();
         let (loss, g, fwd) = loss_and_grads(model, &input, &w, n, &ctx, checkpointing, &params)?;
         dev.synchronize()?;
         let t1 = Instant::now();
@@ -146,6 +149,7 @@ pub fn w5(
         last_loss = loss;
         if i >= warmup {
             total.push((t2 - t0).as_secs_f64());
+            attention.push(flash_attention::kernel_seconds() - kernel0);
             if let Some(f) = fwd {
                 tf.push(f);
                 tb.push((t1 - t0).as_secs_f64() - f);
@@ -158,6 +162,11 @@ pub fn w5(
     }
     let s = median(total.clone());
     let mut phases = json!({"adamw": median(to)});
+    // The fused attention's time (forwards, recomputes, backwards) where it runs.
+    let fused = flash_attention::uses_fused_attention(dev, t);
+    if fused {
+        phases["attention"] = json!(median(attention));
+    }
     if !tf.is_empty() {
         phases["forward"] = json!(median(tf));
         phases["backward"] = json!(median(tb));
@@ -165,6 +174,8 @@ pub fn w5(
     Ok(json!({
         "workload": "W5", "seconds_per_step": s, "tokens_per_s": (b * t) as f64 / s,
         "samples_per_s": b as f64 / s, "steps_s": total, "phases": phases, "batch": b, "seq": t,
+        "attention": if fused { "fused" } else { "composed" },
+        "attention_share": if fused { json!(phases["attention"].as_f64().unwrap_or(0.0) / s) } else { Value::Null },
         "gradient_checkpointing": checkpointing, "trainable_params": trainable,
         "loss": last_loss, "load_s": load_s,
         "memory_estimate_mb": estimate as f64 / (1u64 << 20) as f64,

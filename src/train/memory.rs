@@ -6,6 +6,7 @@
 
 use anyhow::{bail, Result};
 use rlft_policies::candle_core::{DType, Device};
+use rlft_policies::ops::flash_attention::uses_fused_attention;
 use rlft_policies::ops::head_logprob::chunk_rows;
 use rlft_policies::CausalLm;
 
@@ -21,7 +22,9 @@ pub const LIMIT_ENV: &str = "RLFT_MEMORY_LIMIT_MB";
 /// - six hidden-size vectors (two norm outputs, two residual sums, the rotated queries, the
 ///   attention output), two of the MLP's width (its activation and product), and three
 ///   attention rows per head (`seq` entries each: scores, masked scores, probabilities;
-///   heads ≈ hidden / 64);
+///   heads ≈ hidden / 64) — or, where the fused attention runs (long sequences on the CPU,
+///   `ops::flash_attention`), no rows: its f32 queries, keys and values (three
+///   hidden-size vectors at most) and one log-sum-exp per head;
 ///
 /// times 3/2 for what comes on top while the backward runs (gradients in flight, candle's
 /// temporaries, freed memory the allocator keeps): measured on W5, where the kept
@@ -74,7 +77,12 @@ fn pass_bytes(
     let outputs = blocks.iter().map(|l| l.out_features()).sum::<usize>() / layers;
     let width = blocks.iter().map(|l| l.out_features()).max().unwrap_or(h);
     let heads = (h / 64).max(1);
-    let per_layer = outputs * if fused { 1 } else { 4 } + 6 * h + 2 * width + 3 * heads * seq;
+    let attention = if uses_fused_attention(&info.device, seq) {
+        3 * h + heads
+    } else {
+        3 * heads * seq
+    };
+    let per_layer = outputs * if fused { 1 } else { 4 } + 6 * h + 2 * width + attention;
     let kept = if checkpointing {
         layers * h + 2 * per_layer
     } else {

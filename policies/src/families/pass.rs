@@ -1,28 +1,41 @@
-//! What the blocks of one forward pass share: the attention biases (full and per sliding
-//! window) and the rotary tables at the batch's positions. [`CausalLm::embed`] builds it
+//! What the blocks of one forward pass share: its attention — the composed ops' biases (full
+//! and per sliding window), or for long sequences on the CPU the fused kernel's per-token
+//! mask — and the rotary tables at the batch's positions. [`CausalLm::embed`] builds it
 //! once; every block reads it.
 //!
 //! [`CausalLm::embed`]: super::CausalLm::embed
 
+use super::attention::attend;
 use super::batch::{attention_bias, packed_attention_bias, BatchInput};
 use super::ModelInfo;
 use crate::error::{PolicyError, Result};
 use crate::kv_cache::KvCache;
+use crate::ops::flash_attention::{flash_attention, uses_fused_attention, AttentionMask, Tiles};
 use candle_core::Tensor;
 
 pub struct PassCtx {
-    /// `[b, 1, t, s]`: 0 where a query may attend a key (causal, not padding), −∞ elsewhere.
-    pub bias: Tensor,
-    /// The same with a sliding window, one per distinct window size the layers use.
-    pub window_biases: Vec<(usize, Tensor)>,
+    attention: Plan,
     /// Rotary `(cos, sin)` at the batch's positions (rotary families only).
     pub rope: Option<(Tensor, Tensor)>,
 }
 
+/// How the pass's attention runs.
+enum Plan {
+    /// The composed ops with additive biases `[b, 1, t, s]` (0 where a query may attend a
+    /// key, −∞ elsewhere): the full one and one per distinct sliding window.
+    Composed {
+        bias: Tensor,
+        window_biases: Vec<(usize, Tensor)>,
+    },
+    /// The fused kernel ([`flash_attention`]) with the mask described per token: no
+    /// `[t, s]` tensor is built (long sequences on the CPU).
+    Fused(AttentionMask),
+}
+
 impl PassCtx {
     /// Checks `input`'s positions against the model (and what `cache` already holds), records
-    /// the new keys' validity in `cache`, and builds the biases over all keys for the full
-    /// attention and every window in `windows` (`None`: full attention).
+    /// the new keys' validity in `cache`, and prepares the attention over all keys for the
+    /// full attention and every window in `windows` (`None`: full attention).
     pub(crate) fn new(
         info: &ModelInfo,
         input: &BatchInput,
@@ -45,10 +58,23 @@ impl PassCtx {
             None => input.valid.clone(),
         };
         let dev = &info.device;
+        let s = keys.first().map_or(0, Vec::len);
+        if uses_fused_attention(dev, s) {
+            return Ok(Self::fused(AttentionMask {
+                batch: keys.len(),
+                queries: t,
+                keys: s,
+                offset,
+                key_valid: keys.concat(),
+                segments: None,
+                positions: None,
+                window: None,
+            }));
+        }
         Self::with_biases(windows, |w| attention_bias(&keys, t, offset, w, dev))
     }
 
-    /// [`PassCtx::new`] for a packed batch: the biases of [`packed_attention_bias`].
+    /// [`PassCtx::new`] for a packed batch: the masks of [`packed_attention_bias`].
     fn packed(
         info: &ModelInfo,
         input: &BatchInput,
@@ -57,9 +83,29 @@ impl PassCtx {
     ) -> Result<Self> {
         let positions: Vec<Vec<u32>> = input.positions.to_vec2()?;
         let dev = &info.device;
+        let (b, t) = (input.batch_size(), input.seq_len());
+        if uses_fused_attention(dev, t) {
+            return Ok(Self::fused(AttentionMask {
+                batch: b,
+                queries: t,
+                keys: t,
+                offset: 0,
+                key_valid: input.valid.concat(),
+                segments: Some(segments.concat()),
+                positions: Some(positions.concat()),
+                window: None,
+            }));
+        }
         Self::with_biases(windows, |w| {
             packed_attention_bias(&input.valid, segments, &positions, w, dev)
         })
+    }
+
+    fn fused(mask: AttentionMask) -> Self {
+        Self {
+            attention: Plan::Fused(mask),
+            rope: None,
+        }
     }
 
     /// The full bias and one per distinct window in `windows`, each made by `bias`.
@@ -74,26 +120,55 @@ impl PassCtx {
             }
         }
         Ok(Self {
-            bias: bias(None)?,
-            window_biases,
+            attention: Plan::Composed {
+                bias: bias(None)?,
+                window_biases,
+            },
             rope: None,
         })
     }
 
-    /// The bias for a layer with sliding window `window` (`None`: full attention).
-    pub fn bias(&self, window: Option<usize>) -> Result<&Tensor> {
-        match window {
-            None => Ok(&self.bias),
-            Some(w) => self
-                .window_biases
-                .iter()
-                .find(|(ww, _)| *ww == w)
-                .map(|(_, b)| b)
-                .ok_or_else(|| {
-                    PolicyError::InvalidArgument(format!(
-                        "no attention bias for a window of {w} in this pass"
-                    ))
-                }),
+    /// Whether this pass runs the fused attention.
+    pub fn is_fused(&self) -> bool {
+        matches!(self.attention, Plan::Fused(_))
+    }
+
+    /// Attention of `q` `[b, h, t, d]` over `k`, `v` `[b, kv, s, d]` for a layer with sliding
+    /// window `window` (`None`: full attention); `[b, t, h·d]`.
+    pub fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        window: Option<usize>,
+        scale: f64,
+    ) -> Result<Tensor> {
+        match &self.attention {
+            Plan::Composed {
+                bias,
+                window_biases,
+            } => {
+                let bias = match window {
+                    None => bias,
+                    Some(w) => window_biases
+                        .iter()
+                        .find(|(ww, _)| *ww == w)
+                        .map(|(_, b)| b)
+                        .ok_or_else(|| {
+                            PolicyError::InvalidArgument(format!(
+                                "no attention bias for a window of {w} in this pass"
+                            ))
+                        })?,
+                };
+                Ok(attend(q, k, v, bias, scale)?)
+            }
+            Plan::Fused(mask) => {
+                let mask = AttentionMask {
+                    window,
+                    ..mask.clone()
+                };
+                Ok(flash_attention(q, k, v, &mask, scale, Tiles::default())?)
+            }
         }
     }
 

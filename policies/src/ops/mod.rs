@@ -4,6 +4,7 @@
 
 pub mod bf16_dot;
 pub mod bridge;
+pub mod flash_attention;
 pub mod gemm;
 pub mod half_weight;
 pub mod head_logprob;

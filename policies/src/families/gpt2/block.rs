@@ -4,7 +4,6 @@
 use super::{conv1d, layer_norm, Gpt2Config};
 use crate::ctx::ForwardCtx;
 use crate::error::Result;
-use crate::families::attention::attend;
 use crate::families::config::Activation;
 use crate::families::norm::LayerNorm;
 use crate::families::parts::{Part, PartMut, PartRef};
@@ -75,7 +74,7 @@ impl Attention {
             Some(c) => c.append(self.layer, &k, &v)?,
             None => (k, v),
         };
-        let a = attend(&q, &k, &v, pass.bias(None)?, self.scale)?;
+        let a = pass.attend(&q, &k, &v, None, self.scale)?;
         Ok(self.c_proj.forward(&a, ctx)?)
     }
 }

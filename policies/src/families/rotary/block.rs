@@ -4,7 +4,6 @@
 use super::{linear, RotarySpec};
 use crate::ctx::ForwardCtx;
 use crate::error::Result;
-use crate::families::attention::attend;
 use crate::families::config::Activation;
 use crate::families::norm::RmsNorm;
 use crate::families::parts::{Part, PartMut, PartRef};
@@ -87,7 +86,7 @@ impl Attention {
             None => (k, v),
         };
         let scale = 1.0 / (hd as f64).sqrt();
-        let a = attend(&q, &k, &v, pass.bias(self.window)?, scale)?;
+        let a = pass.attend(&q, &k, &v, self.window, scale)?;
         Ok(self.o_proj.forward(&a, ctx)?)
     }
 }
