@@ -432,11 +432,14 @@ pub fn run_one(job: &Job, work: &Path) -> Result<Value> {
         "W7" => w7(&dir, work, job.steps.unwrap_or(3), &job.device, &job.dtype)?,
         "W5" => {
             let (b, t) = job.size.unwrap_or((4, 256));
+            // From 4k tokens a step (minutes) is its own warm-up: its one-time costs are
+            // lost in it, and a second step would double a T sweep's time.
+            let warmup = if b * t >= 4096 { 0 } else { 1 };
             w5(
                 &dir,
                 b,
                 t,
-                1,
+                warmup,
                 job.steps.unwrap_or(3),
                 job.checkpointing,
                 &dev,

@@ -1,0 +1,299 @@
+//! Fused attention on the CPU (issue 27): FlashAttention-2's recurrence, so no `[t, s]`
+//! score matrix is ever built. A task takes a tile of queries, walks the key tiles it can
+//! see (causal tiles past its last query are skipped), and keeps per row a running maximum
+//! m, a running sum l and an unnormalised output:
+//!
+//! `S = scale · Q Kᵀ`, `m' = max(m, rowmax S)`, `P = exp(S − m')`,
+//! `l' = e^{m − m'} l + rowsum P`, `O' = e^{m − m'} O + P V`; at the end `O / l` and the
+//! log-sum-exp `L = m + ln l`, the only thing (O(t)) the backward keeps.
+//!
+//! The backward recomputes each tile's probabilities from L: `P = exp(S − L)`,
+//! `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ∘ (dP − D)` with `D = rowsum(dO ∘ O)`,
+//! `dK = scale · dSᵀ Q`, `dQ = scale · dS K` — dK and dV by tasks over key tiles, dQ by
+//! tasks over query tiles, so no two tasks write the same rows.
+//!
+//! The mask is computed from per-token facts ([`AttentionMask`]): causality by index, key
+//! validity (padding), the shared-prompt segments of a packed row, and a sliding window
+//! by position. Grouped-query heads read their key/value head in place (no copies).
+//! Products are gemm's on tiles, in f32 (f64 for f64 inputs).
+
+mod kernel;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use kernel::{backward, forward, Dims};
+use std::sync::Mutex;
+
+/// Keys from which the CPU uses the fused attention ([`flash_attention()`]); below it the
+/// composed ops (one batched product each) are as fast and their results those of every
+/// earlier release. `RLFT_FUSED_ATTENTION_MIN_KEYS` overrides it (0: always fused).
+pub const FUSED_MIN_KEYS: usize = 1024;
+
+fn fused_min_keys() -> usize {
+    std::env::var("RLFT_FUSED_ATTENTION_MIN_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(FUSED_MIN_KEYS)
+}
+
+/// Whether a pass over `s` keys on `device` uses the fused attention.
+pub fn uses_fused_attention(device: &Device, s: usize) -> bool {
+    device.is_cpu() && s >= fused_min_keys()
+}
+
+/// Nanoseconds spent in the fused kernel (forwards and backwards) by this process.
+static KERNEL_NANOS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Seconds spent in the fused kernel so far (forwards and backwards): `rlft bench` W5
+/// reports the attention's share of a step from it.
+pub fn kernel_seconds() -> f64 {
+    KERNEL_NANOS.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
+}
+
+fn add_kernel_time(since: std::time::Instant) {
+    let ns = since.elapsed().as_nanos() as u64;
+    KERNEL_NANOS.fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Query and key tile sizes (rows).
+#[derive(Debug, Clone, Copy)]
+pub struct Tiles {
+    pub queries: usize,
+    pub keys: usize,
+}
+
+impl Default for Tiles {
+    fn default() -> Self {
+        Self {
+            queries: 64,
+            keys: 128,
+        }
+    }
+}
+
+/// Which keys each query sees. Queries are the last `t` of the `s` keys' positions in
+/// index terms: query `qi` is key index `offset + qi` (a cache holds `offset` keys).
+#[derive(Debug, Clone)]
+pub struct AttentionMask {
+    pub batch: usize,
+    pub queries: usize,
+    pub keys: usize,
+    /// Key index of query 0: the length of the cache before this pass.
+    pub offset: usize,
+    /// `[b · s]`: key j of row b is a real token.
+    pub key_valid: Vec<bool>,
+    /// Packed rows (no cache): `[b · s]` segment of each token, 0 for the shared prompt; a
+    /// query sees segment 0 and its own.
+    pub segments: Option<Vec<u32>>,
+    /// `[b · s]` positions, for the window of packed rows; `None`: the window is measured
+    /// on indices (a row of its own, where the real tokens are contiguous).
+    pub positions: Option<Vec<u32>>,
+    /// Sliding window w: key j is seen by query i when `pos_i − pos_j < w`.
+    pub window: Option<usize>,
+}
+
+impl AttentionMask {
+    /// Whether query `qi` of row `b` sees key `j`: `j ≤ i` and either `j = i` (a query always
+    /// sees itself, so no row is empty) or key j is real, in i's segment or the prompt, and
+    /// inside the window.
+    #[inline]
+    pub fn visible(&self, b: usize, qi: usize, j: usize) -> bool {
+        let i = self.offset + qi;
+        if j > i {
+            return false;
+        }
+        if j == i {
+            return true;
+        }
+        let row = b * self.keys;
+        if !self.key_valid[row + j] {
+            return false;
+        }
+        if let Some(seg) = &self.segments {
+            let sj = seg[row + j];
+            if sj != 0 && sj != seg[row + i] {
+                return false;
+            }
+        }
+        match self.window {
+            None => true,
+            Some(w) => match &self.positions {
+                Some(p) => (p[row + i] as usize) < p[row + j] as usize + w,
+                None => i - j < w,
+            },
+        }
+    }
+
+    fn check(&self, b: usize, t: usize, s: usize) -> Result<()> {
+        let ok = self.batch == b
+            && self.queries == t
+            && self.keys == s
+            && self.offset + t <= s
+            && self.key_valid.len() == b * s
+            && self.segments.as_ref().is_none_or(|v| v.len() == b * s)
+            && self.positions.as_ref().is_none_or(|v| v.len() == b * s);
+        if !ok {
+            candle_core::bail!(
+                "flash attention: a mask for b={} t={} s={} (offset {}) on inputs b={b} t={t} s={s}",
+                self.batch,
+                self.queries,
+                self.keys,
+                self.offset
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The op: q `[b, h, t, d]`, k and v `[b, kv, s, d]` (contiguous, f32 or f64) to
+/// `[b, t, h, d]`; the forward's log-sum-exp is kept for the backward.
+struct FlashAttention {
+    mask: AttentionMask,
+    scale: f64,
+    tiles: Tiles,
+    lse: Mutex<Option<CpuStorage>>,
+}
+
+fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("flash attention: non-contiguous input".into()))?;
+    Ok(&T::cpu_storage_as_slice(s)?[start..end])
+}
+
+fn dims_of(q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
+    let (b, h, t, d) = q.shape().dims4()?;
+    let (bk, kv, s, dk) = k.shape().dims4()?;
+    if bk != b || dk != d || v.shape() != k.shape() || kv == 0 || h % kv != 0 {
+        candle_core::bail!(
+            "flash attention: q {:?}, k {:?}, v {:?}",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        );
+    }
+    Ok(Dims { b, h, kv, t, s, d })
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let started = std::time::Instant::now();
+        let dims = dims_of(l1, l2, l3)?;
+        self.mask.check(dims.b, dims.t, dims.s)?;
+        let shape = Shape::from((dims.b, dims.t, dims.h, dims.d));
+        let (out, lse) = match s1 {
+            CpuStorage::F32(_) => {
+                let (o, l) = forward::<f32>(
+                    dims,
+                    &self.mask,
+                    (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?),
+                    self.scale,
+                    self.tiles,
+                );
+                (CpuStorage::F32(o), CpuStorage::F32(l))
+            }
+            CpuStorage::F64(_) => {
+                let (o, l) = forward::<f64>(
+                    dims,
+                    &self.mask,
+                    (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?),
+                    self.scale,
+                    self.tiles,
+                );
+                (CpuStorage::F64(o), CpuStorage::F64(l))
+            }
+            _ => candle_core::bail!("flash attention runs in f32 or f64"),
+        };
+        *self.lse.lock().expect("lse lock") = Some(lse);
+        add_kernel_time(started);
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let started = std::time::Instant::now();
+        let lse = self.lse.lock().expect("lse lock").take();
+        let Some(lse) = lse else {
+            candle_core::bail!("flash attention: backward without its forward's log-sum-exp");
+        };
+        let (b, h, t, d) = q.dims4()?;
+        let (_, kv, s, _) = k.dims4()?;
+        let dims = Dims { b, h, kv, t, s, d };
+        let dev = q.device();
+        let grad = grad_res.contiguous()?;
+        macro_rules! run {
+            ($ty:ty, $lse:expr) => {{
+                let host = |x: &Tensor| x.flatten_all()?.to_vec1::<$ty>();
+                let (dq, dk, dv) = backward::<$ty>(
+                    dims,
+                    &self.mask,
+                    (&host(q)?, &host(k)?, &host(v)?),
+                    (&host(res)?, &host(&grad)?, $lse),
+                    self.scale,
+                    self.tiles,
+                );
+                (
+                    Tensor::from_vec(dq, (b, h, t, d), dev)?,
+                    Tensor::from_vec(dk, (b, kv, s, d), dev)?,
+                    Tensor::from_vec(dv, (b, kv, s, d), dev)?,
+                )
+            }};
+        }
+        let (dq, dk, dv) = match (q.dtype(), &lse) {
+            (DType::F32, CpuStorage::F32(l)) => run!(f32, l),
+            (DType::F64, CpuStorage::F64(l)) => run!(f64, l),
+            _ => candle_core::bail!("flash attention runs in f32 or f64"),
+        };
+        add_kernel_time(started);
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Fused attention: q `[b, h, t, d]`, k and v `[b, kv, s, d]` (h a multiple of kv) on the
+/// CPU, with the mask `mask` describes; returns `[b, t, h·d]` in q's dtype (bf16 and f16
+/// inputs compute in f32). Differentiable in q, k and v.
+pub fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+    tiles: Tiles,
+) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let compute = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let prep = |x: &Tensor| x.to_dtype(compute)?.contiguous();
+    let op = FlashAttention {
+        mask: mask.clone(),
+        scale,
+        tiles,
+        lse: Mutex::new(None),
+    };
+    let o = prep(q)?.apply_op3(&prep(k)?, &prep(v)?, op)?;
+    let (b, t, h, d) = o.dims4()?;
+    o.reshape((b, t, h * d))?.to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests;
