@@ -12,6 +12,7 @@ pub mod losses;
 pub mod micro_batch;
 pub mod report;
 pub mod rollout;
+pub mod scoring;
 pub mod selection;
 pub mod shaping;
 pub mod trainer;

@@ -9,12 +9,13 @@
 //! docs/ALGORITHMS.md §3–7.
 
 use super::algorithm::AlgorithmSpec;
-use super::experience::{self, gen_config, Actors, Request};
+use super::experience::{self, Actors, Request};
 use super::gather;
 use super::kl::KlController;
 use super::losses::PolicyObjective;
 use super::report::{self, StepReport};
-use super::rollout::Rollouts;
+use super::scoring;
+pub use super::scoring::{build_rewards, evaluate};
 use super::selection::Selection;
 use super::shaping::{self, ShapeInputs};
 use super::update::{mix, train_on_rollouts, Trained, UpdatePlan};
@@ -28,8 +29,8 @@ use crate::train::stage::{self, MemoryNeed, Resume, Stage, StepCtx, StepOutcome}
 use anyhow::{bail, Context, Result};
 use candle_core::Var;
 use rlft_policies::linear::LinearWeight;
-use rlft_policies::{generate, Adapter, CausalLm, Pretrained, Tokenizer};
-use rlft_reward::{Combined, Options, Registry, WeightedReward};
+use rlft_policies::{Adapter, CausalLm, Pretrained};
+use rlft_reward::{Combined, Registry};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -56,42 +57,6 @@ pub struct RlOutcome {
     pub eval_after: Option<f64>,
     /// Stopped by SIGINT/SIGTERM; `output` is then the checkpoint written.
     pub interrupted: bool,
-}
-
-/// Builds the weighted reward sum from the `[[reward]]` tables.
-pub fn build_rewards(cfg: &RlConfig, registry: &Registry) -> Result<Combined> {
-    let mut parts = Vec::new();
-    for (i, spec) in cfg.reward.iter().enumerate() {
-        let opts = Options::new(&spec.name, spec.options.clone());
-        let reward = registry
-            .build(&spec.name, &opts)
-            .with_context(|| format!("[[reward]] #{} (`{}`)", i + 1, spec.name))?;
-        parts.push(WeightedReward {
-            reward,
-            weight: spec.weight,
-        });
-    }
-    Ok(Combined { parts })
-}
-
-/// Greedy completions of `prompts` scored by the rewards: the mean total score.
-pub fn evaluate(
-    model: &dyn CausalLm,
-    adapter: Option<&Adapter>,
-    tok: &Tokenizer,
-    prompts: &[Prompt],
-    rewards: &Combined,
-    cfg: &RlConfig,
-) -> Result<f64> {
-    let mut total = 0.0;
-    for chunk in (0..prompts.len()).collect::<Vec<_>>().chunks(64) {
-        let rows: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].ids.clone()).collect();
-        let gens = generate(model, adapter, &rows, &gen_config(cfg, tok, 0, true))?;
-        let r = Rollouts::new(chunk.to_vec(), gens, tok.pad_or_eos());
-        let s = rewards.score(&experience::samples(prompts, chunk, &r, tok)?)?;
-        total += s.total.iter().sum::<f64>();
-    }
-    Ok(total / prompts.len().max(1) as f64)
 }
 
 /// The RL stage: one base model, the policy adapter, the critic, and the step's pieces.
@@ -138,28 +103,6 @@ impl RlStage<'_> {
     /// one per completion).
     fn share_prompts(&self) -> bool {
         self.cfg.rl.share_prompts && !self.dropout()
-    }
-
-    /// The rewards of the step's rollouts. A non-finite score makes the step a bad one
-    /// (inner `Err`); any other reward failure ends the run.
-    fn score_rewards(
-        &self,
-        x: &mut experience::Experience,
-        step: u64,
-    ) -> Result<std::result::Result<rlft_reward::Scores, StepOutcome>> {
-        let t0 = Instant::now();
-        let scored = match self.rewards.score(&x.samples) {
-            Ok(s) => s,
-            Err(e @ rlft_reward::RewardError::NotFinite { .. }) => {
-                tracing::warn!("step {}: {e}; update skipped", step + 1);
-                return Ok(Err(StepOutcome::Bad(e.to_string())));
-            }
-            Err(e) => {
-                return Err(e).with_context(|| format!("scoring the rollouts of step {}", step + 1))
-            }
-        };
-        x.timing.score = t0.elapsed().as_secs_f64();
-        Ok(Ok(scored))
     }
 
     /// The step's figures: the run's first/last score and KL, the first-ratio check, the
@@ -342,7 +285,7 @@ impl Stage for RlStage<'_> {
             share_prompts: self.share_prompts(),
         };
         let mut x = experience::collect(self.actors(), &self.pre.tokenizer, cfg, &request)?;
-        let scored = self.score_rewards(&mut x, ctx.step)?;
+        let scored = scoring::score_step(&self.rewards, &mut x, ctx.step)?;
         // A bad step on any rank is a bad step on all (they must make the same updates).
         if crate::dist::any(scored.is_err())? && scored.is_ok() {
             let cause = "a non-finite reward on another rank".to_string();
