@@ -10,7 +10,6 @@ use crate::train::memory;
 use crate::train::order::DataOrder;
 use crate::train::stage::{self, MemoryNeed, Resume, Stage, StepCtx, StepOutcome};
 use crate::train::trainable::Trainable;
-use crate::train::update::skipped_cause;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rlft_policies::backward::backward_from_hidden;
@@ -295,11 +294,7 @@ impl Stage for SftStage<'_> {
                 ..Window::default()
             };
         }
-        Ok(if update.applied {
-            StepOutcome::Trained
-        } else {
-            StepOutcome::Bad(skipped_cause("loss"))
-        })
+        Ok(update.outcome("loss"))
     }
 
     fn evaluate(&mut self, step: u64) -> Result<()> {

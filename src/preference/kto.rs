@@ -21,7 +21,6 @@ use crate::telemetry::METRICS;
 use crate::train::order::DataOrder;
 use crate::train::stage::{self, MemoryNeed, Resume, Stage, StepCtx, StepOutcome};
 use crate::train::trainable::Trainable;
-use crate::train::update::skipped_cause;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, Var};
 use rlft_policies::backward::backward_from_hidden;
@@ -406,11 +405,7 @@ impl Stage for KtoStage<'_> {
                 ctx.total_steps
             );
         }
-        Ok(if update.applied {
-            StepOutcome::Trained
-        } else {
-            StepOutcome::Bad(skipped_cause("loss"))
-        })
+        Ok(update.outcome("loss"))
     }
 
     fn evaluate(&mut self, step: u64) -> Result<()> {

@@ -18,7 +18,6 @@ use crate::train::checkpoint::save_tensors;
 use crate::train::order::DataOrder;
 use crate::train::stage::{self, MemoryNeed, Resume, Stage, StepCtx, StepOutcome};
 use crate::train::trainable::Trainable;
-use crate::train::update::skipped_cause;
 use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
 use rand::SeedableRng;
@@ -287,11 +286,7 @@ impl Stage for RmStage<'_> {
                 ctx.total_steps
             );
         }
-        Ok(if update.applied {
-            StepOutcome::Trained
-        } else {
-            StepOutcome::Bad(skipped_cause("loss"))
-        })
+        Ok(update.outcome("loss"))
     }
 
     fn evaluate(&mut self, step: u64) -> Result<()> {

@@ -31,6 +31,18 @@ pub fn skipped_cause(loss_name: &str) -> String {
     format!("a non-finite {loss_name} or gradient norm")
 }
 
+impl Update {
+    /// The step's outcome: trained, or a bad step naming the skipped update's cause.
+    pub fn outcome(&self, loss_name: &str) -> crate::train::stage::StepOutcome {
+        use crate::train::stage::StepOutcome;
+        if self.applied {
+            StepOutcome::Trained
+        } else {
+            StepOutcome::Bad(skipped_cause(loss_name))
+        }
+    }
+}
+
 impl Updater {
     pub fn new(optimizer: Optimizer, max_grad_norm: f64) -> Self {
         Self {
