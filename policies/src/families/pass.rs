@@ -10,7 +10,9 @@ use super::batch::{attention_bias, packed_attention_bias, BatchInput};
 use super::ModelInfo;
 use crate::error::{PolicyError, Result};
 use crate::kv_cache::KvCache;
-use crate::ops::flash_attention::{flash_attention, uses_fused_attention, AttentionMask, Tiles};
+use crate::ops::flash_attention::{
+    flash_attention, uses_fused_attention, AttentionMask, Operands, Tiles,
+};
 use candle_core::Tensor;
 
 pub struct PassCtx {
@@ -28,8 +30,9 @@ enum Plan {
         window_biases: Vec<(usize, Tensor)>,
     },
     /// The fused kernel ([`flash_attention`]) with the mask described per token: no
-    /// `[t, s]` tensor is built (long sequences on the CPU).
-    Fused(AttentionMask),
+    /// `[t, s]` tensor is built (long sequences on the CPU); its operands rounded to bf16
+    /// for a bf16 model.
+    Fused(AttentionMask, Operands),
 }
 
 impl PassCtx {
@@ -60,16 +63,19 @@ impl PassCtx {
         let dev = &info.device;
         let s = keys.first().map_or(0, Vec::len);
         if uses_fused_attention(dev, s) {
-            return Ok(Self::fused(AttentionMask {
-                batch: keys.len(),
-                queries: t,
-                keys: s,
-                offset,
-                key_valid: keys.concat(),
-                segments: None,
-                positions: None,
-                window: None,
-            }));
+            return Ok(Self::fused(
+                info,
+                AttentionMask {
+                    batch: keys.len(),
+                    queries: t,
+                    keys: s,
+                    offset,
+                    key_valid: keys.concat(),
+                    segments: None,
+                    positions: None,
+                    window: None,
+                },
+            ));
         }
         Self::with_biases(windows, |w| attention_bias(&keys, t, offset, w, dev))
     }
@@ -85,25 +91,33 @@ impl PassCtx {
         let dev = &info.device;
         let (b, t) = (input.batch_size(), input.seq_len());
         if uses_fused_attention(dev, t) {
-            return Ok(Self::fused(AttentionMask {
-                batch: b,
-                queries: t,
-                keys: t,
-                offset: 0,
-                key_valid: input.valid.concat(),
-                segments: Some(segments.concat()),
-                positions: Some(positions.concat()),
-                window: None,
-            }));
+            return Ok(Self::fused(
+                info,
+                AttentionMask {
+                    batch: b,
+                    queries: t,
+                    keys: t,
+                    offset: 0,
+                    key_valid: input.valid.concat(),
+                    segments: Some(segments.concat()),
+                    positions: Some(positions.concat()),
+                    window: None,
+                },
+            ));
         }
         Self::with_biases(windows, |w| {
             packed_attention_bias(&input.valid, segments, &positions, w, dev)
         })
     }
 
-    fn fused(mask: AttentionMask) -> Self {
+    fn fused(info: &ModelInfo, mask: AttentionMask) -> Self {
+        let operands = if info.weight_dtype == candle_core::DType::BF16 {
+            Operands::Bf16
+        } else {
+            Operands::AsGiven
+        };
         Self {
-            attention: Plan::Fused(mask),
+            attention: Plan::Fused(mask, operands),
             rope: None,
         }
     }
@@ -130,7 +144,7 @@ impl PassCtx {
 
     /// Whether this pass runs the fused attention.
     pub fn is_fused(&self) -> bool {
-        matches!(self.attention, Plan::Fused(_))
+        matches!(self.attention, Plan::Fused(..))
     }
 
     /// Attention of `q` `[b, h, t, d]` over `k`, `v` `[b, kv, s, d]` for a layer with sliding
@@ -162,12 +176,20 @@ impl PassCtx {
                 };
                 Ok(attend(q, k, v, bias, scale)?)
             }
-            Plan::Fused(mask) => {
+            Plan::Fused(mask, operands) => {
                 let mask = AttentionMask {
                     window,
                     ..mask.clone()
                 };
-                Ok(flash_attention(q, k, v, &mask, scale, Tiles::default())?)
+                Ok(flash_attention(
+                    q,
+                    k,
+                    v,
+                    &mask,
+                    scale,
+                    Tiles::default(),
+                    *operands,
+                )?)
             }
         }
     }

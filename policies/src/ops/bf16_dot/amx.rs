@@ -126,7 +126,6 @@ pub unsafe fn gemm(
     // (16 rows at the activation's row stride defeat the prefetchers).
     let at = tiled(a, lda, row_blocks * ROWS, kp, parallel);
     let a = &at[..];
-    let lda = 16; // within a tile
     let cp = SendPtr(c);
     let groups = row_blocks.div_ceil(ROW_BLOCKS);
     let task = |t: usize| {
@@ -142,7 +141,6 @@ pub unsafe fn gemm(
             unsafe {
                 block(
                     &a[i0 * kp..],
-                    lda,
                     kp,
                     bp,
                     (cp.get(), ldc),
@@ -186,7 +184,6 @@ fn tiled(a: &[u32], lda: usize, rows: usize, kp: usize, parallel: bool) -> Vec<u
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
     a: &[u32],
-    lda: usize,
     kp: usize,
     b: &[u32],
     (c, ldc): (*mut f32, usize),
@@ -197,7 +194,7 @@ unsafe fn block(
     let (rows, cols) = (ROWS.min(m - i0), COLS.min(ncols - j0));
     let corner = c.add(i0 * ldc + j0);
     if rows == ROWS && cols == COLS {
-        return tiles_2x2(a.as_ptr(), lda, b.as_ptr(), kp, corner, ldc, accumulate);
+        return tiles_2x2(a.as_ptr(), 16 * kp, b.as_ptr(), kp, corner, ldc, accumulate);
     }
     let mut tmp = [0f32; ROWS * COLS];
     if accumulate {
@@ -209,7 +206,7 @@ unsafe fn block(
     }
     tiles_2x2(
         a.as_ptr(),
-        lda,
+        16 * kp,
         b.as_ptr(),
         kp,
         tmp.as_mut_ptr(),
@@ -238,12 +235,20 @@ unsafe fn configure_tiles() {
     }
 }
 
+/// A 32 × 32 block `c (+)= A · B` over `kp` steps (a multiple of [`STEPS`]). A is tiled:
+/// the tile of rows 0..16 and steps 16s..16s+16 is 256 pairs (16 rows of 16) at `a + 256·s`,
+/// rows 16..32's tiles are `a_next` pairs further; B is panel rows of [`NR`] pairs (step p
+/// of the block's 32 columns at `b + p·NR`). c has row stride `ldc`.
+///
 /// tmm0..3: the 2 × 2 accumulator tiles; tmm4, tmm5: A's rows 0..16 and 16..32; tmm6, tmm7:
 /// B's columns 0..16 and 16..32. Per 16 steps: two A loads, two B loads, four `TDPBF16PS`.
+///
+/// # Safety
+/// [`available`] must be true; the operands must hold what the strides address.
 #[cfg(target_arch = "x86_64")]
-unsafe fn tiles_2x2(
+pub(crate) unsafe fn tiles_2x2(
     a: *const u32,
-    lda: usize,
+    a_next: usize,
     b: *const u32,
     kp: usize,
     c: *mut f32,
@@ -251,7 +256,7 @@ unsafe fn tiles_2x2(
     accumulate: bool,
 ) {
     use std::arch::asm;
-    let (sa, sb, sc) = (lda * 4, NR * 4, ldc * 4);
+    let (sa, sb, sc) = (16usize * 4, NR * 4, ldc * 4);
     let c10 = c.add(16 * ldc);
     configure_tiles();
     if accumulate {
@@ -273,7 +278,7 @@ unsafe fn tiles_2x2(
         );
     }
     for p in (0..kp).step_by(STEPS) {
-        // A's tile of rows 0..16 and steps p..p+16; rows 16..32 are 16·kp pairs further.
+        // A's tile of rows 0..16 and steps p..p+16; rows 16..32 are a_next pairs further.
         let (a0, b0) = (a.add(16 * p), b.add(p * NR));
         asm!(
             "tileloadd tmm4, [{a0} + {sa}]",
@@ -284,7 +289,7 @@ unsafe fn tiles_2x2(
             "tdpbf16ps tmm1, tmm4, tmm7",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
-            a0 = in(reg) a0, a1 = in(reg) a0.add(16 * kp), b0 = in(reg) b0, b1 = in(reg) b0.add(16),
+            a0 = in(reg) a0, a1 = in(reg) a0.add(a_next), b0 = in(reg) b0, b1 = in(reg) b0.add(16),
             sa = in(reg) sa, sb = in(reg) sb, options(nostack, readonly),
         );
     }
@@ -299,7 +304,7 @@ unsafe fn tiles_2x2(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tiles_2x2(
+pub(crate) unsafe fn tiles_2x2(
     _: *const u32,
     _: usize,
     _: *const u32,

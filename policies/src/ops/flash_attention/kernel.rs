@@ -1,11 +1,13 @@
 //! The fused attention's tile loops: the forward with its online softmax, the backward
 //! from the saved log-sum-exp (see the module above for the recurrences).
 
+use super::products::{At, TileProducts};
+use super::rows::RowKernels;
 use super::{AttentionMask, Tiles};
 use rayon::prelude::*;
 
 /// The float types the kernel runs in.
-pub(super) trait Real:
+pub(crate) trait Real:
     Copy
     + Send
     + Sync
@@ -24,6 +26,10 @@ pub(super) trait Real:
     fn of(x: f64) -> Self;
     fn exp(self) -> Self;
     fn ln(self) -> Self;
+    /// `max(init, max row)`.
+    fn row_max(row: &[Self], init: Self) -> Self;
+    /// `x ← exp(x − shift)` over `row` (−∞ → 0); returns the row's new sum.
+    fn exp_sum(row: &mut [Self], shift: Self) -> Self;
 }
 
 impl Real for f32 {
@@ -38,6 +44,12 @@ impl Real for f32 {
     }
     fn ln(self) -> Self {
         f32::ln(self)
+    }
+    fn row_max(row: &[Self], init: Self) -> Self {
+        RowKernels::detect().max(row, init)
+    }
+    fn exp_sum(row: &mut [Self], shift: Self) -> Self {
+        RowKernels::detect().exp_sum(row, shift)
     }
 }
 
@@ -54,57 +66,21 @@ impl Real for f64 {
     fn ln(self) -> Self {
         f64::ln(self)
     }
-}
-
-/// `dst (m × n, rows dst_rs apart) = [dst +] alpha · a · b` on one thread; `a` and `b` as
-/// (pointer, column stride, row stride).
-///
-/// # Safety
-/// Every element the strides address must be readable (a, b) or writable (dst).
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_gemm<T: Real>(
-    dst: *mut T,
-    dst_rs: usize,
-    accumulate: bool,
-    (m, n, k): (usize, usize, usize),
-    (a, a_cs, a_rs): (*const T, isize, isize),
-    (b, b_cs, b_rs): (*const T, isize, isize),
-    alpha: T,
-) {
-    if m == 0 || n == 0 {
-        return;
+    fn row_max(row: &[Self], init: Self) -> Self {
+        row.iter().fold(init, |m, &x| if x > m { x } else { m })
     }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    *dst.add(i * dst_rs + j) = T::ZERO;
-                }
-            }
+    fn exp_sum(row: &mut [Self], shift: Self) -> Self {
+        let mut sum = 0.0;
+        for x in row.iter_mut() {
+            *x = if *x == f64::NEG_INFINITY {
+                0.0
+            } else {
+                (*x - shift).exp()
+            };
+            sum += *x;
         }
-        return;
+        sum
     }
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        a,
-        a_cs,
-        a_rs,
-        b,
-        b_cs,
-        b_rs,
-        if accumulate { T::ONE } else { T::ZERO },
-        alpha,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
 }
 
 /// A task's (row, head, first index, two results): the forward's output rows and
@@ -123,52 +99,31 @@ pub(super) struct Dims {
 }
 
 impl Dims {
-    fn q_row(&self, b: usize, h: usize, i: usize) -> usize {
+    pub(super) fn q_row(&self, b: usize, h: usize, i: usize) -> usize {
         ((b * self.h + h) * self.t + i) * self.d
     }
-    fn k_row(&self, b: usize, g: usize, j: usize) -> usize {
+    pub(super) fn k_row(&self, b: usize, g: usize, j: usize) -> usize {
         ((b * self.kv + g) * self.s + j) * self.d
     }
     /// The output is `[b, t, h, d]`.
-    fn o_row(&self, b: usize, h: usize, i: usize) -> usize {
+    pub(super) fn o_row(&self, b: usize, h: usize, i: usize) -> usize {
         ((b * self.t + i) * self.h + h) * self.d
     }
-    fn lse(&self, b: usize, h: usize, i: usize) -> usize {
+    pub(super) fn lse(&self, b: usize, h: usize, i: usize) -> usize {
         (b * self.h + h) * self.t + i
     }
 }
 
-/// The scores of query tile `[q0, q0 + nq)` of head `hh` against key tile `[k0, k0 + nk)`,
-/// scaled and masked (−∞), into `sc` (nq × nk).
-#[allow(clippy::too_many_arguments)]
-fn tile_scores<T: Real>(
-    dims: &Dims,
-    mask: &AttentionMask,
-    (q, k): (&[T], &[T]),
-    (bi, hh, g): (usize, usize, usize),
-    (q0, nq): (usize, usize),
-    (k0, nk): (usize, usize),
-    scale: T,
-    sc: &mut [T],
-) {
-    let d = dims.d;
-    // SAFETY: q rows q0..q0+nq of (bi, hh) and k rows k0..k0+nk of (bi, g) are in bounds
-    // (row-major, d apart); sc holds nq·nk.
-    unsafe {
-        tile_gemm(
-            sc.as_mut_ptr(),
-            nk,
-            false,
-            (nq, nk, d),
-            (q.as_ptr().add(dims.q_row(bi, hh, q0)), 1, d as isize),
-            (k.as_ptr().add(dims.k_row(bi, g, k0)), d as isize, 1),
-            scale,
-        );
+/// Masks tile `at`'s scores (`sc`, row stride `ls`) with −∞ where a query may not see a
+/// key; an open tile (every query sees every key) is left as it is.
+fn mask_tile<T: Real>((mask, closed): (&AttentionMask, &[u32]), at: &At, sc: &mut [T], ls: usize) {
+    if mask.tile_open(closed, at.b, (at.q0, at.nq), (at.k0, at.nk)) {
+        return;
     }
-    for i in 0..nq {
-        for j in 0..nk {
-            if !mask.visible(bi, q0 + i, k0 + j) {
-                sc[i * nk + j] = T::NEG_INF;
+    for i in 0..at.nq {
+        for j in 0..at.nk {
+            if !mask.visible(at.b, at.q0 + i, at.k0 + j) {
+                sc[i * ls + j] = T::NEG_INF;
             }
         }
     }
@@ -183,14 +138,16 @@ fn key_end(mask: &AttentionMask, q0: usize, nq: usize) -> usize {
 pub(super) fn forward<T: Real>(
     dims: Dims,
     mask: &AttentionMask,
-    (q, k, v): (&[T], &[T], &[T]),
+    products: &impl TileProducts<T>,
     scale: f64,
     tiles: Tiles,
 ) -> (Vec<T>, Vec<T>) {
     let Dims { b, h, kv, t, d, .. } = dims;
     let rep = h / kv;
     let scale = T::of(scale);
-    let q_tiles = t.div_ceil(tiles.queries);
+    let (tq, ls) = (tiles.queries, tiles.keys);
+    let q_tiles = t.div_ceil(tq);
+    let closed = mask.closed_prefix();
     let mut out = vec![T::ZERO; b * t * h * d];
     let mut lse = vec![T::ZERO; b * h * t];
     let jobs: Vec<(usize, usize, usize)> = (0..b)
@@ -199,63 +156,42 @@ pub(super) fn forward<T: Real>(
     let results: Vec<TilePair<T>> = jobs
         .par_iter()
         .map(|&(bi, hh, qt)| {
-            let g = hh / rep;
-            let q0 = qt * tiles.queries;
-            let nq = tiles.queries.min(t - q0);
+            let q0 = qt * tq;
+            let nq = tq.min(t - q0);
             let mut m = vec![T::NEG_INF; nq];
             let mut l = vec![T::ZERO; nq];
-            let mut acc = vec![T::ZERO; nq * d];
-            let mut sc = vec![T::ZERO; nq * tiles.keys];
+            let mut acc = vec![T::ZERO; tq * d];
+            let mut sc = vec![T::ZERO; tq * ls];
             let end = key_end(mask, q0, nq);
             let mut k0 = 0;
             while k0 < end {
-                let nk = tiles.keys.min(end - k0);
-                tile_scores(
-                    &dims,
-                    mask,
-                    (q, k),
-                    (bi, hh, g),
-                    (q0, nq),
-                    (k0, nk),
-                    scale,
-                    &mut sc,
-                );
+                let nk = ls.min(end - k0);
+                let at = At {
+                    b: bi,
+                    h: hh,
+                    g: hh / rep,
+                    q0,
+                    nq,
+                    k0,
+                    nk,
+                };
+                products.scores(&at, scale, &mut sc, ls);
+                mask_tile((mask, &closed), &at, &mut sc, ls);
                 for i in 0..nq {
-                    let row = &mut sc[i * nk..(i + 1) * nk];
-                    let mut mx = m[i];
-                    for &x in row.iter() {
-                        if x > mx {
-                            mx = x;
-                        }
-                    }
+                    let row = &mut sc[i * ls..i * ls + nk];
+                    let mx = T::row_max(row, m[i]);
                     if mx == T::NEG_INF {
                         // Nothing visible yet in this row (its own key comes later).
                         row.iter_mut().for_each(|x| *x = T::ZERO);
                         continue;
                     }
                     let alpha = (m[i] - mx).exp();
-                    let mut sum = T::ZERO;
-                    for x in row.iter_mut() {
-                        *x = (*x - mx).exp();
-                        sum += *x;
-                    }
+                    let sum = T::exp_sum(row, mx);
                     l[i] = l[i] * alpha + sum;
                     acc[i * d..(i + 1) * d].iter_mut().for_each(|a| *a *= alpha);
                     m[i] = mx;
                 }
-                // acc += P · V_tile
-                // SAFETY: sc holds nq·nk, v rows k0..k0+nk of (bi, g), acc nq·d.
-                unsafe {
-                    tile_gemm(
-                        acc.as_mut_ptr(),
-                        d,
-                        true,
-                        (nq, d, nk),
-                        (sc.as_ptr(), 1, nk as isize),
-                        (v.as_ptr().add(dims.k_row(bi, g, k0)), 1, d as isize),
-                        T::ONE,
-                    );
-                }
+                products.pv(&at, &sc, ls, &mut acc);
                 k0 += nk;
             }
             for i in 0..nq {
@@ -276,73 +212,40 @@ pub(super) fn forward<T: Real>(
     (out, lse)
 }
 
-/// One tile's `P = exp(S − L)` and `dS = P ∘ (dP − D)` with `dP = dO Vᵀ`: returns (P, dS),
-/// each nq × nk. `o_grad` is dO laid out `[b, t, h, d]`.
+/// One tile's `P = exp(S − L)` into `p` and `dS = P ∘ (dP − D)` (with `dP = dO Vᵀ`) into
+/// `ds`, both nq rows of stride `ls`.
 #[allow(clippy::too_many_arguments)]
 fn tile_probs_and_grads<T: Real>(
     dims: &Dims,
-    mask: &AttentionMask,
-    (q, k, v, o_grad): (&[T], &[T], &[T], &[T]),
+    mask: (&AttentionMask, &[u32]),
+    products: &impl TileProducts<T>,
     (lse, delta): (&[T], &[T]),
-    (bi, hh, g): (usize, usize, usize),
-    (q0, nq): (usize, usize),
-    (k0, nk): (usize, usize),
+    at: &At,
     scale: T,
     (p, ds): (&mut [T], &mut [T]),
+    ls: usize,
 ) {
-    let d = dims.d;
-    tile_scores(
-        dims,
-        mask,
-        (q, k),
-        (bi, hh, g),
-        (q0, nq),
-        (k0, nk),
-        scale,
-        p,
-    );
-    for i in 0..nq {
-        let li = lse[dims.lse(bi, hh, q0 + i)];
-        for x in p[i * nk..(i + 1) * nk].iter_mut() {
-            *x = if *x == T::NEG_INF {
-                T::ZERO
-            } else {
-                (*x - li).exp()
-            };
-        }
+    products.scores(at, scale, p, ls);
+    mask_tile(mask, at, p, ls);
+    for i in 0..at.nq {
+        let li = lse[dims.lse(at.b, at.h, at.q0 + i)];
+        T::exp_sum(&mut p[i * ls..i * ls + at.nk], li);
     }
-    // dP = dO · V_tileᵀ; dO rows are h·d apart in [b, t, h, d].
-    // SAFETY: dO rows q0..q0+nq of (bi, ·, hh), v rows k0..k0+nk of (bi, g); ds nq·nk.
-    unsafe {
-        tile_gemm(
-            ds.as_mut_ptr(),
-            nk,
-            false,
-            (nq, nk, d),
-            (
-                o_grad.as_ptr().add(dims.o_row(bi, hh, q0)),
-                1,
-                (dims.h * d) as isize,
-            ),
-            (v.as_ptr().add(dims.k_row(bi, g, k0)), d as isize, 1),
-            T::ONE,
-        );
-    }
-    for i in 0..nq {
-        let di = delta[dims.lse(bi, hh, q0 + i)];
-        for j in 0..nk {
-            let idx = i * nk + j;
-            ds[idx] = p[idx] * (ds[idx] - di);
+    products.dp(at, ds, ls);
+    for i in 0..at.nq {
+        let di = delta[dims.lse(at.b, at.h, at.q0 + i)];
+        let (pr, dr) = (&p[i * ls..i * ls + at.nk], &mut ds[i * ls..i * ls + at.nk]);
+        for (x, &pv) in dr.iter_mut().zip(pr) {
+            *x = pv * (*x - di);
         }
     }
 }
 
 /// Backward: (dq `[b, h, t, d]`, dk and dv `[b, kv, s, d]`).
-#[allow(clippy::too_many_arguments)]
 pub(super) fn backward<T: Real>(
     dims: Dims,
     mask: &AttentionMask,
-    (q, k, v): (&[T], &[T], &[T]),
+    products: &impl TileProducts<T>,
     (out, o_grad, lse): (&[T], &[T], &[T]),
     scale: f64,
     tiles: Tiles,
@@ -364,70 +267,56 @@ pub(super) fn backward<T: Real>(
             }
         }
     }
-    let tq = tiles.queries;
+    let (tq, ls) = (tiles.queries, tiles.keys);
     let q_tiles = t.div_ceil(tq);
+    let closed = mask.closed_prefix();
+    let facts = (lse, &delta[..]);
     // 1. dK and dV: a task per (row, key head, key tile), over every query tile that can
     //    see it and every query head of the group.
-    let k_tiles = s.div_ceil(tiles.keys);
+    let k_tiles = s.div_ceil(ls);
     let jobs: Vec<(usize, usize, usize)> = (0..b)
         .flat_map(|bi| (0..kv).flat_map(move |g| (0..k_tiles).map(move |kt| (bi, g, kt))))
         .collect();
     let kv_parts: Vec<TilePair<T>> = jobs
         .par_iter()
         .map(|&(bi, g, kt)| {
-            let k0 = kt * tiles.keys;
-            let nk = tiles.keys.min(s - k0);
-            let mut dk = vec![T::ZERO; nk * d];
-            let mut dv = vec![T::ZERO; nk * d];
-            let mut p = vec![T::ZERO; tq * nk];
-            let mut ds = vec![T::ZERO; tq * nk];
+            let k0 = kt * ls;
+            let nk = ls.min(s - k0);
+            let mut dk = vec![T::ZERO; ls * d];
+            let mut dv = vec![T::ZERO; ls * d];
+            let mut p = vec![T::ZERO; tq * ls];
+            let mut ds = vec![T::ZERO; tq * ls];
             // Query qi sees key j only if j ≤ offset + qi.
             let first_q = k0.saturating_sub(mask.offset) / tq;
             for hh in g * rep..(g + 1) * rep {
                 for qt in first_q..q_tiles {
                     let q0 = qt * tq;
                     let nq = tq.min(t - q0);
+                    let at = At {
+                        b: bi,
+                        h: hh,
+                        g,
+                        q0,
+                        nq,
+                        k0,
+                        nk,
+                    };
+                    let bufs = (&mut p[..], &mut ds[..]);
                     tile_probs_and_grads(
                         &dims,
-                        mask,
-                        (q, k, v, o_grad),
-                        (lse, &delta),
-                        (bi, hh, g),
-                        (q0, nq),
-                        (k0, nk),
+                        (mask, &closed),
+                        products,
+                        facts,
+                        &at,
                         scale_t,
-                        (&mut p[..nq * nk], &mut ds[..nq * nk]),
+                        bufs,
+                        ls,
                     );
-                    // SAFETY: p, ds nq·nk; dO and q rows q0..q0+nq; dk, dv nk·d.
-                    unsafe {
-                        // dV += Pᵀ dO
-                        tile_gemm(
-                            dv.as_mut_ptr(),
-                            d,
-                            true,
-                            (nk, d, nq),
-                            (p.as_ptr(), nk as isize, 1),
-                            (
-                                o_grad.as_ptr().add(dims.o_row(bi, hh, q0)),
-                                1,
-                                (h * d) as isize,
-                            ),
-                            T::ONE,
-                        );
-                        // dK += scale · dSᵀ Q
-                        tile_gemm(
-                            dk.as_mut_ptr(),
-                            d,
-                            true,
-                            (nk, d, nq),
-                            (ds.as_ptr(), nk as isize, 1),
-                            (q.as_ptr().add(dims.q_row(bi, hh, q0)), 1, d as isize),
-                            scale_t,
-                        );
-                    }
+                    products.dv_dk(&at, &p, &ds, ls, scale_t, &mut dv, &mut dk);
                 }
             }
-            (bi, g, k0, dk, dv)
+            let rows = |acc: &[T]| products.key_rows(acc, nk, ls);
+            (bi, g, k0, rows(&dk), rows(&dv))
         })
         .collect();
     let mut dk = vec![T::ZERO; b * kv * s * d];
@@ -444,42 +333,39 @@ pub(super) fn backward<T: Real>(
     let q_parts: Vec<(usize, usize, usize, Vec<T>)> = jobs
         .par_iter()
         .map(|&(bi, hh, qt)| {
-            let g = hh / rep;
             let q0 = qt * tq;
             let nq = tq.min(t - q0);
-            let mut dq = vec![T::ZERO; nq * d];
-            let mut p = vec![T::ZERO; nq * tiles.keys];
-            let mut ds = vec![T::ZERO; nq * tiles.keys];
+            let mut dq = vec![T::ZERO; tq * d];
+            let mut p = vec![T::ZERO; tq * ls];
+            let mut ds = vec![T::ZERO; tq * ls];
             let end = key_end(mask, q0, nq);
             let mut k0 = 0;
             while k0 < end {
-                let nk = tiles.keys.min(end - k0);
+                let nk = ls.min(end - k0);
+                let at = At {
+                    b: bi,
+                    h: hh,
+                    g: hh / rep,
+                    q0,
+                    nq,
+                    k0,
+                    nk,
+                };
+                let bufs = (&mut p[..], &mut ds[..]);
                 tile_probs_and_grads(
                     &dims,
-                    mask,
-                    (q, k, v, o_grad),
-                    (lse, &delta),
-                    (bi, hh, g),
-                    (q0, nq),
-                    (k0, nk),
+                    (mask, &closed),
+                    products,
+                    facts,
+                    &at,
                     scale_t,
-                    (&mut p[..nq * nk], &mut ds[..nq * nk]),
+                    bufs,
+                    ls,
                 );
-                // dQ += scale · dS K_tile
-                // SAFETY: ds nq·nk, k rows k0..k0+nk of (bi, g), dq nq·d.
-                unsafe {
-                    tile_gemm(
-                        dq.as_mut_ptr(),
-                        d,
-                        true,
-                        (nq, d, nk),
-                        (ds.as_ptr(), 1, nk as isize),
-                        (k.as_ptr().add(dims.k_row(bi, g, k0)), 1, d as isize),
-                        scale_t,
-                    );
-                }
+                products.dq(&at, &ds, ls, scale_t, &mut dq);
                 k0 += nk;
             }
+            dq.truncate(nq * d);
             (bi, hh, q0, dq)
         })
         .collect();

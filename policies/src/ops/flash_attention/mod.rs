@@ -17,10 +17,15 @@
 //! by position. Grouped-query heads read their key/value head in place (no copies).
 //! Products are gemm's on tiles, in f32 (f64 for f64 inputs).
 
+mod amx_products;
 mod kernel;
+mod products;
+mod rows;
 
+use amx_products::AmxProducts;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use kernel::{backward, forward, Dims};
+use products::GemmProducts;
 use std::sync::Mutex;
 
 /// Keys from which the CPU uses the fused attention ([`flash_attention()`]); below it the
@@ -123,6 +128,49 @@ impl AttentionMask {
         }
     }
 
+    /// Per row, a prefix count of the keys some query might not see for other reasons than
+    /// causality and the window (padding, or a segment other than the prompt's):
+    /// `[b · (s + 1)]`, for [`Self::tile_open`].
+    pub(crate) fn closed_prefix(&self) -> Vec<u32> {
+        let mut out = Vec::with_capacity(self.batch * (self.keys + 1));
+        for b in 0..self.batch {
+            let row = b * self.keys;
+            let mut n = 0u32;
+            out.push(0);
+            for j in 0..self.keys {
+                let in_prompt = self.segments.as_ref().is_none_or(|s| s[row + j] == 0);
+                n += u32::from(!(self.key_valid[row + j] && in_prompt));
+                out.push(n);
+            }
+        }
+        out
+    }
+
+    /// Whether every query of `[q0, q0 + nq)` sees every key of `[k0, k0 + nk)` in row `b`
+    /// (then the tile needs no per-token mask): the keys precede the first query, are real
+    /// and in the prompt, and (with a window on indices) lie inside the last query's window.
+    /// `closed` is [`Self::closed_prefix`].
+    pub(crate) fn tile_open(
+        &self,
+        closed: &[u32],
+        b: usize,
+        (q0, nq): (usize, usize),
+        (k0, nk): (usize, usize),
+    ) -> bool {
+        let first = self.offset + q0;
+        if nq == 0 || nk == 0 || k0 + nk > first + 1 {
+            return false;
+        }
+        let at = b * (self.keys + 1);
+        if closed[at + k0 + nk] != closed[at + k0] {
+            return false;
+        }
+        match self.window {
+            None => true,
+            Some(w) => self.positions.is_none() && first + nq - 1 - k0 < w,
+        }
+    }
+
     fn check(&self, b: usize, t: usize, s: usize) -> Result<()> {
         let ok = self.batch == b
             && self.queries == t
@@ -150,6 +198,8 @@ struct FlashAttention {
     mask: AttentionMask,
     scale: f64,
     tiles: Tiles,
+    /// The inputs are bf16 values and the products run on AMX (f32 sums).
+    amx: bool,
     lse: Mutex<Option<CpuStorage>>,
 }
 
@@ -194,23 +244,32 @@ impl CustomOp3 for FlashAttention {
         let shape = Shape::from((dims.b, dims.t, dims.h, dims.d));
         let (out, lse) = match s1 {
             CpuStorage::F32(_) => {
-                let (o, l) = forward::<f32>(
-                    dims,
-                    &self.mask,
-                    (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?),
-                    self.scale,
-                    self.tiles,
-                );
+                let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+                let (o, l) = if self.amx {
+                    let products = AmxProducts::new(dims, (q, k, v), None);
+                    forward(dims, &self.mask, &products, self.scale, self.tiles)
+                } else {
+                    let products = GemmProducts {
+                        dims,
+                        q,
+                        k,
+                        v,
+                        o_grad: &[],
+                    };
+                    forward(dims, &self.mask, &products, self.scale, self.tiles)
+                };
                 (CpuStorage::F32(o), CpuStorage::F32(l))
             }
             CpuStorage::F64(_) => {
-                let (o, l) = forward::<f64>(
+                let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+                let products = GemmProducts {
                     dims,
-                    &self.mask,
-                    (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?),
-                    self.scale,
-                    self.tiles,
-                );
+                    q,
+                    k,
+                    v,
+                    o_grad: &[],
+                };
+                let (o, l) = forward::<f64>(dims, &self.mask, &products, self.scale, self.tiles);
                 (CpuStorage::F64(o), CpuStorage::F64(l))
             }
             _ => candle_core::bail!("flash attention runs in f32 or f64"),
@@ -238,27 +297,58 @@ impl CustomOp3 for FlashAttention {
         let dims = Dims { b, h, kv, t, s, d };
         let dev = q.device();
         let grad = grad_res.contiguous()?;
-        macro_rules! run {
-            ($ty:ty, $lse:expr) => {{
-                let host = |x: &Tensor| x.flatten_all()?.to_vec1::<$ty>();
-                let (dq, dk, dv) = backward::<$ty>(
-                    dims,
-                    &self.mask,
-                    (&host(q)?, &host(k)?, &host(v)?),
-                    (&host(res)?, &host(&grad)?, $lse),
-                    self.scale,
-                    self.tiles,
-                );
-                (
-                    Tensor::from_vec(dq, (b, h, t, d), dev)?,
-                    Tensor::from_vec(dk, (b, kv, s, d), dev)?,
-                    Tensor::from_vec(dv, (b, kv, s, d), dev)?,
-                )
-            }};
+        let host32 = |x: &Tensor| x.flatten_all()?.to_vec1::<f32>();
+        let host64 = |x: &Tensor| x.flatten_all()?.to_vec1::<f64>();
+        type Grads<T> = (Vec<T>, Vec<T>, Vec<T>);
+        fn tensors<T: candle_core::WithDType>(
+            (dq, dk, dv): Grads<T>,
+            dims: Dims,
+            dev: &Device,
+        ) -> Result<(Tensor, Tensor, Tensor)> {
+            let Dims { b, h, kv, t, s, d } = dims;
+            Ok((
+                Tensor::from_vec(dq, (b, h, t, d), dev)?,
+                Tensor::from_vec(dk, (b, kv, s, d), dev)?,
+                Tensor::from_vec(dv, (b, kv, s, d), dev)?,
+            ))
         }
         let (dq, dk, dv) = match (q.dtype(), &lse) {
-            (DType::F32, CpuStorage::F32(l)) => run!(f32, l),
-            (DType::F64, CpuStorage::F64(l)) => run!(f64, l),
+            (DType::F32, CpuStorage::F32(lse)) => {
+                let (q, k, v) = (&host32(q)?, &host32(k)?, &host32(v)?);
+                let (o, o_grad) = (&host32(res)?, &host32(&grad)?);
+                let facts = (&o[..], &o_grad[..], &lse[..]);
+                let grads = if self.amx {
+                    let products = AmxProducts::new(dims, (q, k, v), Some(o_grad));
+                    backward(dims, &self.mask, &products, facts, self.scale, self.tiles)
+                } else {
+                    let products = GemmProducts {
+                        dims,
+                        q,
+                        k,
+                        v,
+                        o_grad,
+                    };
+                    backward(dims, &self.mask, &products, facts, self.scale, self.tiles)
+                };
+                tensors(grads, dims, dev)?
+            }
+            (DType::F64, CpuStorage::F64(lse)) => {
+                let (q, k, v) = (&host64(q)?, &host64(k)?, &host64(v)?);
+                let (o, o_grad) = (&host64(res)?, &host64(&grad)?);
+                let facts = (&o[..], &o_grad[..], &lse[..]);
+                let products = GemmProducts {
+                    dims,
+                    q,
+                    k,
+                    v,
+                    o_grad,
+                };
+                tensors(
+                    backward(dims, &self.mask, &products, facts, self.scale, self.tiles),
+                    dims,
+                    dev,
+                )?
+            }
             _ => candle_core::bail!("flash attention runs in f32 or f64"),
         };
         add_kernel_time(started);
@@ -266,9 +356,20 @@ impl CustomOp3 for FlashAttention {
     }
 }
 
+/// What the tile products read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operands {
+    /// The inputs' own values, in f32 (f64 for f64 inputs).
+    AsGiven,
+    /// Rounded to bf16, as a bf16 model's other products read their activations: on AMX
+    /// where this CPU has it (`TDPBF16PS`, f32 sums; P and dS rounded too), else as given.
+    Bf16,
+}
+
 /// Fused attention: q `[b, h, t, d]`, k and v `[b, kv, s, d]` (h a multiple of kv) on the
 /// CPU, with the mask `mask` describes; returns `[b, t, h·d]` in q's dtype (bf16 and f16
-/// inputs compute in f32). Differentiable in q, k and v.
+/// inputs compute in f32; bf16 inputs read as [`Operands::Bf16`]). Differentiable in q, k
+/// and v.
 pub fn flash_attention(
     q: &Tensor,
     k: &Tensor,
@@ -276,6 +377,7 @@ pub fn flash_attention(
     mask: &AttentionMask,
     scale: f64,
     tiles: Tiles,
+    operands: Operands,
 ) -> Result<Tensor> {
     let dtype = q.dtype();
     let compute = if dtype == DType::F64 {
@@ -284,10 +386,18 @@ pub fn flash_attention(
         DType::F32
     };
     let prep = |x: &Tensor| x.to_dtype(compute)?.contiguous();
+    let amx = (dtype == DType::BF16 || operands == Operands::Bf16)
+        && dtype != DType::F64
+        && matches!(
+            crate::ops::bf16_dot::engine(),
+            Some(crate::ops::bf16_dot::Engine::Amx)
+        )
+        && amx_products::usable(q.dim(3)?, tiles);
     let op = FlashAttention {
         mask: mask.clone(),
         scale,
         tiles,
+        amx,
         lse: Mutex::new(None),
     };
     let o = prep(q)?.apply_op3(&prep(k)?, &prep(v)?, op)?;
