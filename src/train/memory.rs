@@ -98,7 +98,28 @@ fn pass_bytes(
         tokens
     };
     let floats = tokens * (kept + h) + 3 * logit_rows * info.vocab_size;
-    (4 * (floats + 4 * trainable)) as u64
+    (4 * (floats + 4 * trainable)) as u64 + packed_weight_bytes(model, 2)
+}
+
+/// Bytes of the packed copies of bf16 weights that the CPU's bf16 products keep
+/// (`ops::bf16_dot::cache`): each transformer weight packed for `x · Wᵀ` and, where
+/// gradients flow back through it (`packings` = 2), for `dy · W` — as many bytes as the bf16
+/// weight each — up to the cache's budget (`RLFT_PACK_CACHE_MB`). None without a bf16
+/// engine (the weights are widened per product instead).
+fn packed_weight_bytes(model: &dyn CausalLm, packings: usize) -> u64 {
+    let info = model.info();
+    if !info.device.is_cpu() || rlft_policies::ops::bf16_dot::engine().is_none() {
+        return 0;
+    }
+    let bf16: usize = model
+        .linears()
+        .iter()
+        .filter(|l| l.path != info.output_head)
+        .filter_map(|l| l.weight.dense())
+        .filter(|w| w.dtype() == DType::BF16)
+        .map(|w| 2 * w.elem_count())
+        .sum();
+    (packings * bf16).min(rlft_policies::ops::bf16_dot::cache::budget()) as u64
 }
 
 /// Bytes of the model's weights as loaded: every linear layer (a tied head shares the
@@ -144,7 +165,7 @@ pub fn generation_bytes(model: &dyn CausalLm, batch: usize, seq: usize) -> u64 {
     } else {
         info.num_layers * 2 * info.hidden_size
     };
-    (4 * batch * (seq * kv + 2 * info.vocab_size)) as u64
+    (4 * batch * (seq * kv + 2 * info.vocab_size)) as u64 + packed_weight_bytes(model, 1)
 }
 
 /// Memory this process may still use: `RLFT_MEMORY_LIMIT_MB`, else the smaller of the

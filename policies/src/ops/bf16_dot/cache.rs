@@ -37,8 +37,8 @@ static CACHE: Mutex<Cache> = Mutex::new(Cache {
     clock: 0,
 });
 
-/// The budget in bytes.
-fn budget() -> usize {
+/// The budget in bytes (what the cache may hold at most).
+pub fn budget() -> usize {
     static BUDGET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *BUDGET.get_or_init(|| {
         std::env::var("RLFT_PACK_CACHE_MB")

@@ -141,6 +141,9 @@ unsafe fn product(
 /// A call's inputs packed for AMX (the backward's operands only in the backward).
 pub(super) struct AmxProducts {
     dims: Dims,
+    /// The scale Q's rows were multiplied by when packed: a power of two (1/√d for d = 4ⁿ),
+    /// where `bf16(q)·scale` is exact and the scores need no pass of their own; else 1.
+    q_scale: f32,
     /// Per (row, head): Q rows, pairs of d.
     q_rows: Vec<Tiled>,
     /// Per (row, key head): K and V packed for `x · Kᵀ` (pairs of d).
@@ -168,8 +171,12 @@ impl AmxProducts {
         dims: Dims,
         (q, k, v): (&[f32], &[f32], &[f32]),
         o_grad: Option<&[f32]>,
+        scale: f64,
     ) -> Self {
         let Dims { b, h, kv, t, s, d } = dims;
+        let scale = scale as f32;
+        let power_of_two = scale > 0.0 && scale.is_normal() && scale.to_bits() & 0x7f_ffff == 0;
+        let q_scale = if power_of_two { scale } else { 1.0 };
         let kp_d = d / 2;
         let steps_s = s.div_ceil(2).next_multiple_of(STEP);
         let heads = |f: &(dyn Fn(usize, usize) -> Tiled + Sync)| -> Vec<Tiled> {
@@ -186,7 +193,7 @@ impl AmxProducts {
                 d,
                 (t, d),
                 (t.next_multiple_of(BLOCK), kp_d),
-                1.0,
+                q_scale,
                 &mut data,
             );
             Tiled { data, steps: kp_d }
@@ -211,6 +218,7 @@ impl AmxProducts {
         };
         let mut this = Self {
             dims,
+            q_scale,
             q_rows,
             k_t: keys(k, true),
             v_n: Vec::new(),
@@ -298,7 +306,7 @@ impl TileProducts<f32> for AmxProducts {
                 false,
             )
         };
-        scale_tile(sc, ls, (at.nq, at.nk), scale);
+        scale_tile(sc, ls, (at.nq, at.nk), scale / self.q_scale);
     }
 
     fn pv(&self, at: &At, p: &[f32], ls: usize, acc: &mut [f32]) {

@@ -271,108 +271,82 @@ pub(super) fn backward<T: Real>(
     let q_tiles = t.div_ceil(tq);
     let closed = mask.closed_prefix();
     let facts = (lse, &delta[..]);
-    // 1. dK and dV: a task per (row, key head, key tile), over every query tile that can
-    //    see it and every query head of the group.
+    // One pass (FlashAttention-2's backward): a task per (row, key head, key tile) walks
+    // every query tile that can see it and every query head of the group, writing its dK
+    // and dV rows alone and adding each tile's dQ into its worker's own copy of dQ. The
+    // tasks are dealt to the workers in turn (a fixed split: the sums, and so the bits, do
+    // not depend on scheduling), and the copies are summed in worker order at the end.
     let k_tiles = s.div_ceil(ls);
     let jobs: Vec<(usize, usize, usize)> = (0..b)
         .flat_map(|bi| (0..kv).flat_map(move |g| (0..k_tiles).map(move |kt| (bi, g, kt))))
         .collect();
-    let kv_parts: Vec<TilePair<T>> = jobs
-        .par_iter()
-        .map(|&(bi, g, kt)| {
-            let k0 = kt * ls;
-            let nk = ls.min(s - k0);
-            let mut dk = vec![T::ZERO; ls * d];
-            let mut dv = vec![T::ZERO; ls * d];
+    let workers = rayon::current_num_threads().clamp(1, jobs.len().max(1));
+    let parts: Vec<(Vec<T>, Vec<TilePair<T>>)> = (0..workers)
+        .into_par_iter()
+        .map(|w| {
+            let mut dq = vec![T::ZERO; b * h * t * d];
+            let mut dq_tile = vec![T::ZERO; tq * d];
             let mut p = vec![T::ZERO; tq * ls];
             let mut ds = vec![T::ZERO; tq * ls];
-            // Query qi sees key j only if j ≤ offset + qi.
-            let first_q = k0.saturating_sub(mask.offset) / tq;
-            for hh in g * rep..(g + 1) * rep {
-                for qt in first_q..q_tiles {
-                    let q0 = qt * tq;
-                    let nq = tq.min(t - q0);
-                    let at = At {
-                        b: bi,
-                        h: hh,
-                        g,
-                        q0,
-                        nq,
-                        k0,
-                        nk,
-                    };
-                    let bufs = (&mut p[..], &mut ds[..]);
-                    tile_probs_and_grads(
-                        &dims,
-                        (mask, &closed),
-                        products,
-                        facts,
-                        &at,
-                        scale_t,
-                        bufs,
-                        ls,
-                    );
-                    products.dv_dk(&at, &p, &ds, ls, scale_t, &mut dv, &mut dk);
+            let mut kv_parts = Vec::new();
+            for &(bi, g, kt) in jobs.iter().skip(w).step_by(workers) {
+                let k0 = kt * ls;
+                let nk = ls.min(s - k0);
+                let mut dk = vec![T::ZERO; ls * d];
+                let mut dv = vec![T::ZERO; ls * d];
+                // Query qi sees key j only if j ≤ offset + qi.
+                let first_q = k0.saturating_sub(mask.offset) / tq;
+                for hh in g * rep..(g + 1) * rep {
+                    for qt in first_q..q_tiles {
+                        let q0 = qt * tq;
+                        let nq = tq.min(t - q0);
+                        let at = At {
+                            b: bi,
+                            h: hh,
+                            g,
+                            q0,
+                            nq,
+                            k0,
+                            nk,
+                        };
+                        let bufs = (&mut p[..], &mut ds[..]);
+                        tile_probs_and_grads(
+                            &dims,
+                            (mask, &closed),
+                            products,
+                            facts,
+                            &at,
+                            scale_t,
+                            bufs,
+                            ls,
+                        );
+                        products.dv_dk(&at, &p, &ds, ls, scale_t, &mut dv, &mut dk);
+                        dq_tile.iter_mut().for_each(|x| *x = T::ZERO);
+                        products.dq(&at, &ds, ls, scale_t, &mut dq_tile);
+                        let row = dims.q_row(bi, hh, q0);
+                        for (x, &y) in dq[row..row + nq * d].iter_mut().zip(&dq_tile) {
+                            *x += y;
+                        }
+                    }
                 }
+                let rows = |acc: &[T]| products.key_rows(acc, nk, ls);
+                kv_parts.push((bi, g, k0, rows(&dk), rows(&dv)));
             }
-            let rows = |acc: &[T]| products.key_rows(acc, nk, ls);
-            (bi, g, k0, rows(&dk), rows(&dv))
-        })
-        .collect();
-    let mut dk = vec![T::ZERO; b * kv * s * d];
-    let mut dv = vec![T::ZERO; b * kv * s * d];
-    for (bi, g, k0, pk, pv) in kv_parts {
-        let at = dims.k_row(bi, g, k0);
-        dk[at..at + pk.len()].copy_from_slice(&pk);
-        dv[at..at + pv.len()].copy_from_slice(&pv);
-    }
-    // 2. dQ: a task per (row, head, query tile), over the key tiles it sees.
-    let jobs: Vec<(usize, usize, usize)> = (0..b)
-        .flat_map(|bi| (0..h).flat_map(move |hh| (0..q_tiles).map(move |qt| (bi, hh, qt))))
-        .collect();
-    let q_parts: Vec<(usize, usize, usize, Vec<T>)> = jobs
-        .par_iter()
-        .map(|&(bi, hh, qt)| {
-            let q0 = qt * tq;
-            let nq = tq.min(t - q0);
-            let mut dq = vec![T::ZERO; tq * d];
-            let mut p = vec![T::ZERO; tq * ls];
-            let mut ds = vec![T::ZERO; tq * ls];
-            let end = key_end(mask, q0, nq);
-            let mut k0 = 0;
-            while k0 < end {
-                let nk = ls.min(end - k0);
-                let at = At {
-                    b: bi,
-                    h: hh,
-                    g: hh / rep,
-                    q0,
-                    nq,
-                    k0,
-                    nk,
-                };
-                let bufs = (&mut p[..], &mut ds[..]);
-                tile_probs_and_grads(
-                    &dims,
-                    (mask, &closed),
-                    products,
-                    facts,
-                    &at,
-                    scale_t,
-                    bufs,
-                    ls,
-                );
-                products.dq(&at, &ds, ls, scale_t, &mut dq);
-                k0 += nk;
-            }
-            dq.truncate(nq * d);
-            (bi, hh, q0, dq)
+            (dq, kv_parts)
         })
         .collect();
     let mut dq = vec![T::ZERO; b * h * t * d];
-    for (bi, hh, q0, part) in q_parts {
-        let at = dims.q_row(bi, hh, q0);
-        dq[at..at + part.len()].copy_from_slice(&part);
+    let mut dk = vec![T::ZERO; b * kv * s * d];
+    let mut dv = vec![T::ZERO; b * kv * s * d];
+    for (part_dq, kv_parts) in parts {
+        for (x, y) in dq.iter_mut().zip(part_dq) {
+            *x += y;
+        }
+        for (bi, g, k0, pk, pv) in kv_parts {
+            let at = dims.k_row(bi, g, k0);
+            dk[at..at + pk.len()].copy_from_slice(&pk);
+            dv[at..at + pv.len()].copy_from_slice(&pv);
+        }
     }
     (dq, dk, dv)
 }

@@ -9,8 +9,9 @@
 //!
 //! The backward recomputes each tile's probabilities from L: `P = exp(S − L)`,
 //! `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ∘ (dP − D)` with `D = rowsum(dO ∘ O)`,
-//! `dK = scale · dSᵀ Q`, `dQ = scale · dS K` — dK and dV by tasks over key tiles, dQ by
-//! tasks over query tiles, so no two tasks write the same rows.
+//! `dK = scale · dSᵀ Q`, `dQ = scale · dS K` — in one pass: tasks over key tiles write
+//! their dK and dV rows alone and add dQ into their worker's copy (tasks dealt to workers
+//! in turn, the copies summed in order: the same bits whatever the scheduling).
 //!
 //! The mask is computed from per-token facts ([`AttentionMask`]): causality by index, key
 //! validity (padding), the shared-prompt segments of a packed row, and a sliding window
@@ -246,7 +247,7 @@ impl CustomOp3 for FlashAttention {
             CpuStorage::F32(_) => {
                 let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
                 let (o, l) = if self.amx {
-                    let products = AmxProducts::new(dims, (q, k, v), None);
+                    let products = AmxProducts::new(dims, (q, k, v), None, self.scale);
                     forward(dims, &self.mask, &products, self.scale, self.tiles)
                 } else {
                     let products = GemmProducts {
@@ -318,7 +319,7 @@ impl CustomOp3 for FlashAttention {
                 let (o, o_grad) = (&host32(res)?, &host32(&grad)?);
                 let facts = (&o[..], &o_grad[..], &lse[..]);
                 let grads = if self.amx {
-                    let products = AmxProducts::new(dims, (q, k, v), Some(o_grad));
+                    let products = AmxProducts::new(dims, (q, k, v), Some(o_grad), self.scale);
                     backward(dims, &self.mask, &products, facts, self.scale, self.tiles)
                 } else {
                     let products = GemmProducts {
