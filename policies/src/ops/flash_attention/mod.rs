@@ -16,14 +16,17 @@
 //! The mask is computed from per-token facts ([`AttentionMask`]): causality by index, key
 //! validity (padding), the shared-prompt segments of a packed row, and a sliding window
 //! by position. Grouped-query heads read their key/value head in place (no copies).
-//! Products are gemm's on tiles, in f32 (f64 for f64 inputs).
+//! Products are gemm's on tiles, in f32 (f64 for f64 inputs), or for a bf16 model the bf16
+//! engine's on operands packed once per call (`bf16_products.rs`).
 
-mod amx_products;
+mod bf16_packing;
+mod bf16_products;
 mod kernel;
 mod products;
 mod rows;
 
-use amx_products::AmxProducts;
+use crate::ops::bf16_dot::Engine;
+use bf16_products::Bf16Products;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use kernel::{backward, forward, Dims};
 use products::GemmProducts;
@@ -199,8 +202,8 @@ struct FlashAttention {
     mask: AttentionMask,
     scale: f64,
     tiles: Tiles,
-    /// The inputs are bf16 values and the products run on AMX (f32 sums).
-    amx: bool,
+    /// The inputs are bf16 values and the products run on this bf16 engine (f32 sums).
+    engine: Option<Engine>,
     lse: Mutex<Option<CpuStorage>>,
 }
 
@@ -246,8 +249,8 @@ impl CustomOp3 for FlashAttention {
         let (out, lse) = match s1 {
             CpuStorage::F32(_) => {
                 let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-                let (o, l) = if self.amx {
-                    let products = AmxProducts::new(dims, (q, k, v), None, self.scale);
+                let (o, l) = if let Some(engine) = self.engine {
+                    let products = Bf16Products::new(engine, dims, (q, k, v), None, self.scale);
                     forward(dims, &self.mask, &products, self.scale, self.tiles)
                 } else {
                     let products = GemmProducts {
@@ -318,8 +321,9 @@ impl CustomOp3 for FlashAttention {
                 let (q, k, v) = (&host32(q)?, &host32(k)?, &host32(v)?);
                 let (o, o_grad) = (&host32(res)?, &host32(&grad)?);
                 let facts = (&o[..], &o_grad[..], &lse[..]);
-                let grads = if self.amx {
-                    let products = AmxProducts::new(dims, (q, k, v), Some(o_grad), self.scale);
+                let grads = if let Some(engine) = self.engine {
+                    let o_grad = Some(&o_grad[..]);
+                    let products = Bf16Products::new(engine, dims, (q, k, v), o_grad, self.scale);
                     backward(dims, &self.mask, &products, facts, self.scale, self.tiles)
                 } else {
                     let products = GemmProducts {
@@ -362,8 +366,9 @@ impl CustomOp3 for FlashAttention {
 pub enum Operands {
     /// The inputs' own values, in f32 (f64 for f64 inputs).
     AsGiven,
-    /// Rounded to bf16, as a bf16 model's other products read their activations: on AMX
-    /// where this CPU has it (`TDPBF16PS`, f32 sums; P and dS rounded too), else as given.
+    /// Rounded to bf16, as a bf16 model's other products read their activations: on the
+    /// engine of those products (`bf16_dot::engine`: AMX's `TDPBF16PS`, or `VDPBF16PS`;
+    /// f32 sums; P and dS rounded too) where this CPU has one, else as given.
     Bf16,
 }
 
@@ -387,18 +392,15 @@ pub fn flash_attention(
         DType::F32
     };
     let prep = |x: &Tensor| x.to_dtype(compute)?.contiguous();
-    let amx = (dtype == DType::BF16 || operands == Operands::Bf16)
-        && dtype != DType::F64
-        && matches!(
-            crate::ops::bf16_dot::engine(),
-            Some(crate::ops::bf16_dot::Engine::Amx)
-        )
-        && amx_products::usable(q.dim(3)?, tiles);
+    let bf16 = (dtype == DType::BF16 || operands == Operands::Bf16) && dtype != DType::F64;
+    let d = q.dim(3)?;
+    let engine = crate::ops::bf16_dot::engine()
+        .filter(|&engine| bf16 && bf16_products::usable(engine, d, tiles));
     let op = FlashAttention {
         mask: mask.clone(),
         scale,
         tiles,
-        amx,
+        engine,
         lse: Mutex::new(None),
     };
     let o = prep(q)?.apply_op3(&prep(k)?, &prep(v)?, op)?;

@@ -1,6 +1,6 @@
 //! The tile products the fused attention's loops ask for, behind one trait so the loops are
 //! written once: gemm's f32/f64 kernels on the inputs as they lie ([`GemmProducts`]), or
-//! AMX on bf16 operands packed once per call (`amx_products.rs`).
+//! the bf16 engine (AMX or `VDPBF16PS`) on operands packed once per call (`bf16_products.rs`).
 
 use super::kernel::{Dims, Real};
 

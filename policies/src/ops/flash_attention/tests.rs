@@ -294,17 +294,9 @@ fn f32_agrees_within_f32_rounding() {
     }
 }
 
-/// A bf16 model's attention on AMX (where this CPU has it): values and gradients within
-/// bf16's rounding (P, dO and dS are rounded to bf16 as PyTorch's bf16 kernel does; 1e-2 of
-/// the largest) of the f64 composed attention on the same bf16 values, with several tiles
-/// each way, T not a multiple of a tile, a cache offset, left padding, GQA, a window and
-/// packed segments. On a CPU without AMX the bf16 call takes the f32 products and the same
-/// bounds hold.
-#[test]
-fn bf16_on_amx_agrees_within_bf16_rounding() {
-    let amx = crate::ops::bf16_dot::amx::available();
-    eprintln!("AMX products: {amx}");
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+/// The bf16 cases: several tiles each way, T not a multiple of a tile, a cache offset, left
+/// padding, GQA, a window and packed segments; (head size, case).
+fn bf16_cases() -> Vec<(usize, Case)> {
     let seg = |prompt: usize, parts: &[usize]| -> Vec<u32> {
         let mut v = vec![0u32; prompt];
         for (k, &n) in parts.iter().enumerate() {
@@ -312,7 +304,7 @@ fn bf16_on_amx_agrees_within_bf16_rounding() {
         }
         v
     };
-    let cases = [
+    vec![
         (
             64,
             Case {
@@ -355,51 +347,74 @@ fn bf16_on_amx_agrees_within_bf16_rounding() {
                 packed: Some(vec![seg(100, &[120, 70])]),
             },
         ),
+    ]
+}
+
+/// A bf16 case's inputs (as `Var`s), the output's weights and the mask.
+fn bf16_inputs(
+    rng: &mut rand_chacha::ChaCha8Rng,
+    d: usize,
+    c: &Case,
+) -> ([Var; 3], Tensor, AttentionMask, Tensor) {
+    let bf = |t: Tensor| Var::from_tensor(&t.to_dtype(DType::BF16).unwrap()).unwrap();
+    let q = bf(randn(rng, (c.b, c.h, c.t, d)));
+    let k = bf(randn(rng, (c.b, c.kv, c.s, d)));
+    let v = bf(randn(rng, (c.b, c.kv, c.s, d)));
+    let w = randn(rng, (c.b, c.t, c.h, d))
+        .reshape((c.b, c.t, c.h * d))
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let (mask, bias) = mask_and_bias(c);
+    ([q, k, v], w, mask, bias)
+}
+
+/// Values and the gradients of Σ w ∘ o of a bf16 call on `engine` (None: the f32 products);
+/// f32 inputs (holding bf16 values) are read as [`Operands::Bf16`] and give f32 results.
+fn bf16_run(
+    engine: Option<Engine>,
+    [q, k, v]: &[Var; 3],
+    w: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+) -> [Tensor; 4] {
+    let operands = if q.dtype() == DType::F32 {
+        Operands::Bf16
+    } else {
+        Operands::AsGiven
+    };
+    let got = crate::ops::bf16_dot::with_engine(engine, || {
+        flash_attention(q, k, v, mask, scale, Tiles::default(), operands).unwrap()
+    });
+    assert_eq!(got.dtype(), q.dtype());
+    let g = (&got * w).unwrap().sum_all().unwrap().backward().unwrap();
+    let grad = |x: &Var| g.get(x).unwrap().clone();
+    [got, grad(q), grad(k), grad(v)]
+}
+
+/// A bf16 model's attention on each bf16 engine — this CPU's (AMX or `VDPBF16PS`, where it
+/// has one) and the portable emulation of `VDPBF16PS` (any host) — and on the f32 products:
+/// values and gradients within bf16's rounding (P, dO and dS are rounded to bf16 as
+/// PyTorch's bf16 kernel does; 1e-2 of the largest) of the f64 composed attention on the
+/// same bf16 values.
+#[test]
+fn bf16_engines_agree_within_bf16_rounding() {
+    use crate::ops::bf16_dot::{engine, Kernels};
+    let engines = [
+        ("this CPU's", engine()),
+        (
+            "emulated VDPBF16PS",
+            Some(Engine::Tiles(Kernels::emulated())),
+        ),
+        ("f32", None),
     ];
-    for (d, c) in cases {
-        let bf = |t: Tensor| Var::from_tensor(&t.to_dtype(DType::BF16).unwrap()).unwrap();
-        let q = bf(randn(&mut rng, (c.b, c.h, c.t, d)));
-        let k = bf(randn(&mut rng, (c.b, c.kv, c.s, d)));
-        let v = bf(randn(&mut rng, (c.b, c.kv, c.s, d)));
-        let w = randn(&mut rng, (c.b, c.t, c.h, d))
-            .reshape((c.b, c.t, c.h * d))
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let (mask, bias) = mask_and_bias(&c);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    for (d, c) in bf16_cases() {
+        let (inputs, w, mask, bias) = bf16_inputs(&mut rng, d, &c);
         let scale = 1.0 / (d as f64).sqrt();
         let f64_of = |x: &Tensor| Var::from_tensor(&x.to_dtype(DType::F64).unwrap()).unwrap();
-        let (q64, k64, v64) = (f64_of(&q), f64_of(&k), f64_of(&v));
+        let [q64, k64, v64] = [0, 1, 2].map(|i| f64_of(&inputs[i]));
         let want = attend(&q64, &k64, &v64, &bias, scale).unwrap();
-        let got = flash_attention(
-            &q,
-            &k,
-            &v,
-            &mask,
-            scale,
-            Tiles::default(),
-            Operands::AsGiven,
-        )
-        .unwrap();
-        assert_eq!(got.dtype(), DType::BF16);
-        let close = |a: &Tensor, b: &Tensor, what: &str| {
-            let a = a.to_dtype(DType::F64).unwrap();
-            let m = b
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            let diff = (&a - b).unwrap().abs().unwrap().max_all().unwrap();
-            let diff = diff.to_scalar::<f64>().unwrap();
-            assert!(
-                diff <= 1e-2 * m.max(1e-3),
-                "{}: {what} differs by {diff:e} (max {m:e})",
-                c.name
-            );
-        };
-        close(&got, &want, "values");
         let w64 = w.to_dtype(DType::F64).unwrap();
         let gw = (&want * &w64)
             .unwrap()
@@ -407,9 +422,58 @@ fn bf16_on_amx_agrees_within_bf16_rounding() {
             .unwrap()
             .backward()
             .unwrap();
-        let gg = (&got * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        for (x, x64, name) in [(&q, &q64, "dq"), (&k, &k64, "dk"), (&v, &v64, "dv")] {
-            close(gg.get(x).unwrap(), gw.get(x64).unwrap(), name);
+        let wants = [
+            want.clone(),
+            gw.get(&q64).unwrap().clone(),
+            gw.get(&k64).unwrap().clone(),
+            gw.get(&v64).unwrap().clone(),
+        ];
+        for (name, e) in engines {
+            let got = bf16_run(e, &inputs, &w, &mask, scale);
+            for ((a, b), what) in got.iter().zip(&wants).zip(["values", "dq", "dk", "dv"]) {
+                let a = a.to_dtype(DType::F64).unwrap();
+                let m = b
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                let diff = (&a - b).unwrap().abs().unwrap().max_all().unwrap();
+                let diff = diff.to_scalar::<f64>().unwrap();
+                assert!(
+                    diff <= 1e-2 * m.max(1e-3),
+                    "{} on {name}: {what} differs by {diff:e} (max {m:e})",
+                    c.name
+                );
+            }
+        }
+    }
+}
+
+/// Where this CPU has AVX512-BF16, the `VDPBF16PS` products give the bits of their
+/// portable emulation: values and gradients, in f32, equal exactly.
+#[test]
+fn vdpbf16ps_attention_equals_its_emulation_bit_for_bit() {
+    use crate::ops::bf16_dot::Kernels;
+    let Some(hardware) = Kernels::hardware() else {
+        eprintln!("no AVX512-BF16 here: nothing to compare");
+        return;
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    for (d, c) in bf16_cases() {
+        let (inputs, w, mask, _) = bf16_inputs(&mut rng, d, &c);
+        let f32_of = |x: &Tensor| Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap();
+        let inputs = [0, 1, 2].map(|i| f32_of(&inputs[i]));
+        let w = w.to_dtype(DType::F32).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let run = |k: Kernels| bf16_run(Some(Engine::Tiles(k)), &inputs, &w, &mask, scale);
+        let (a, b) = (run(hardware), run(Kernels::emulated()));
+        for ((x, y), what) in a.iter().zip(&b).zip(["values", "dq", "dk", "dv"]) {
+            let x = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let same = x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "{}: {what} differs from the emulation", c.name);
         }
     }
 }
