@@ -4,7 +4,7 @@
 
 use super::{median, random_ids};
 use crate::config::{self, rl::RlConfig};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -109,6 +109,8 @@ fn run_rl(sets: &[String], out: &Path) -> Result<Vec<Value>> {
 /// β = 0.04, one epoch of one mini-batch; the median of the steps after the first.
 /// `scripts/trl_bench.py --workload W7` runs TRL's GRPOTrainer on the same settings.
 pub fn w7(dir: &Path, work: &Path, steps: usize, device: &str, dtype: &str) -> Result<Value> {
+    std::fs::create_dir_all(work)
+        .with_context(|| format!("creating the bench's work folder {}", work.display()))?;
     let prompts = work.join("w7-prompts.jsonl");
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let rows: String = (0..64)
@@ -120,7 +122,7 @@ pub fn w7(dir: &Path, work: &Path, steps: usize, device: &str, dtype: &str) -> R
             )
         })
         .collect();
-    std::fs::write(&prompts, rows)?;
+    std::fs::write(&prompts, rows).with_context(|| format!("writing {}", prompts.display()))?;
     let out = work.join("w7");
     let _ = std::fs::remove_dir_all(&out);
     let sets: Vec<String> = [
