@@ -87,7 +87,6 @@ unsafe fn product(
 /// A call's inputs packed for the bf16 engine (the backward's operands only in the backward).
 pub(super) struct Bf16Products {
     engine: Engine,
-    layout: Layout,
     dims: Dims,
     /// The scale Q's rows were multiplied by when packed: a power of two (1/√d for d = 4ⁿ),
     /// where `bf16(q)·scale` is exact and the scores need no pass of their own; else 1.
@@ -167,7 +166,6 @@ impl Bf16Products {
         };
         let mut this = Self {
             engine,
-            layout,
             dims,
             q_scale,
             q_rows,
@@ -195,6 +193,10 @@ impl Bf16Products {
         this
     }
 
+    /// How this engine's A operands lie.
+    fn layout(&self) -> Layout {
+        Layout::of(self.engine)
+    }
     fn head(&self, at: &At) -> usize {
         at.b * self.dims.h + at.h
     }
@@ -211,6 +213,41 @@ impl Bf16Products {
         let steps = self.dims.s.div_ceil(2).next_multiple_of(STEP);
         (packed[k0 / 2 * NR..].as_ptr(), steps * NR)
     }
+
+    /// `out (nq × nk, row stride ls) = rows · keysᵀ` for query-shaped rows packed once per
+    /// call (Q or dO, pairs of d) and a key tile of `k_t`-style packing (K or V).
+    fn rows_times_keys_t(&self, at: &At, rows: &PackedA, keys: &[u32], out: &mut [f32], ls: usize) {
+        let a = rows.at(at.q0, 0);
+        let b = self.keys_t(keys, at.k0);
+        let (kp, shape) = (self.dims.d / 2, (pad(at.nq), pad(at.nk)));
+        // SAFETY: see the impl below.
+        unsafe { product(self.engine, a, b, kp, shape, (out.as_mut_ptr(), ls, false)) };
+    }
+
+    /// `out (nq × d) += (scale · x) · keys` for a score-shaped tile `x` (P or dS, row
+    /// stride ls), packed here, and a key tile of `k_n`-style packing (V or K).
+    fn tile_times_keys(
+        &self,
+        at: &At,
+        x: &[f32],
+        ls: usize,
+        scale: f32,
+        keys: &[u32],
+        out: &mut [f32],
+    ) {
+        let kp = pad(at.nk) / 2;
+        let b = self.keys_n(keys, at.k0);
+        let (d, layout) = (self.dims.d, self.layout());
+        SCRATCH.with(|s| {
+            let a = &mut s.borrow_mut()[0];
+            let shape = ((at.nq, at.nk), (pad(at.nq), kp));
+            tiled_rows(x, ls, shape.0, shape.1, (scale, layout), a);
+            let a = (a.as_ptr(), layout.stride(kp));
+            let out = (out.as_mut_ptr(), d, true);
+            // SAFETY: see the impl below.
+            unsafe { product(self.engine, a, b, kp, (pad(at.nq), d), out) };
+        });
+    }
 }
 
 fn pad(n: usize) -> usize {
@@ -226,37 +263,27 @@ fn scale_tile(sc: &mut [f32], ls: usize, (nq, nk): (usize, usize), scale: f32) {
     }
 }
 
-// SAFETY (every product below): `usable` held when these were packed (for AMX: granted);
-// each A row and B panel addressed lies inside its packing (queries padded to 32, keys to
-// 64, pairs of keys to 16 steps), each output tile inside its buffer (tiles of whole blocks).
+// SAFETY (every product below and in the helpers above): `usable` held when these were
+// packed (for AMX: granted); each A row and B panel addressed lies inside its packing
+// (queries padded to 32, keys to 64, pairs of keys to 16 steps), each output tile inside its
+// buffer (tiles of whole blocks).
 impl TileProducts<f32> for Bf16Products {
     fn scores(&self, at: &At, scale: f32, sc: &mut [f32], ls: usize) {
-        let a = self.q_rows[self.head(at)].at(at.q0, 0);
-        let b = self.keys_t(&self.k_t[self.key_head(at)], at.k0);
-        let (kp, shape) = (self.dims.d / 2, (pad(at.nq), pad(at.nk)));
-        unsafe { product(self.engine, a, b, kp, shape, (sc.as_mut_ptr(), ls, false)) };
+        let (rows, keys) = (&self.q_rows[self.head(at)], &self.k_t[self.key_head(at)]);
+        self.rows_times_keys_t(at, rows, keys, sc, ls);
         scale_tile(sc, ls, (at.nq, at.nk), scale / self.q_scale);
     }
 
     fn pv(&self, at: &At, p: &[f32], ls: usize, acc: &mut [f32]) {
-        let kp = pad(at.nk) / 2;
-        let b = self.keys_n(&self.v_n[self.key_head(at)], at.k0);
-        let d = self.dims.d;
-        SCRATCH.with(|s| {
-            let a = &mut s.borrow_mut()[0];
-            let shape = ((at.nq, at.nk), (pad(at.nq), kp));
-            tiled_rows(p, ls, shape.0, shape.1, (1.0, self.layout), a);
-            let a = (a.as_ptr(), self.layout.stride(kp));
-            let out = (acc.as_mut_ptr(), d, true);
-            unsafe { product(self.engine, a, b, kp, (pad(at.nq), d), out) };
-        });
+        self.tile_times_keys(at, p, ls, 1.0, &self.v_n[self.key_head(at)], acc);
     }
 
     fn dp(&self, at: &At, dp: &mut [f32], ls: usize) {
-        let a = self.o_grad_rows[self.head(at)].at(at.q0, 0);
-        let b = self.keys_t(&self.v_t[self.key_head(at)], at.k0);
-        let (kp, shape) = (self.dims.d / 2, (pad(at.nq), pad(at.nk)));
-        unsafe { product(self.engine, a, b, kp, shape, (dp.as_mut_ptr(), ls, false)) };
+        let (rows, keys) = (
+            &self.o_grad_rows[self.head(at)],
+            &self.v_t[self.key_head(at)],
+        );
+        self.rows_times_keys_t(at, rows, keys, dp, ls);
     }
 
     fn dv_dk(
@@ -287,17 +314,7 @@ impl TileProducts<f32> for Bf16Products {
     }
 
     fn dq(&self, at: &At, ds: &[f32], ls: usize, scale: f32, dq: &mut [f32]) {
-        let kp = pad(at.nk) / 2;
-        let b = self.keys_n(&self.k_n[self.key_head(at)], at.k0);
-        let d = self.dims.d;
-        SCRATCH.with(|s| {
-            let a = &mut s.borrow_mut()[0];
-            let shape = ((at.nq, at.nk), (pad(at.nq), kp));
-            tiled_rows(ds, ls, shape.0, shape.1, (scale, self.layout), a);
-            let a = (a.as_ptr(), self.layout.stride(kp));
-            let out = (dq.as_mut_ptr(), d, true);
-            unsafe { product(self.engine, a, b, kp, (pad(at.nq), d), out) };
-        });
+        self.tile_times_keys(at, ds, ls, scale, &self.k_n[self.key_head(at)], dq);
     }
 
     /// The accumulators hold dKᵀ, dVᵀ: [d, ls].
