@@ -45,7 +45,7 @@ fn sft_data(dir: &Path) -> PathBuf {
         s.push('\n');
     }
     let p = dir.join("train.jsonl");
-    std::fs::write(&p, s).unwrap();
+    common::write_atomic(&p, s);
     p
 }
 
@@ -171,7 +171,7 @@ fn pair_sets(dir: &Path, batch: usize, extra: &[&str]) -> Vec<String> {
         s.push('\n');
     }
     let data = dir.join("pairs.jsonl");
-    std::fs::write(&data, s).unwrap();
+    common::write_atomic(&data, s);
     let mut sets = vec![
         format!("model.path={:?}", fixture("llama").display().to_string()),
         format!("data.train_file={:?}", data.display().to_string()),

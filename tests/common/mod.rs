@@ -12,6 +12,16 @@ use std::process::{Command, Output};
 
 pub const FAMILIES: [&str; 3] = ["llama", "qwen2", "gpt2"];
 
+/// Writes `contents` to `path` through a file of this thread's own, renamed into place: the
+/// ranks of a threaded multi-rank test build their inputs at once, and none may read another's
+/// half-written file.
+#[allow(dead_code)]
+pub fn write_atomic(path: &Path, contents: impl AsRef<[u8]>) {
+    let tmp = path.with_extension(format!("{:?}.tmp", std::thread::current().id()));
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")

@@ -11,7 +11,7 @@ pub fn config(dir: &Path, algorithm: &str, extra: &[&str]) -> RlConfig {
     let rows: String = (0..48)
         .map(|i| format!("{}\n", serde_json::json!({"prompt": format!("{}+{}=", i * 3 % 41, i * 7 % 23), "answer": "0"})))
         .collect();
-    std::fs::write(&prompts, rows).unwrap();
+    super::write_atomic(&prompts, rows);
     let mut sets = vec![
         format!("model.path={:?}", fixture("llama").display().to_string()),
         "model.max_seq_len=64".into(),
