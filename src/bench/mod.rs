@@ -453,10 +453,13 @@ pub fn run_one(job: &Job, work: &Path) -> Result<Value> {
         }
     };
     // W7's products: generation, the reference pass (2·P each) and the training pass
-    // (4·P) per token (no separate old-policy pass at one epoch).
+    // (4·P) per computed position (no separate old-policy pass at one epoch): a group's
+    // prompt counts once, as the shared-prompt passes compute it.
     let tokens_per_step = match w {
         "W1" | "W5" => Some(v["batch"].as_u64().unwrap_or(0) * v["seq"].as_u64().unwrap_or(0)),
-        "W7" => v["tokens_per_step"].as_f64().map(|t| 2 * t.round() as u64),
+        "W7" => v["computed_tokens_per_step"]
+            .as_f64()
+            .map(|t| 2 * t.round() as u64),
         _ => None,
     };
     if let Some(tokens) = tokens_per_step {

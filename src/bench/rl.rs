@@ -144,7 +144,7 @@ pub fn w7(dir: &Path, work: &Path, steps: usize, device: &str, dtype: &str) -> R
         "rl.log_rollouts_every=0".into(),
         "rl.algorithm=\"grpo\"".into(),
         "rl.batch_size=32".into(),
-        "rl.num_generations=8".into(),
+        format!("rl.num_generations={W7_GROUP}"),
         "rl.kl_coef=0.04".into(),
         "rl.num_ppo_epochs=1".into(),
         "rl.num_mini_batches=1".into(),
@@ -156,10 +156,15 @@ pub fn w7(dir: &Path, work: &Path, steps: usize, device: &str, dtype: &str) -> R
     let s = med("time/step");
     // Every token of every row: the padded prompts and the completions.
     let tokens = med("tokens_per_s") * s;
+    // The positions the step's passes compute: each group's prompt once (shared-prompt
+    // groups), every row's completion positions (up to W7_NEW_TOKENS).
+    let completions = med("response/length_mean") * 32.0;
+    let prompt_len = ((tokens - completions) / 32.0).max(0.0);
+    let computed = prompt_len * (32 / W7_GROUP) as f64 + (32 * W7_NEW_TOKENS) as f64;
     Ok(json!({
         "workload": "W7", "seconds_per_step": s, "tokens_per_s": tokens / s,
         "samples_per_s": 32.0 / s, "batch": 32, "new_tokens": W7_NEW_TOKENS,
-        "tokens_per_step": tokens,
+        "tokens_per_step": tokens, "computed_tokens_per_step": computed.round(),
         "phases": {"generate": med("time/generate"), "policy": med("time/policy"),
                    "reference": med("time/reference"), "score": med("time/score"),
                    "train": med("time/train")},
@@ -168,3 +173,6 @@ pub fn w7(dir: &Path, work: &Path, steps: usize, device: &str, dtype: &str) -> R
 
 /// W7's completion length.
 const W7_NEW_TOKENS: usize = 24;
+
+/// W7's group size (completions per prompt).
+const W7_GROUP: usize = 8;
