@@ -77,7 +77,7 @@ fn pass_bytes(
     let outputs = blocks.iter().map(|l| l.out_features()).sum::<usize>() / layers;
     let width = blocks.iter().map(|l| l.out_features()).max().unwrap_or(h);
     let heads = (h / 64).max(1);
-    let attention = if uses_fused_attention(&info.device, seq) {
+    let attention = if uses_fused_attention(&info.device, info.weight_dtype, seq, seq) {
         3 * h + heads
     } else {
         3 * heads * seq
