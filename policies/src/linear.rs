@@ -107,10 +107,6 @@ impl Linear {
 
     /// `x`: [..., in] → [..., out].
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let x2 = x.reshape(((), self.in_features()))?;
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("linear input has a last dim") = self.out_features();
         let lora = ctx
             .adapter
             .and_then(|a| a.module(&self.path).map(|m| (a, m)));
@@ -119,22 +115,25 @@ impl Linear {
                 ctx.param(module.a.as_tensor()),
                 ctx.param(module.b.as_tensor()),
             );
-            if crate::ops::lora_linear::applies(&x2, &self.weight, self.bias.as_ref(), &a, &b) {
-                // One op for base + adapter (ops::lora_linear): one output in the graph.
+            if crate::ops::lora_linear::applies(x, &self.weight, self.bias.as_ref(), &a, &b) {
+                // One op for base + adapter (ops::lora_linear): one output in the graph, and
+                // no reshapes around it.
                 let p = adapter.config.lora_dropout;
-                let mask = ctx.dropout_mask(p, x2.elem_count());
-                let y = crate::ops::lora_linear::lora_linear(
-                    &x2,
+                let mask = ctx.dropout_mask(p, x.elem_count());
+                return crate::ops::lora_linear::lora_linear(
+                    x,
                     &self.weight,
                     self.bias.as_ref(),
                     &a,
                     &b,
                     adapter.scale(),
                     mask,
-                )?;
-                return y.reshape(out_dims);
+                );
             }
         }
+        let mut out_dims = x.dims().to_vec();
+        *out_dims.last_mut().expect("linear input has a last dim") = self.out_features();
+        let x2 = x.reshape(((), self.in_features()))?;
         let mut y = self.base_product(&x2, ctx)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&ctx.param(b))?;

@@ -18,7 +18,7 @@ use super::gemm::{gemm_f32_strided, matmul, parallelism};
 use crate::linear::LinearWeight;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-/// Whether the fused op computes this layer: CPU, `x` [n, in] f32, a frozen base weight
+/// Whether the fused op computes this layer: CPU, `x` [.., in] f32, a frozen base weight
 /// (f32, bf16/f16 or k-bit codes) and bias, an f32 adapter.
 pub fn applies(
     x: &Tensor,
@@ -38,15 +38,17 @@ pub fn applies(
         LinearWeight::Quantized(_) => true,
     };
     cpu_f32(x)
-        && x.rank() == 2
+        && x.rank() >= 2
         && frozen_base
         && bias.is_none_or(|b| cpu_f32(b) && !b.is_variable())
         && cpu_f32(a)
         && cpu_f32(b)
 }
 
-/// `x` [n, in], `w` [out, in], `bias` [out], `a` [r, in], `b` [out, r], `scale` = α/r,
-/// `mask` [n·in] → `y` [n, out]; gradients reach `x`, `a` and `b` (when they are tracked).
+/// `x` [.., in] (any leading dims: n rows), `w` [out, in], `bias` [out], `a` [r, in], `b`
+/// [out, r], `scale` = α/r, `mask` [n·in] → `y` [.., out]; gradients reach `x`, `a` and `b`
+/// (when they are tracked). Taking `x` as it comes keeps reshapes out of the graph: candle's
+/// backward gives every node a zeroed gradient and an add.
 pub fn lora_linear(
     x: &Tensor,
     w: &LinearWeight,
@@ -71,6 +73,15 @@ pub fn lora_linear(
         mask,
     };
     x.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+/// `dims` with the last replaced by `out`.
+fn out_shape(dims: &[usize], out: usize) -> Shape {
+    let mut d = dims.to_vec();
+    if let Some(last) = d.last_mut() {
+        *last = out;
+    }
+    Shape::from(d)
 }
 
 struct LoraLinear {
@@ -106,7 +117,9 @@ impl CustomOp3 for LoraLinear {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, k) = lx.shape().dims2()?;
+        let dims = lx.shape().dims();
+        let k = *dims.last().unwrap_or(&0);
+        let n = lx.shape().elem_count() / k.max(1);
         let (r, ka) = la.shape().dims2()?;
         let (out, rb) = lb.shape().dims2()?;
         if ka != k || rb != r || self.w.dims() != (out, k) {
@@ -134,7 +147,7 @@ impl CustomOp3 for LoraLinear {
             }
         }
         if n == 0 || r == 0 || k == 0 {
-            return Ok((CpuStorage::F32(y), Shape::from((n, out))));
+            return Ok((CpuStorage::F32(y), out_shape(dims, out)));
         }
         // xa = (m ⊙ x) Aᵀ, scaled by s: [n, r].
         let masked;
@@ -176,7 +189,7 @@ impl CustomOp3 for LoraLinear {
                 parallelism(n, out, r),
             );
         }
-        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+        Ok((CpuStorage::F32(y), out_shape(dims, out)))
     }
 
     fn bwd(
@@ -188,7 +201,11 @@ impl CustomOp3 for LoraLinear {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let wants_dx = x.track_op();
-        let (x, a, b, dy) = (x.detach(), a.detach(), b.detach(), dy.contiguous()?);
+        let x_shape = x.shape().clone();
+        let k = x.dim(candle_core::D::Minus1)?;
+        let out = dy.dim(candle_core::D::Minus1)?;
+        let (x, a, b) = (x.detach().reshape(((), k))?, a.detach(), b.detach());
+        let dy = dy.contiguous()?.reshape(((), out))?;
         let mask = self
             .mask
             .as_ref()
@@ -208,7 +225,7 @@ impl CustomOp3 for LoraLinear {
                 LinearWeight::Dense(w) => matmul(&dy, w, false)?,
                 LinearWeight::Quantized(q) => q.matmul(&dy, false)?,
             };
-            Some((base + lora)?)
+            Some((base + lora)?.reshape(x_shape)?)
         } else {
             None
         };

@@ -17,6 +17,7 @@ pub mod quant_linear;
 pub mod rope;
 pub mod rowdot;
 pub mod softmax;
+pub mod swiglu;
 
 use candle_core::DType;
 
@@ -36,6 +37,7 @@ pub use matmul::frozen_matmul_t;
 pub use norm::{layer_norm, rms_norm};
 pub use rope::rope;
 pub use softmax::softmax_last_dim;
+pub use swiglu::swiglu;
 
 /// The largest |a − b| of two equally long slices (the ops' unit tests).
 #[cfg(test)]

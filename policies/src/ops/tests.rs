@@ -503,3 +503,50 @@ fn rms_norm_bf16_rounds_as_transformers() {
         }
     }
 }
+
+/// `split_heads` (one op) against reshape → transpose → `rope` (the composed ops it replaces):
+/// values and input gradients in f64 with per-sequence and shared rotary tables and without
+/// a rotation; in f32 the values are the composed ops' bits.
+#[test]
+fn split_heads_equals_reshape_transpose_rope() {
+    let (b, t, heads, d) = (2, 5, 3, 8);
+    let x = randn(&[b, t, heads * d]);
+    let composed = |x: &Tensor, rot: Option<(&Tensor, &Tensor)>| {
+        let xh = x
+            .reshape((b, t, heads, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        match rot {
+            Some((c, s)) => rope(&xh, c, s).unwrap(),
+            None => xh.contiguous().unwrap(),
+        }
+    };
+    let angles = Tensor::randn(0f64, 2.0, (b, t, d / 2), &Device::Cpu).unwrap();
+    let (cos_b, sin_b) = (angles.cos().unwrap(), angles.sin().unwrap());
+    let (cos_t, sin_t) = (
+        cos_b.get(0).unwrap().contiguous().unwrap(),
+        sin_b.get(0).unwrap().contiguous().unwrap(),
+    );
+    for rot in [Some((&cos_b, &sin_b)), Some((&cos_t, &sin_t)), None] {
+        let fast = rope::split_heads(&x, heads, rot).unwrap();
+        assert_eq!(fast.dims(), &[b, heads, t, d]);
+        check("split_heads", &fast, &composed(&x, rot), &[&x]);
+    }
+    let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let (x32, c32, s32) = (f(&x), f(&cos_b), f(&sin_b));
+    let fast = rope::split_heads(&x32, heads, Some((&c32, &s32))).unwrap();
+    let want = {
+        let xh = x32
+            .reshape((b, t, heads, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        rope(&xh, &c32, &s32).unwrap()
+    };
+    assert_eq!(
+        fast.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    assert!(rope::split_heads(&x, 5, None).is_err(), "24 is not 5 heads");
+}

@@ -10,7 +10,7 @@ use crate::families::parts::{Part, PartMut, PartRef};
 use crate::families::pass::PassCtx;
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
-use crate::ops::rope;
+use crate::ops::rope::split_heads;
 use crate::weights::WeightFiles;
 use candle_core::Tensor;
 
@@ -61,26 +61,12 @@ impl Attention {
         ctx: &ForwardCtx,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (b, t, _) = h.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self
-            .q_proj
-            .forward(h, ctx)?
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?;
-        let k = self
-            .k_proj
-            .forward(h, ctx)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?;
-        let v = self
-            .v_proj
-            .forward(h, ctx)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?;
+        // [b, heads, t, d], rotated (ops::rope::split_heads: one node each).
         let (cos, sin) = pass.rope()?;
-        let q = rope(&q, cos, sin)?;
-        let k = rope(&k, cos, sin)?;
+        let q = split_heads(&self.q_proj.forward(h, ctx)?, nh, Some((cos, sin)))?;
+        let k = split_heads(&self.k_proj.forward(h, ctx)?, nkv, Some((cos, sin)))?;
+        let v = split_heads(&self.v_proj.forward(h, ctx)?, nkv, None)?;
         let (k, v) = match cache {
             Some(c) => c.append(self.layer, &k, &v)?,
             None => (k, v),
@@ -114,9 +100,14 @@ impl Mlp {
     }
 
     pub fn forward(&self, h: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let g = self.act.apply(&self.gate_proj.forward(h, ctx)?)?;
+        let g = self.gate_proj.forward(h, ctx)?;
         let u = self.up_proj.forward(h, ctx)?;
-        Ok(self.down_proj.forward(&(g * u)?, ctx)?)
+        let a = match self.act {
+            // One op for silu(g) ⊙ u, forward and backward (ops::swiglu).
+            Activation::Silu => crate::ops::swiglu(&g, &u)?,
+            act => (act.apply(&g)? * u)?,
+        };
+        Ok(self.down_proj.forward(&a, ctx)?)
     }
 }
 

@@ -25,6 +25,9 @@ mod kernel;
 mod products;
 mod rows;
 
+/// `e^x` in f32, vectorisable (Cephes' `expf`): the softmax's and SwiGLU's.
+pub(crate) use rows::exp as exp_f32;
+
 use crate::ops::bf16_dot::Engine;
 use bf16_products::Bf16Products;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
@@ -266,7 +269,8 @@ impl CustomOp3 for FlashAttention {
         let started = std::time::Instant::now();
         let dims = dims_of(l1, l2, l3)?;
         self.mask.check(dims.b, dims.t, dims.s)?;
-        let shape = Shape::from((dims.b, dims.t, dims.h, dims.d));
+        // [b, t, h·d]: the layout the output projection reads, so no reshape joins the graph.
+        let shape = Shape::from((dims.b, dims.t, dims.h * dims.d));
         let (out, lse) = match s1 {
             CpuStorage::F32(_) => {
                 let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
@@ -424,9 +428,9 @@ pub fn flash_attention(
         engine,
         lse: Mutex::new(None),
     };
-    let o = prep(q)?.apply_op3(&prep(k)?, &prep(v)?, op)?;
-    let (b, t, h, d) = o.dims4()?;
-    o.reshape((b, t, h * d))?.to_dtype(dtype)
+    prep(q)?
+        .apply_op3(&prep(k)?, &prep(v)?, op)?
+        .to_dtype(dtype)
 }
 
 #[cfg(test)]
