@@ -14,9 +14,9 @@
 //! `m` is the inverted-dropout keep-mask (entries 0 or 1/(1−p)), drawn by the caller exactly
 //! where the composed path draws it.
 
-use super::gemm::{gemm_f32_strided, matmul, parallelism};
+use super::gemm::{gemm_f32_strided, parallelism};
 use crate::linear::LinearWeight;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
 /// Whether the fused op computes this layer: CPU, `x` [.., in] f32, a frozen base weight
 /// (f32, bf16/f16 or k-bit codes) and bias, an f32 adapter.
@@ -90,6 +90,14 @@ struct LoraLinear {
     scale: f64,
     /// The keep-mask's values, [n·in] like `x`.
     mask: Option<Vec<f32>>,
+}
+
+/// A CPU tensor's storage.
+fn host(s: &Storage) -> Result<&CpuStorage> {
+    match s {
+        Storage::Cpu(c) => Ok(c),
+        _ => candle_core::bail!("lora-linear: CPU tensors"),
+    }
 }
 
 /// A contiguous f32 CPU operand's values.
@@ -200,39 +208,104 @@ impl CustomOp3 for LoraLinear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // On raw slices, so the scale and the sum of the base and adapter terms are folded
+        // into the products: candle's element-wise ops would run on one thread each.
         let wants_dx = x.track_op();
-        let x_shape = x.shape().clone();
+        let (x_shape, dev) = (x.shape().clone(), x.device().clone());
         let k = x.dim(candle_core::D::Minus1)?;
         let out = dy.dim(candle_core::D::Minus1)?;
-        let (x, a, b) = (x.detach().reshape(((), k))?, a.detach(), b.detach());
-        let dy = dy.contiguous()?.reshape(((), out))?;
-        let mask = self
-            .mask
-            .as_ref()
-            .map(|m| Tensor::from_slice(m, x.shape(), x.device()))
-            .transpose()?;
-        let xd = match &mask {
-            Some(m) => (&x * m)?,
-            None => x.clone(),
-        };
-        let g = matmul(&dy, &b, false)?; // [n, r]
-        let dx = if wants_dx {
-            let mut lora = (matmul(&g, &a, false)? * self.scale)?;
-            if let Some(m) = &mask {
-                lora = (lora * m)?;
+        let (r, n) = (a.dim(0)?, x_shape.elem_count() / k.max(1));
+        let (x, a, b, dy) = (
+            x.contiguous()?,
+            a.contiguous()?,
+            b.contiguous()?,
+            dy.contiguous()?,
+        );
+        let (gx, gx_l) = x.storage_and_layout();
+        let (ga, ga_l) = a.storage_and_layout();
+        let (gb, gb_l) = b.storage_and_layout();
+        let (gd, gd_l) = dy.storage_and_layout();
+        let xv = values(host(&gx)?, gx_l, "x")?;
+        let av = values(host(&ga)?, ga_l, "A")?;
+        let bv = values(host(&gb)?, gb_l, "B")?;
+        let dyv = values(host(&gd)?, gd_l, "dy")?;
+        let s = self.scale as f32;
+        let masked;
+        let xd = match &self.mask {
+            Some(m) => {
+                masked = xv.iter().zip(m).map(|(x, m)| x * m).collect::<Vec<f32>>();
+                &masked[..]
             }
-            let base = match &self.w {
-                LinearWeight::Dense(w) => matmul(&dy, w, false)?,
-                LinearWeight::Quantized(q) => q.matmul(&dy, false)?,
+            None => xv,
+        };
+        // The products below, dst = lhs · rhs ([m, n] = [m, k] · [k, n]); each operand is
+        // (pointer, column stride, row stride).
+        let product = |dst: &mut [f32],
+                       accumulate: bool,
+                       mnk: (usize, usize, usize),
+                       lhs: (&[f32], isize, isize),
+                       rhs: (&[f32], isize, isize)| {
+            debug_assert!(dst.len() >= mnk.0 * mnk.1);
+            // SAFETY: every operand holds the [rows, cols] its strides describe (checked by the
+            // shapes above); dst holds m·n initialized values.
+            unsafe {
+                gemm_f32_strided(
+                    dst.as_mut_ptr(),
+                    mnk.1 as isize,
+                    accumulate,
+                    mnk,
+                    (lhs.0.as_ptr(), lhs.1, lhs.2),
+                    (rhs.0.as_ptr(), rhs.1, rhs.2),
+                    parallelism(mnk.0, mnk.1, mnk.2),
+                )
+            }
+        };
+        let (ki, oi, ri) = (k as isize, out as isize, r as isize);
+        // gs = s · dy B: [n, r].
+        let mut gs = vec![0f32; n * r];
+        product(&mut gs, false, (n, r, out), (dyv, 1, oi), (bv, 1, ri));
+        gs.iter_mut().for_each(|v| *v *= s);
+        // dx = dy W + m ⊙ (gs A).
+        let dx = if wants_dx {
+            let mut dx = match &self.w {
+                LinearWeight::Dense(w) if w.dtype() == DType::F32 => {
+                    let (gw, gw_l) = w.storage_and_layout();
+                    let wv = values(host(&gw)?, gw_l, "W")?;
+                    let mut dx = vec![0f32; n * k];
+                    product(&mut dx, false, (n, k, out), (dyv, 1, oi), (wv, 1, ki));
+                    dx
+                }
+                LinearWeight::Dense(w) => super::half_weight::matmul_n(dyv, n, out, w)?,
+                LinearWeight::Quantized(q) => q.matmul_n(dyv, n),
             };
-            Some((base + lora)?.reshape(x_shape)?)
+            match &self.mask {
+                None => product(&mut dx, true, (n, k, r), (&gs, 1, ri), (av, 1, ki)),
+                Some(m) => {
+                    let mut t = vec![0f32; n * k];
+                    product(&mut t, false, (n, k, r), (&gs, 1, ri), (av, 1, ki));
+                    dx.iter_mut()
+                        .zip(t.iter().zip(m))
+                        .for_each(|(d, (t, m))| *d += m * t);
+                }
+            }
+            Some(Tensor::from_vec(dx, x_shape, &dev)?)
         } else {
             None
         };
-        let da = (matmul(&g.t()?, &xd, false)? * self.scale)?;
-        let xa = matmul(&xd, &a, true)?;
-        let db = (matmul(&dy.t()?, &xa, false)? * self.scale)?;
-        Ok((dx, Some(da), Some(db)))
+        // dA = gsᵀ (m ⊙ x): [r, k].
+        let mut da = vec![0f32; r * k];
+        product(&mut da, false, (r, k, n), (&gs, ri, 1), (xd, 1, ki));
+        // dB = dyᵀ (s · (m ⊙ x) Aᵀ): [out, r], xa recomputed.
+        let mut xa = vec![0f32; n * r];
+        product(&mut xa, false, (n, r, k), (xd, 1, ki), (av, ki, 1));
+        xa.iter_mut().for_each(|v| *v *= s);
+        let mut db = vec![0f32; out * r];
+        product(&mut db, false, (out, r, n), (dyv, oi, 1), (&xa, 1, ri));
+        Ok((
+            dx,
+            Some(Tensor::from_vec(da, (r, k), &dev)?),
+            Some(Tensor::from_vec(db, (out, r), &dev)?),
+        ))
     }
 }
 
