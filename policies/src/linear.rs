@@ -131,6 +131,16 @@ impl Linear {
                 );
             }
         }
+        if let (None, LinearWeight::Dense(w)) = (lora, &self.weight) {
+            if !(w.is_variable() && ctx.grad) && crate::ops::matmul::takes_any_rank(x, w) {
+                // The frozen op takes x as it comes: no reshapes in the graph.
+                let y = frozen_matmul_t(x, &w.detach())?;
+                return match &self.bias {
+                    Some(b) => y.broadcast_add(&ctx.param(b)),
+                    None => Ok(y),
+                };
+            }
+        }
         let mut out_dims = x.dims().to_vec();
         *out_dims.last_mut().expect("linear input has a last dim") = self.out_features();
         let x2 = x.reshape(((), self.in_features()))?;

@@ -4,10 +4,27 @@
 use super::bridge::{bridge1, Backward1};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-/// `x`: [n, in], `w`: [out, in] (not a variable) → [n, out].
+/// Whether [`frozen_matmul_t`] runs its CPU op, which takes `x` of any rank ≥ 2 as it comes
+/// (no reshapes in the graph: candle's backward gives each node a zeroed gradient and an add):
+/// f32 inputs that track gradients with an f32 weight, or f32 inputs with a bf16/f16 weight.
+pub fn takes_any_rank(x: &Tensor, w: &Tensor) -> bool {
+    use candle_core::DType;
+    x.rank() >= 2
+        && w.rank() == 2
+        && x.device().is_cpu()
+        && w.device().is_cpu()
+        && x.dtype() == DType::F32
+        && match w.dtype() {
+            DType::F32 => x.track_op(),
+            DType::BF16 | DType::F16 => true,
+            _ => false,
+        }
+}
+
+/// `x`: [n, in] (any rank ≥ 2 where [`takes_any_rank`]), `w`: [out, in] (not a variable) →
+/// [n, out] ([.., out]).
 pub fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let cpu_f32 = x.track_op() && super::gemm::cpu_f32(&[x, w]) && x.rank() == 2 && w.rank() == 2;
-    if cpu_f32 || super::half_weight::applies(x, w) {
+    if takes_any_rank(x, w) {
         // In training on the CPU the product is the op's own forward: no copy of the
         // output into the graph, as a bridge would make. A bf16/f16 weight with f32
         // inputs always takes this op (candle's matmul wants one dtype).
@@ -46,16 +63,24 @@ impl CustomOp1 for FrozenLinear {
         let CpuStorage::F32(xv) = s else {
             candle_core::bail!("frozen-linear: expected f32 input");
         };
-        let (m, k) = l.shape().dims2()?;
+        let dims = l.shape().dims();
+        let k = *dims.last().unwrap_or(&0);
+        let m = l.shape().elem_count() / k.max(1);
         let x = &xv[l.start_offset()..l.start_offset() + m * k];
         let out = match self.w.dtype() {
             candle_core::DType::F32 => super::gemm::matmul_t_f32(x, m, k, &self.w)?,
             _ => super::half_weight::matmul_t(x, m, k, &self.w)?,
         };
-        let n = out.len() / m.max(1);
-        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.w.dim(0)?;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
     }
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(super::gemm::matmul(dy, &self.w, false)?))
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let dy = dy.reshape(((), self.w.dim(0)?))?;
+        Ok(Some(
+            super::gemm::matmul(&dy, &self.w, false)?.reshape(x.shape())?,
+        ))
     }
 }
