@@ -120,6 +120,18 @@ fn mask_tile<T: Real>((mask, closed): (&AttentionMask, &[u32]), at: &At, sc: &mu
     if mask.tile_open(closed, at.b, (at.q0, at.nq), (at.k0, at.nk)) {
         return;
     }
+    let row = at.b * (mask.keys + 1);
+    if mask.window.is_none() && closed[row + at.k0 + at.nk] == closed[row + at.k0] {
+        // Every key of the tile is real and in the prompt: only causality closes one, and
+        // query i sees the keys up to offset + q0 + i.
+        for i in 0..at.nq {
+            let hidden = (mask.offset + at.q0 + i + 1)
+                .saturating_sub(at.k0)
+                .min(at.nk);
+            sc[i * ls + hidden..i * ls + at.nk].fill(T::NEG_INF);
+        }
+        return;
+    }
     for i in 0..at.nq {
         for j in 0..at.nk {
             if !mask.visible(at.b, at.q0 + i, at.k0 + j) {
