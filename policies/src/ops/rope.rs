@@ -109,42 +109,46 @@ impl SplitHeads {
         // Each task writes one [t, d] block of the [b, h, t, d] side (to_heads) or one
         // [h, d] row of the [b, t, h, d] side.
         let block = if to_heads { t * d } else { h * d };
-        dst.par_chunks_mut(block.max(1))
-            .enumerate()
-            .for_each(|(i, out)| {
-                let rows = if to_heads { t } else { h };
-                for r in 0..rows {
-                    // (bi, ti, hi) of this row.
-                    let (bi, ti, hi) = if to_heads {
-                        (i / h, r, i % h)
-                    } else {
-                        (i / t, i % t, r)
-                    };
-                    let from = if to_heads {
-                        ((bi * t + ti) * h + hi) * d
-                    } else {
-                        ((bi * h + hi) * t + ti) * d
-                    };
-                    let x = &src[from..from + d];
-                    let y = &mut out[r * d..(r + 1) * d];
-                    match tables {
-                        None => y.copy_from_slice(x),
-                        Some((cos, sin, batched)) => {
-                            let cs = if batched {
-                                (bi * t + ti) * half
-                            } else {
-                                ti * half
-                            };
-                            for j in 0..half {
-                                let (c, s) = (cos[cs + j], sin[cs + j] * sign);
-                                // candle's rope kernel's expressions, so the bits are its bits.
-                                y[j] = x[j] * c - x[j + half] * s;
-                                y[j + half] = x[j] * s + x[j + half] * c;
-                            }
+        let fill = |(i, out): (usize, &mut [T])| {
+            let rows = if to_heads { t } else { h };
+            for r in 0..rows {
+                // (bi, ti, hi) of this row.
+                let (bi, ti, hi) = if to_heads {
+                    (i / h, r, i % h)
+                } else {
+                    (i / t, i % t, r)
+                };
+                let from = if to_heads {
+                    ((bi * t + ti) * h + hi) * d
+                } else {
+                    ((bi * h + hi) * t + ti) * d
+                };
+                let x = &src[from..from + d];
+                let y = &mut out[r * d..(r + 1) * d];
+                match tables {
+                    None => y.copy_from_slice(x),
+                    Some((cos, sin, batched)) => {
+                        let cs = if batched {
+                            (bi * t + ti) * half
+                        } else {
+                            ti * half
+                        };
+                        for j in 0..half {
+                            let (c, s) = (cos[cs + j], sin[cs + j] * sign);
+                            // candle's rope kernel's expressions, so the bits are its bits.
+                            y[j] = x[j] * c - x[j + half] * s;
+                            y[j + half] = x[j] * s + x[j + half] * c;
                         }
                     }
                 }
-            });
+            }
+        };
+        if dst.len() <= 1 << 14 {
+            // A decoding step's few rows: on this thread, not through rayon's pool.
+            dst.chunks_mut(block.max(1)).enumerate().for_each(fill);
+        } else {
+            dst.par_chunks_mut(block.max(1)).enumerate().for_each(fill);
+        }
         Ok(dst)
     }
 }

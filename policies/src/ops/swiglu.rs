@@ -162,6 +162,11 @@ impl Gate for f64 {
 
 fn forward<T: Gate>(g: &[T], u: &[T]) -> Vec<T> {
     let mut y = vec![T::zero(); g.len()];
+    if g.len() <= CHUNK {
+        // One task: on this thread (a decoding step's rows), not through rayon's pool.
+        T::forward(g, u, &mut y);
+        return y;
+    }
     y.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
         .for_each(|(y, (g, u))| T::forward(g, u, y));
@@ -170,6 +175,10 @@ fn forward<T: Gate>(g: &[T], u: &[T]) -> Vec<T> {
 
 fn backward<T: Gate>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
     let (mut dg, mut du) = (vec![T::zero(); g.len()], vec![T::zero(); g.len()]);
+    if g.len() <= CHUNK {
+        T::backward(g, u, dy, &mut dg, &mut du);
+        return (dg, du);
+    }
     dg.par_chunks_mut(CHUNK)
         .zip(du.par_chunks_mut(CHUNK))
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
