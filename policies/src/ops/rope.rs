@@ -46,7 +46,10 @@ impl Backward1 for RopeBwd {
 /// back out as [b, t, heads·d]. CPU f32/f64; elsewhere the composed ops.
 pub fn split_heads(x: &Tensor, heads: usize, rotary: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
     let (b, t, w) = x.dims3()?;
-    if heads == 0 || w % heads != 0 || (w / heads) % 2 != 0 && rotary.is_some() {
+    if heads == 0
+        || !w.is_multiple_of(heads)
+        || (rotary.is_some() && !(w / heads).is_multiple_of(2))
+    {
         candle_core::bail!("split_heads: width {w} is not {heads} heads of an even size");
     }
     let d = w / heads;
