@@ -127,18 +127,6 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
     }
 }
 
-/// The largest ‖a − b‖ / ‖a‖ over the tensors of two adapters.
-fn max_relative_diff(a: &[(String, Vec<f64>)], b: &[(String, Vec<f64>)]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|((_, x), (_, y))| {
-            let norm = x.iter().map(|v| v * v).sum::<f64>().sqrt();
-            let err = x.iter().zip(y).map(|(p, q)| (p - q) * (p - q)).sum::<f64>();
-            err.sqrt() / norm.max(f64::MIN_POSITIVE)
-        })
-        .fold(0.0, f64::max)
-}
-
 /// A two-rank run resumed on two ranks from its checkpoint ends bit-identical to the
 /// uninterrupted one; resuming it on one rank is refused, naming the ranks.
 #[test]

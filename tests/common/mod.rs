@@ -242,6 +242,19 @@ pub fn tensors(path: &Path) -> Vec<(String, Vec<f64>)> {
 }
 
 /// Each tensor of `b` within `rel` of `a`'s in norm: ‖a − b‖₂ ≤ rel · ‖a‖₂.
+/// The largest ‖a − b‖ / ‖a‖ over the tensors of two adapters.
+#[allow(dead_code)]
+pub fn max_relative_diff(a: &[(String, Vec<f64>)], b: &[(String, Vec<f64>)]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|((_, x), (_, y))| {
+            let norm = x.iter().map(|v| v * v).sum::<f64>().sqrt();
+            let err = x.iter().zip(y).map(|(p, q)| (p - q) * (p - q)).sum::<f64>();
+            err.sqrt() / norm.max(f64::MIN_POSITIVE)
+        })
+        .fold(0.0, f64::max)
+}
+
 pub fn assert_tensors_close(
     a: &[(String, Vec<f64>)],
     b: &[(String, Vec<f64>)],
