@@ -141,8 +141,7 @@ impl Linear {
                 };
             }
         }
-        let mut out_dims = x.dims().to_vec();
-        *out_dims.last_mut().expect("linear input has a last dim") = self.out_features();
+        let out_dims = crate::ops::with_last(x.dims(), self.out_features());
         let x2 = x.reshape(((), self.in_features()))?;
         let mut y = self.base_product(&x2, ctx)?;
         if let Some(b) = &self.bias {

@@ -102,12 +102,15 @@ fn widen_bf16(src: &[bf16], dst: &mut [f32]) {
 
 /// Where these products apply: `x` f32 and `w` bf16/f16, both 2-D on the CPU.
 pub fn applies(x: &Tensor, w: &Tensor) -> bool {
+    operands(x, w) && x.rank() == 2 && w.rank() == 2
+}
+
+/// `x` f32 and `w` bf16/f16, both on the CPU (any ranks).
+pub fn operands(x: &Tensor, w: &Tensor) -> bool {
     x.device().is_cpu()
         && w.device().is_cpu()
         && x.dtype() == DType::F32
         && matches!(w.dtype(), DType::BF16 | DType::F16)
-        && x.rank() == 2
-        && w.rank() == 2
 }
 
 /// `a · wᵀ` (`transpose_w`, `a` [m, k]) or `a · w` (`a` [m, n]) for a half-precision `w`

@@ -75,15 +75,6 @@ pub fn lora_linear(
     x.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
 
-/// `dims` with the last replaced by `out`.
-fn out_shape(dims: &[usize], out: usize) -> Shape {
-    let mut d = dims.to_vec();
-    if let Some(last) = d.last_mut() {
-        *last = out;
-    }
-    Shape::from(d)
-}
-
 struct LoraLinear {
     w: LinearWeight,
     bias: Option<Vec<f32>>,
@@ -126,8 +117,7 @@ impl CustomOp3 for LoraLinear {
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = lx.shape().dims();
-        let k = *dims.last().unwrap_or(&0);
-        let n = lx.shape().elem_count() / k.max(1);
+        let (n, k) = super::rows_of(lx.shape());
         let (r, ka) = la.shape().dims2()?;
         let (out, rb) = lb.shape().dims2()?;
         if ka != k || rb != r || self.w.dims() != (out, k) {
@@ -155,7 +145,7 @@ impl CustomOp3 for LoraLinear {
             }
         }
         if n == 0 || r == 0 || k == 0 {
-            return Ok((CpuStorage::F32(y), out_shape(dims, out)));
+            return Ok((CpuStorage::F32(y), super::with_last(dims, out)));
         }
         // xa = (m ⊙ x) Aᵀ, scaled by s: [n, r].
         let masked;
@@ -197,7 +187,7 @@ impl CustomOp3 for LoraLinear {
                 parallelism(n, out, r),
             );
         }
-        Ok((CpuStorage::F32(y), out_shape(dims, out)))
+        Ok((CpuStorage::F32(y), super::with_last(dims, out)))
     }
 
     fn bwd(
@@ -212,9 +202,9 @@ impl CustomOp3 for LoraLinear {
         // into the products: candle's element-wise ops would run on one thread each.
         let wants_dx = x.track_op();
         let (x_shape, dev) = (x.shape().clone(), x.device().clone());
-        let k = x.dim(candle_core::D::Minus1)?;
+        let (n, k) = super::rows_of(&x_shape);
         let out = dy.dim(candle_core::D::Minus1)?;
-        let (r, n) = (a.dim(0)?, x_shape.elem_count() / k.max(1));
+        let r = a.dim(0)?;
         let (x, a, b, dy) = (
             x.contiguous()?,
             a.contiguous()?,

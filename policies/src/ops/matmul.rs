@@ -8,17 +8,9 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 /// (no reshapes in the graph: candle's backward gives each node a zeroed gradient and an add):
 /// f32 inputs that track gradients with an f32 weight, or f32 inputs with a bf16/f16 weight.
 pub fn takes_any_rank(x: &Tensor, w: &Tensor) -> bool {
-    use candle_core::DType;
     x.rank() >= 2
         && w.rank() == 2
-        && x.device().is_cpu()
-        && w.device().is_cpu()
-        && x.dtype() == DType::F32
-        && match w.dtype() {
-            DType::F32 => x.track_op(),
-            DType::BF16 | DType::F16 => true,
-            _ => false,
-        }
+        && ((x.track_op() && super::gemm::cpu_f32(&[x, w])) || super::half_weight::operands(x, w))
 }
 
 /// `x`: [n, in] (any rank ≥ 2 where [`takes_any_rank`]), `w`: [out, in] (not a variable) →
@@ -63,19 +55,16 @@ impl CustomOp1 for FrozenLinear {
         let CpuStorage::F32(xv) = s else {
             candle_core::bail!("frozen-linear: expected f32 input");
         };
-        let dims = l.shape().dims();
-        let k = *dims.last().unwrap_or(&0);
-        let m = l.shape().elem_count() / k.max(1);
+        let (m, k) = super::rows_of(l.shape());
         let x = &xv[l.start_offset()..l.start_offset() + m * k];
         let out = match self.w.dtype() {
             candle_core::DType::F32 => super::gemm::matmul_t_f32(x, m, k, &self.w)?,
             _ => super::half_weight::matmul_t(x, m, k, &self.w)?,
         };
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = self.w.dim(0)?;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+        Ok((
+            CpuStorage::F32(out),
+            super::with_last(l.shape().dims(), self.w.dim(0)?),
+        ))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let dy = dy.reshape(((), self.w.dim(0)?))?;

@@ -19,7 +19,62 @@ pub mod rowdot;
 pub mod softmax;
 pub mod swiglu;
 
-use candle_core::DType;
+use candle_core::{CpuStorage, DType, Layout, Shape};
+
+/// The widest x86 vector build this CPU runs, chosen once: the element-wise kernels
+/// (the fused attention's row passes, SwiGLU) are each built for AVX-512, for AVX2 + FMA and
+/// portably, and pick their build by it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum SimdLevel {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+pub(crate) fn simd_level() -> SimdLevel {
+    static CHOSEN: std::sync::OnceLock<SimdLevel> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return SimdLevel::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return SimdLevel::Avx2;
+            }
+        }
+        SimdLevel::Portable
+    })
+}
+
+/// A contiguous CPU operand's values as `T` (`op` names the op in the error).
+pub(crate) fn contiguous_values<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [T]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: non-contiguous input")))?;
+    Ok(&T::cpu_storage_as_slice(s)?[start..end])
+}
+
+/// A `[.., k]` shape as `n` rows of width `k`.
+pub(crate) fn rows_of(shape: &Shape) -> (usize, usize) {
+    let k = shape.dims().last().copied().unwrap_or(0);
+    (shape.elem_count() / k.max(1), k)
+}
+
+/// `dims` with the last replaced by `last`: a row-wise product's output shape.
+pub(crate) fn with_last(dims: &[usize], last: usize) -> Shape {
+    let mut d = dims.to_vec();
+    if let Some(l) = d.last_mut() {
+        *l = last;
+    }
+    Shape::from(d)
+}
 
 /// The dtype reductions run in: f32 for f32/bf16/f16 models, f64 for f64 (used by the
 /// finite-difference checks).

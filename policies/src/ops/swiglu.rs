@@ -14,6 +14,7 @@
 //! composed ops.
 
 use super::flash_attention::exp_f32;
+use super::{simd_level, SimdLevel};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -36,11 +37,7 @@ struct SwiGlu;
 
 /// A contiguous operand's values of type `T`.
 fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let v = s.as_slice::<T>()?;
-    if !l.is_contiguous() {
-        candle_core::bail!("swiglu: operands must be contiguous");
-    }
-    Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
+    super::contiguous_values(s, l, "swiglu")
 }
 
 /// The element kernels of one float type.
@@ -90,58 +87,41 @@ unsafe fn backward_avx2(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &m
     backward_body(g, u, dy, dg, du)
 }
 
-/// Which build of the f32 kernels this CPU runs.
-#[derive(Clone, Copy, PartialEq, Debug)]
-enum Build {
-    Avx512,
-    Avx2,
-    Portable,
-}
-
-fn build() -> Build {
-    static CHOSEN: std::sync::OnceLock<Build> = std::sync::OnceLock::new();
-    *CHOSEN.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                return Build::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Build::Avx2;
-            }
-        }
-        Build::Portable
-    })
-}
-
-fn forward_f32(build: Build, g: &[f32], u: &[f32], y: &mut [f32]) {
+fn forward_f32(build: SimdLevel, g: &[f32], u: &[f32], y: &mut [f32]) {
     match build {
         // SAFETY: each build is chosen only where the CPU has its features.
         #[cfg(target_arch = "x86_64")]
-        Build::Avx512 => unsafe { forward_avx512(g, u, y) },
+        SimdLevel::Avx512 => unsafe { forward_avx512(g, u, y) },
         #[cfg(target_arch = "x86_64")]
-        Build::Avx2 => unsafe { forward_avx2(g, u, y) },
+        SimdLevel::Avx2 => unsafe { forward_avx2(g, u, y) },
         _ => forward_body(g, u, y),
     }
 }
 
-fn backward_f32(build: Build, g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+fn backward_f32(
+    build: SimdLevel,
+    g: &[f32],
+    u: &[f32],
+    dy: &[f32],
+    dg: &mut [f32],
+    du: &mut [f32],
+) {
     match build {
         // SAFETY: as in forward_f32.
         #[cfg(target_arch = "x86_64")]
-        Build::Avx512 => unsafe { backward_avx512(g, u, dy, dg, du) },
+        SimdLevel::Avx512 => unsafe { backward_avx512(g, u, dy, dg, du) },
         #[cfg(target_arch = "x86_64")]
-        Build::Avx2 => unsafe { backward_avx2(g, u, dy, dg, du) },
+        SimdLevel::Avx2 => unsafe { backward_avx2(g, u, dy, dg, du) },
         _ => backward_body(g, u, dy, dg, du),
     }
 }
 
 impl Gate for f32 {
     fn forward(g: &[f32], u: &[f32], y: &mut [f32]) {
-        forward_f32(build(), g, u, y)
+        forward_f32(simd_level(), g, u, y)
     }
     fn backward(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
-        backward_f32(build(), g, u, dy, dg, du)
+        backward_f32(simd_level(), g, u, dy, dg, du)
     }
 }
 
@@ -250,6 +230,7 @@ impl CustomOp2 for SwiGlu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::tests::max_diff;
     use candle_core::{Device, Var};
 
     fn composed(g: &Tensor, u: &Tensor) -> Tensor {
@@ -269,18 +250,8 @@ mod tests {
         let want = composed(&g64, &u64_);
         let want_g = (&want * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let (wg, wu) = (want_g.get(&g64).unwrap(), want_g.get(&u64_).unwrap());
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a.to_dtype(DType::F64).unwrap() - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
+        // f32 results against the f64 reference.
+        let diff = |a: &Tensor, b: &Tensor| max_diff(&a.to_dtype(DType::F64).unwrap(), b);
         let got = swiglu(&g64, &u64_).unwrap();
         let gg = (&got * &r).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(diff(&got, &want) < 1e-12);
@@ -312,15 +283,15 @@ mod tests {
         let dy: Vec<f32> = (0..n)
             .map(|i| ((i * 31) % 11) as f32 * 0.25 - 1.0)
             .collect();
-        let run = |b: Build| {
+        let run = |b: SimdLevel| {
             let mut y = vec![0f32; n];
             let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
             forward_f32(b, &g, &u, &mut y);
             backward_f32(b, &g, &u, &dy, &mut dg, &mut du);
             (y, dg, du)
         };
-        let portable = run(Build::Portable);
-        assert_eq!(run(build()), portable);
+        let portable = run(SimdLevel::Portable);
+        assert_eq!(run(simd_level()), portable);
         // Against f64's silu: the vectorised exp is within a few ulp.
         for i in 0..n {
             let (g, u) = (g[i] as f64, u[i] as f64);

@@ -8,7 +8,7 @@ fn randn(shape: &[usize]) -> Var {
     Var::from_tensor(&Tensor::randn(0f64, 1.0, shape, &Device::Cpu).unwrap()).unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+pub(super) fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b)
         .unwrap()
         .abs()

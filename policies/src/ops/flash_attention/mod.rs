@@ -232,10 +232,7 @@ struct FlashAttention {
 }
 
 fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("flash attention: non-contiguous input".into()))?;
-    Ok(&T::cpu_storage_as_slice(s)?[start..end])
+    crate::ops::contiguous_values(s, l, "flash attention")
 }
 
 fn dims_of(q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {

@@ -115,30 +115,21 @@ pub struct RowKernels {
 impl RowKernels {
     /// The widest build this CPU runs, chosen once.
     pub fn detect() -> Self {
-        static CHOSEN: std::sync::OnceLock<RowKernels> = std::sync::OnceLock::new();
-        *CHOSEN.get_or_init(|| {
+        match crate::ops::simd_level() {
             #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    return Self {
-                        max: max_avx512,
-                        exp_sum: exp_sum_avx512,
-                    };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    return Self {
-                        max: max_avx2,
-                        exp_sum: exp_sum_avx2,
-                    };
-                }
-            }
-            Self::portable()
-        })
+            crate::ops::SimdLevel::Avx512 => Self {
+                max: max_avx512,
+                exp_sum: exp_sum_avx512,
+            },
+            #[cfg(target_arch = "x86_64")]
+            crate::ops::SimdLevel::Avx2 => Self {
+                max: max_avx2,
+                exp_sum: exp_sum_avx2,
+            },
+            _ => Self::portable(),
+        }
     }
 
-    /// The build for any x86-64 (and other) CPU.
     pub fn portable() -> Self {
         Self {
             max: max_portable,
