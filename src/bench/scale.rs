@@ -163,7 +163,7 @@ pub fn w5(
     let s = median(total.clone());
     let mut phases = json!({"adamw": median(to)});
     // The fused attention's time (forwards, recomputes, backwards) where it runs.
-    let fused = flash_attention::uses_fused_attention(dev, model.info().weight_dtype, t, t);
+    let fused = flash_attention::uses_fused_attention(dev, t, t);
     if fused {
         phases["attention"] = json!(median(attention));
     }

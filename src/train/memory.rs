@@ -22,8 +22,8 @@ pub const LIMIT_ENV: &str = "RLFT_MEMORY_LIMIT_MB";
 /// - six hidden-size vectors (two norm outputs, two residual sums, the rotated queries, the
 ///   attention output), two of the MLP's width (its activation and product), and three
 ///   attention rows per head (`seq` entries each: scores, masked scores, probabilities;
-///   heads ≈ hidden / 64) — or, where the fused attention runs (long sequences on the CPU,
-///   `ops::flash_attention`), no rows: its f32 queries, keys and values (three
+///   heads ≈ hidden / 64) — or, where the fused attention runs (on the CPU every pass of
+///   two tokens or more, `ops::flash_attention::uses_fused_attention`), no rows: its f32 queries, keys and values (three
 ///   hidden-size vectors at most) and one log-sum-exp per head;
 ///
 /// times 3/2 for what comes on top while the backward runs (gradients in flight, candle's
@@ -77,7 +77,7 @@ fn pass_bytes(
     let outputs = blocks.iter().map(|l| l.out_features()).sum::<usize>() / layers;
     let width = blocks.iter().map(|l| l.out_features()).max().unwrap_or(h);
     let heads = (h / 64).max(1);
-    let attention = if uses_fused_attention(&info.device, info.weight_dtype, seq, seq) {
+    let attention = if uses_fused_attention(&info.device, seq, seq) {
         3 * h + heads
     } else {
         3 * heads * seq
@@ -309,9 +309,10 @@ mod tests {
         let m = tiny();
         // Per layer the outputs of q 64, k 32, v 32, o 64, gate 128, up 128, down 64 (one
         // each: the fused LoRA layer on the CPU in f32), 6 × 64 hidden-size vectors, 2 × 128
-        // of the MLP's width, 3 attention rows of t for 64/64 = 1 head.
+        // of the MLP's width; the fused attention (every pass of ≥ 2 tokens on the CPU):
+        // q, k, v as 3 × 64 and one log-sum-exp for 64/64 = 1 head.
         let (b, t) = (4, 10);
-        let layer = 512 + 6 * 64 + 2 * 128 + 3 * t;
+        let layer = 512 + 6 * 64 + 2 * 128 + 3 * 64 + 1;
         // 2 layers' worth × 3/2, the final norm's 64, 3 × 512 logits.
         let per_token = 2 * layer * 3 / 2 + 64;
         assert_eq!(

@@ -62,7 +62,7 @@ impl PassCtx {
         };
         let dev = &info.device;
         let s = keys.first().map_or(0, Vec::len);
-        if uses_fused_attention(dev, info.weight_dtype, t, s) {
+        if uses_fused_attention(dev, t, s) {
             return Ok(Self::fused(
                 info,
                 AttentionMask {
@@ -90,7 +90,7 @@ impl PassCtx {
         let positions: Vec<Vec<u32>> = input.positions.to_vec2()?;
         let dev = &info.device;
         let (b, t) = (input.batch_size(), input.seq_len());
-        if uses_fused_attention(dev, info.weight_dtype, t, t) {
+        if uses_fused_attention(dev, t, t) {
             return Ok(Self::fused(
                 info,
                 AttentionMask {

@@ -101,10 +101,13 @@ fn assert_same(what: &str, a: &(Vec<Tensor>, Vec<Tensor>), b: &(Vec<Tensor>, Vec
             max_diff(x, y)
         );
     }
+    // Gradients: relative to the tensor's largest entry (the head's and the attention's
+    // summation orders differ between the paths; entries reach ~10 on the fixtures).
     for (x, y) in a.1.iter().zip(&b.1) {
+        let scale = y.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(
-            max_diff(x, y) <= 1e-5,
-            "{what}: gradients differ by {}",
+            max_diff(x, y) <= 1e-5 * scale.max(1.0),
+            "{what}: gradients differ by {} (largest entry {scale})",
             max_diff(x, y)
         );
     }
@@ -113,7 +116,7 @@ fn assert_same(what: &str, a: &(Vec<Tensor>, Vec<Tensor>), b: &(Vec<Tensor>, Vec
 /// `token_logprobs` and the adapter gradients of `Σ w·lp` (an SFT loss), then `score_hidden`
 /// at τ = 0.7 with a differentiable entropy bonus and with a metric entropy: chunks of 5
 /// rows (recomputed in the backward) and the automatic size (one chunk here, kept) give the
-/// whole logits' values and gradients (≤ 1e-5).
+/// whole logits' values (≤ 1e-5) and gradients (≤ 1e-5 of each tensor's largest entry).
 #[test]
 fn chunked_head_matches_whole_logits_on_fixtures() {
     for name in ["llama", "gpt2"] {

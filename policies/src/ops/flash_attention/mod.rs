@@ -35,20 +35,20 @@ use kernel::{backward, forward, Dims};
 use products::GemmProducts;
 use std::sync::Mutex;
 
-/// Keys from which the CPU uses the fused attention ([`flash_attention()`]) for an f32 or f64
-/// model, and for a decoding step's single query row; below it the composed ops (one batched
-/// product each, in the model's dtype) are as fast and their results those of every earlier
-/// release. `RLFT_FUSED_ATTENTION_MIN_KEYS` overrides it for every pass (0: always fused).
+/// Keys from which a decoding step's single query row uses the fused attention on the CPU;
+/// below it the composed ops (one batched product each, in the model's dtype) are as fast
+/// for one row. `RLFT_FUSED_ATTENTION_MIN_KEYS` overrides the whole rule (every pass with at
+/// least that many keys fused; 0: always).
 pub const FUSED_MIN_KEYS: usize = 1024;
 
-/// Query rows from which a bf16 model's pass runs the fused attention at any length: its tile
-/// products then run on the bf16 engine (`VDPBF16PS`, AMX) with P rounded to bf16, as
-/// PyTorch's bf16 attention does, where the composed ops multiply in f32 and keep `[t, s]`
-/// scores, probabilities and their gradients for the backward. On SmolLM2-135M (Zen 4, W5
-/// bf16, B = 4) the fused path was faster from 32 tokens on and, at 256, cut the step's peak
-/// from 4.8 to 2.9 GB. A decoding step (one row) keeps the composed ops below
-/// [`FUSED_MIN_KEYS`].
-pub const BF16_FUSED_MIN_QUERIES: usize = 2;
+/// Query rows from which a pass (training, scoring, a prefill) runs the fused attention at any
+/// length, whatever the dtype. For a bf16 model its tile products run on the bf16 engine
+/// (`VDPBF16PS`, AMX) with P rounded to bf16, as PyTorch's bf16 attention does; f32 and f64
+/// run gemm's tiles. The composed ops keep `[t, s]` scores, probabilities and their gradients
+/// for the backward and are a dozen graph nodes per layer: on SmolLM2-135M (Zen 4, W5 bf16,
+/// B = 4) the fused path was faster from 32 tokens on and, at 256, cut the step's peak from
+/// 4.8 to 2.9 GB; on the small f32 Llama of W1 (B = 8, T = 64) it cut the step by ~15%.
+pub const FUSED_MIN_QUERIES: usize = 2;
 
 fn fused_min_keys() -> Option<usize> {
     std::env::var("RLFT_FUSED_ATTENTION_MIN_KEYS")
@@ -56,21 +56,15 @@ fn fused_min_keys() -> Option<usize> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Whether a pass of `queries` rows over `keys` keys on `device`, for a model whose matrices
-/// are stored in `weight_dtype`, uses the fused attention.
-pub fn uses_fused_attention(
-    device: &Device,
-    weight_dtype: DType,
-    queries: usize,
-    keys: usize,
-) -> bool {
+/// Whether a pass of `queries` rows over `keys` keys on `device` uses the fused attention.
+pub fn uses_fused_attention(device: &Device, queries: usize, keys: usize) -> bool {
     if !device.is_cpu() {
         return false;
     }
     if let Some(min) = fused_min_keys() {
         return keys >= min;
     }
-    keys >= FUSED_MIN_KEYS || (weight_dtype == DType::BF16 && queries >= BF16_FUSED_MIN_QUERIES)
+    keys >= FUSED_MIN_KEYS || queries >= FUSED_MIN_QUERIES
 }
 
 /// Nanoseconds spent in the fused kernel (forwards and backwards) by this process.
