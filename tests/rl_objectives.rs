@@ -86,7 +86,10 @@ fn older_loss_aggregation_names_are_the_same_runs() {
     assert_ne!(adapter_bytes(&c.0), adapter_bytes(&d.0));
 }
 
-/// SAPO, CISPO and GSPO (sequence-level ratios) raise the digit task's reward as GRPO does.
+/// SAPO, CISPO and GSPO (sequence-level ratios) raise the digit task's reward as GRPO does:
+/// over three seeds the mean score of the last steps beats the first steps' by 0.3 on average
+/// and on every seed. (One seed's gain moves by ±0.3 with the kernels' rounding: a change of
+/// summation order once took CISPO's from +0.45 to +0.26.)
 #[test]
 fn sapo_cispo_and_gspo_learn() {
     for (name, sets) in [
@@ -103,18 +106,24 @@ fn sapo_cispo_and_gspo_learn() {
             ],
         ),
     ] {
-        let mut sets = sets.to_vec();
-        sets.extend(["rl.num_generations=8", "training.learning_rate=1e-2"]);
-        let tmp = TempDir::new(name);
-        let cfg = config(&tmp.0, "grpo", &sets);
-        run(&cfg, &default_registry(), &quiet()).unwrap();
-        let m = metrics(&tmp.0);
-        let scores = series(&m, "objective/scores");
-        let (first, last) = (mean(&scores[..5]), mean(&scores[25..]));
-        eprintln!("{name}: mean score {first:.3} → {last:.3}");
-        assert!(last > first + 0.3, "{name}: score {first:.3} → {last:.3}");
-        let losses = series(&m, "loss/policy");
-        assert!(losses.iter().all(|l| l.is_finite()), "{name}: {losses:?}");
+        let mut gains = Vec::new();
+        for seed in 0..3 {
+            let mut sets = sets.to_vec();
+            let seed_set = format!("training.seed={seed}");
+            sets.extend(["rl.num_generations=8", "training.learning_rate=1e-2", &seed_set]);
+            let tmp = TempDir::new(&format!("{name}{seed}"));
+            let cfg = config(&tmp.0, "grpo", &sets);
+            run(&cfg, &default_registry(), &quiet()).unwrap();
+            let m = metrics(&tmp.0);
+            let scores = series(&m, "objective/scores");
+            let (first, last) = (mean(&scores[..5]), mean(&scores[25..]));
+            eprintln!("{name} seed {seed}: mean score {first:.3} → {last:.3}");
+            assert!(last > first, "{name} seed {seed}: score {first:.3} → {last:.3}");
+            gains.push(last - first);
+            let losses = series(&m, "loss/policy");
+            assert!(losses.iter().all(|l| l.is_finite()), "{name}: {losses:?}");
+        }
+        assert!(mean(&gains) > 0.3, "{name}: score gains {gains:?}");
     }
 }
 
