@@ -305,7 +305,7 @@ const TILE: usize = 4;
 /// tile's four interleaved 1-4 KB streams are too short for the hardware prefetcher, and
 /// without it the kernel read DRAM-resident weights at 6.5 GB/s against 16 GB/s with it
 /// (Zen 4, k = 256).
-const PREFETCH_BYTES: usize = 32 << 10;
+pub(crate) const PREFETCH_BYTES: usize = 32 << 10;
 
 /// Output columns `j0..j0+TILE` (fewer at the end) for every row of `x`: 4 × 4 tiles of
 /// (input rows × weight rows), then the rows left over one at a time against the same tile.
