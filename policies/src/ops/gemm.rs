@@ -39,7 +39,7 @@ pub fn matmul(a: &Tensor, b: &Tensor, transpose_b: bool) -> Result<Tensor> {
 /// `x · wᵀ` for a contiguous row-major `x` [m, k] slice and a contiguous f32 CPU weight
 /// `w` [n, k]: the row-dot path for few rows, gemm otherwise. Returns the [m, n] values.
 pub fn matmul_t_f32(x: &[f32], m: usize, k: usize, w: &Tensor) -> Result<Vec<f32>> {
-    use super::rowdot::{rowdot, ROWDOT_MAX_ROWS};
+    use super::rowdot::{f32_max_rows, rowdot};
     let (n, kw) = w.dims2()?;
     if kw != k || !w.is_contiguous() {
         candle_core::bail!(
@@ -52,8 +52,9 @@ pub fn matmul_t_f32(x: &[f32], m: usize, k: usize, w: &Tensor) -> Result<Vec<f32
         candle_core::bail!("matmul_t_f32: expected an f32 CPU weight");
     };
     let wv = &wv[lw.start_offset()..lw.start_offset() + n * k];
-    if m <= ROWDOT_MAX_ROWS {
-        return Ok(rowdot(x, wv, m, n, k, n * k >= PARALLEL_MIN_WEIGHT));
+    if m <= f32_max_rows() {
+        let parallel = n * k >= PARALLEL_MIN_WEIGHT || m * n * k >= PARALLEL_MIN_MACS;
+        return Ok(rowdot(x, wv, m, n, k, parallel));
     }
     if k == 0 {
         return Ok(vec![0.0; m * n]);
@@ -140,7 +141,7 @@ pub(super) fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     }
 }
 
-/// `a · bᵀ` by [`super::rowdot`] when `a` has at most `ROWDOT_MAX_ROWS` rows (CPU, f32,
+/// `a · bᵀ` by [`super::rowdot`] when `a` has at most `f32_max_rows()` rows (CPU, f32,
 /// both contiguous); None otherwise.
 fn few_rows(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     if !cpu_f32(&[a, b])
@@ -152,7 +153,7 @@ fn few_rows(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     let ((m, k), (n, kb)) = (a.dims2()?, b.dims2()?);
-    if m > super::rowdot::ROWDOT_MAX_ROWS || k != kb {
+    if m > super::rowdot::f32_max_rows() || k != kb {
         return Ok(None);
     }
     let (sa, la) = a.storage_and_layout();
