@@ -111,7 +111,11 @@ fn sapo_cispo_and_gspo_learn() {
         for seed in 0..5 {
             let mut sets = sets.to_vec();
             let seed_set = format!("training.seed={seed}");
-            sets.extend(["rl.num_generations=8", "training.learning_rate=1e-2", &seed_set]);
+            sets.extend([
+                "rl.num_generations=8",
+                "training.learning_rate=1e-2",
+                &seed_set,
+            ]);
             let tmp = TempDir::new(&format!("{name}{seed}"));
             let cfg = config(&tmp.0, "grpo", &sets);
             run(&cfg, &default_registry(), &quiet()).unwrap();

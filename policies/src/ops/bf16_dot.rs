@@ -497,7 +497,6 @@ mod emulate;
 mod operands;
 pub mod weight;
 
-use emulate::sum_lanes;
 pub use emulate::{dot_pair, dots_emulated, round_bf16, tile_emulated};
 use operands::uninit;
 pub use operands::{pack_n, pack_t, round_pairs};
