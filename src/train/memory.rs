@@ -14,17 +14,26 @@ use rlft_policies::CausalLm;
 pub const LIMIT_ENV: &str = "RLFT_MEMORY_LIMIT_MB";
 
 /// Bytes of activations a forward + backward pass keeps for `batch` rows of `seq` tokens,
-/// all f32, counted per token and layer as the ops leave them in the graph:
+/// all f32, counted per token and layer as the ops leave them in the graph. On the CPU with
+/// f32 activations (f32 or bf16 weights), where the LoRA layer (`ops::lora_linear`), SwiGLU
+/// (`ops::swiglu`), the rotated heads (`ops::rope::split_heads`) and the attention
+/// (`ops::flash_attention`, every pass of two tokens or more) are each one op keeping only
+/// what its backward reads:
 ///
-/// - every linear layer's output once where the LoRA layer is one op (CPU, f32
-///   activations: `ops::lora_linear`), four times where it is composed (base product,
-///   `xa Bᵀ`, its scaled copy, the sum);
+/// - five hidden-size vectors (the block's input, both norm outputs, the attention output,
+///   the residual sum between the two halves), the attention's queries, keys and values (the
+///   q, k, v widths), one log-sum-exp per head (heads ≈ hidden / 64), and three of the MLP's
+///   width (gate and up outputs, their product); in the linears' terms: their outputs once,
+///   plus three hidden-size vectors and one MLP width. The linears' other outputs (o, down,
+///   and q, k, v before rotation) are read once and freed.
+///
+/// Elsewhere (CUDA, f64), where those ops are composed of candle's:
+///
+/// - every linear layer's output four times (base product, `xa Bᵀ`, its scaled copy, the
+///   sum);
 /// - six hidden-size vectors (two norm outputs, two residual sums, the rotated queries, the
 ///   attention output), two of the MLP's width (its activation and product), and three
-///   attention rows per head (`seq` entries each: scores, masked scores, probabilities;
-///   heads ≈ hidden / 64) — or, where the fused attention runs (on the CPU every pass of
-///   two tokens or more, `ops::flash_attention::uses_fused_attention`), no rows: its f32 queries, keys and values (three
-///   hidden-size vectors at most) and one log-sum-exp per head;
+///   attention rows per head (`seq` entries each: scores, masked scores, probabilities);
 ///
 /// times 3/2 for what comes on top while the backward runs (gradients in flight, candle's
 /// temporaries, freed memory the allocator keeps): measured on W5, where the kept
@@ -77,12 +86,11 @@ fn pass_bytes(
     let outputs = blocks.iter().map(|l| l.out_features()).sum::<usize>() / layers;
     let width = blocks.iter().map(|l| l.out_features()).max().unwrap_or(h);
     let heads = (h / 64).max(1);
-    let attention = if uses_fused_attention(&info.device, seq, seq) {
-        3 * h + heads
+    let per_layer = if fused && uses_fused_attention(&info.device, seq, seq) {
+        outputs + 3 * h + width + heads
     } else {
-        3 * heads * seq
+        outputs * 4 + 6 * h + 2 * width + 3 * heads * seq
     };
-    let per_layer = outputs * if fused { 1 } else { 4 } + 6 * h + 2 * width + attention;
     let kept = if checkpointing {
         layers * h + 2 * per_layer
     } else {
@@ -307,12 +315,12 @@ mod tests {
     #[test]
     fn estimates_follow_the_formula() {
         let m = tiny();
-        // Per layer the outputs of q 64, k 32, v 32, o 64, gate 128, up 128, down 64 (one
-        // each: the fused LoRA layer on the CPU in f32), 6 × 64 hidden-size vectors, 2 × 128
-        // of the MLP's width; the fused attention (every pass of ≥ 2 tokens on the CPU):
-        // q, k, v as 3 × 64 and one log-sum-exp for 64/64 = 1 head.
+        // Per layer, the CPU's fused ops in f32 (LoRA layer, SwiGLU, split heads, attention):
+        // the outputs of q 64, k 32, v 32, o 64, gate 128, up 128, down 64 once, plus 3 × 64
+        // hidden-size vectors and one MLP width of 128 (what the ops keep: 5 × 64, q, k, v
+        // and 3 × 128), and one log-sum-exp for 64/64 = 1 head.
         let (b, t) = (4, 10);
-        let layer = 512 + 6 * 64 + 2 * 128 + 3 * 64 + 1;
+        let layer = 512 + 3 * 64 + 128 + 1;
         // 2 layers' worth × 3/2, the final norm's 64, 3 × 512 logits.
         let per_token = 2 * layer * 3 / 2 + 64;
         assert_eq!(
