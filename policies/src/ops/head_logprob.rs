@@ -60,17 +60,128 @@ pub fn head_logprobs(
 /// The float types the row-wise passes run in.
 trait Real: WithDType + std::ops::Neg<Output = Self> {
     fn exp(self) -> Self;
+
+    /// `Σ_k exp(z_k·inv_tau − max)`, each term in `Self`, accumulated in f64.
+    fn sum_exp(z: &[Self], inv_tau: Self, max: Self) -> f64 {
+        z.iter().map(|&v| (v * inv_tau - max).exp().to_f64()).sum()
+    }
+
+    /// One row of the early backward (`g` = 1, no entropy gradient): `d = (onehot(y) − p) / τ`.
+    fn dlp_dz(z: &[Self], d: &mut [Self], inv_tau: Self, y: u32, lse: Self) {
+        row_backward(
+            z,
+            d,
+            inv_tau,
+            y,
+            (lse, Self::zero()),
+            (Self::one(), Self::zero()),
+        );
+    }
 }
 
 impl Real for f32 {
     fn exp(self) -> Self {
         f32::exp(self)
     }
+
+    /// Vectorised: [`rows_f32`].
+    fn sum_exp(z: &[f32], inv_tau: f32, max: f32) -> f64 {
+        rows_f32::sum_exp(z, inv_tau, max)
+    }
+
+    fn dlp_dz(z: &[f32], d: &mut [f32], inv_tau: f32, y: u32, lse: f32) {
+        rows_f32::dlp_dz(z, d, inv_tau, y, lse)
+    }
 }
 
 impl Real for f64 {
     fn exp(self) -> Self {
         f64::exp(self)
+    }
+}
+
+/// The two passes over every logit of a row that a training step's head runs, for f32,
+/// vectorised: `Σ exp(z·τ⁻¹ − max)` (f64 lanes) and the early backward's `dz`. libm's
+/// `expf` is a call per logit (two per logit and row: 100 M of them in a W5 step on
+/// SmolLM2); this is the attention's vectorised Cephes `expf` (≤ 2 ulp), built for AVX-512
+/// and AVX2 and chosen at run time (`ops::simd_level`), the portable build the fallback.
+mod rows_f32 {
+    use crate::ops::flash_attention::exp_f32 as exp;
+
+    const LANES: usize = 16;
+
+    #[inline(always)]
+    fn sum_exp_body(z: &[f32], inv_tau: f32, max: f32) -> f64 {
+        let mut acc = [0f64; LANES];
+        let chunks = z.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for l in 0..LANES {
+                acc[l] += exp(c[l] * inv_tau - max) as f64;
+            }
+        }
+        let mut sum: f64 = acc.iter().sum();
+        for &v in rest {
+            sum += exp(v * inv_tau - max) as f64;
+        }
+        sum
+    }
+
+    /// `d[k] = −exp(z_k·τ⁻¹ − lse)·τ⁻¹`, then `d[y] = (1 − p_y)·τ⁻¹`: `row_backward`'s
+    /// expressions at g = 1.
+    #[inline(always)]
+    fn dlp_dz_body(z: &[f32], d: &mut [f32], inv_tau: f32, y: u32, lse: f32) {
+        for (dk, &v) in d.iter_mut().zip(z) {
+            *dk = -exp(v * inv_tau - lse) * inv_tau;
+        }
+        let y = y as usize;
+        d[y] = (-exp(z[y] * inv_tau - lse) + 1.0) * inv_tau;
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sum_exp_avx512(z: &[f32], inv_tau: f32, max: f32) -> f64 {
+        sum_exp_body(z, inv_tau, max)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sum_exp_avx2(z: &[f32], inv_tau: f32, max: f32) -> f64 {
+        sum_exp_body(z, inv_tau, max)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dlp_dz_avx512(z: &[f32], d: &mut [f32], inv_tau: f32, y: u32, lse: f32) {
+        dlp_dz_body(z, d, inv_tau, y, lse)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dlp_dz_avx2(z: &[f32], d: &mut [f32], inv_tau: f32, y: u32, lse: f32) {
+        dlp_dz_body(z, d, inv_tau, y, lse)
+    }
+
+    pub(super) fn sum_exp(z: &[f32], inv_tau: f32, max: f32) -> f64 {
+        match crate::ops::simd_level() {
+            // SAFETY: simd_level detected the build's features.
+            #[cfg(target_arch = "x86_64")]
+            crate::ops::SimdLevel::Avx512 => unsafe { sum_exp_avx512(z, inv_tau, max) },
+            #[cfg(target_arch = "x86_64")]
+            crate::ops::SimdLevel::Avx2 => unsafe { sum_exp_avx2(z, inv_tau, max) },
+            _ => sum_exp_body(z, inv_tau, max),
+        }
+    }
+
+    pub(super) fn dlp_dz(z: &[f32], d: &mut [f32], inv_tau: f32, y: u32, lse: f32) {
+        match crate::ops::simd_level() {
+            // SAFETY: as sum_exp.
+            #[cfg(target_arch = "x86_64")]
+            crate::ops::SimdLevel::Avx512 => unsafe { dlp_dz_avx512(z, d, inv_tau, y, lse) },
+            #[cfg(target_arch = "x86_64")]
+            crate::ops::SimdLevel::Avx2 => unsafe { dlp_dz_avx2(z, d, inv_tau, y, lse) },
+            _ => dlp_dz_body(z, d, inv_tau, y, lse),
+        }
     }
 }
 
@@ -149,14 +260,7 @@ fn run<T: Real>(
                 .enumerate()
                 .for_each(|(i, d)| {
                     let z = &zv[i * vocab..(i + 1) * vocab];
-                    row_backward(
-                        z,
-                        d,
-                        inv_tau,
-                        y[s + i],
-                        (lse[s + i], T::zero()),
-                        (T::one(), T::zero()),
-                    );
+                    T::dlp_dz(z, d, inv_tau, y[s + i], lse[s + i]);
                 });
             let dz = Tensor::from_vec(dz, (m, vocab), h.device())?.to_dtype(h.dtype())?;
             dlp_dh.push(super::gemm::matmul(&dz, &head.weight, false)?);
@@ -211,14 +315,15 @@ fn chunk_logits<T: Real>(h: &Tensor, head: &FrozenHead, s: usize, m: usize) -> R
 /// `softmax(z·inv_tau)`. The two sums over the vocabulary are accumulated in f64: a running
 /// f32 total near 1 drops every term below half an ulp (a logit ~17 below the maximum), which
 /// on a real model's long-tailed vocabulary biases every log-prob upwards (issue 23). Each
-/// term (`exp` in `T`) is exact to an ulp; only the accumulation is widened.
+/// term is `exp` in `T` (within 2 ulp for f32: [`rows_f32`]); only the accumulation is
+/// widened.
 fn row_forward<T: Real>(z: &[T], inv_tau: T, y: u32, with_h: bool) -> (T, T, T) {
     let zmax = z.iter().fold(
         T::from_f64(f64::NEG_INFINITY),
         |a, &v| if v > a { v } else { a },
     );
     let max = zmax * inv_tau;
-    let sum: f64 = z.iter().map(|&v| (v * inv_tau - max).exp().to_f64()).sum();
+    let sum = T::sum_exp(z, inv_tau, max);
     let lse64 = sum.ln() + max.to_f64();
     let lse = T::from_f64(lse64);
     let lp = T::from_f64((z[y as usize] * inv_tau).to_f64() - lse64);
