@@ -104,13 +104,7 @@ fn assert_same(what: &str, a: &(Vec<Tensor>, Vec<Tensor>), b: &(Vec<Tensor>, Vec
     // Gradients: relative to the tensor's largest entry (the head's and the attention's
     // summation orders differ between the paths; entries reach ~10 on the fixtures).
     for (x, y) in a.1.iter().zip(&b.1) {
-        let scale = y
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_diff(y, &y.zeros_like().unwrap());
         assert!(
             max_diff(x, y) <= 1e-5 * scale.max(1.0),
             "{what}: gradients differ by {} (largest entry {scale})",
