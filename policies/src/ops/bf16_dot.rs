@@ -127,17 +127,6 @@ pub fn tile_kernel() -> Option<TileKernel> {
     None
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
-// SAFETY: the tasks below write disjoint tiles of the destination.
-unsafe impl<T> Send for SendPtr<T> {}
-unsafe impl<T> Sync for SendPtr<T> {}
-impl<T> SendPtr<T> {
-    fn get(self) -> *mut T {
-        self.0
-    }
-}
-
 /// `c[i·ldc + j] (+)= Σ_p a[i·lda + p] ⋅ B[p, j]` for i < m, j < ncols: `a` pairs (the first
 /// `kp` of each row are used), `b` packed panels of `kp` steps ([`pack_t`], [`pack_n`]).
 /// Tasks of [`MC`] rows × one panel; each passes over the panel [`KC`] steps at a time.
@@ -497,6 +486,7 @@ mod emulate;
 mod operands;
 pub mod weight;
 
+use crate::ops::SendPtr;
 pub use emulate::{dot_pair, dots_emulated, round_bf16, tile_emulated};
 use operands::uninit;
 pub use operands::{pack_n, pack_t, round_pairs};

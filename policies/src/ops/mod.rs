@@ -21,6 +21,19 @@ pub mod swiglu;
 
 use candle_core::{CpuStorage, DType, Layout, Shape};
 
+/// An output pointer shared by the tasks of a parallel kernel, each writing its own
+/// disjoint part of the destination (tiles, columns).
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: the kernels that share one write disjoint elements through it.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 /// The widest x86 vector build this CPU runs, chosen once: the element-wise kernels
 /// (the fused attention's row passes, SwiGLU) are each built for AVX-512, for AVX2 + FMA and
 /// portably, and pick their build by it.

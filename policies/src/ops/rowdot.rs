@@ -2,9 +2,14 @@
 //! rows. gemm packs its right operand into panels on every call, and for `Wᵀ` (a row-major
 //! weight read by columns) that packing is a scalar strided copy of the whole weight: half
 //! of a decoding profile. With few rows (`f32_max_rows`) each weight row is read once,
-//! straight from memory, against every input row.
+//! straight from memory, against every input row: f32 weights here (AVX-512 4 × 4 tiles,
+//! AVX2 four-row kernels, a portable loop), half-precision and coded weights in [`half`].
 
-use super::half_weight::RowSource;
+mod half;
+
+pub use half::{rowdot_half, rowdot_widened};
+
+use crate::ops::SendPtr;
 use rayon::prelude::*;
 
 /// Up to this many rows take the dot-product path (the half-precision and k-bit kernels;
@@ -19,11 +24,16 @@ const TILE_MAX_ROWS: usize = 64;
 
 /// The most rows [`rowdot`] takes for an f32 weight on this CPU.
 pub fn f32_max_rows() -> usize {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        return TILE_MAX_ROWS;
+    if has_tiles() {
+        TILE_MAX_ROWS
+    } else {
+        ROWDOT_MAX_ROWS
     }
-    ROWDOT_MAX_ROWS
+}
+
+/// Whether this CPU runs [`tile4x4_avx512`] (AVX-512F).
+fn has_tiles() -> bool {
+    crate::ops::simd_level() == crate::ops::SimdLevel::Avx512
 }
 
 /// `out[i·n + j] = Σ_p x[i·k + p] · w[j·k + p]` for `x` [m, k], `w` [n, k], both row-major.
@@ -33,7 +43,7 @@ pub fn rowdot(x: &[f32], w: &[f32], m: usize, n: usize, k: usize, parallel: bool
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let dst = SendPtr(out.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if has_tiles() {
         // Tiles of TILE weight rows: each input vector loaded once for all of them.
         for_each_index(n.div_ceil(TILE), parallel, |t| {
             tile_columns(x, w, t * TILE, (m, n, k), dst)
@@ -50,37 +60,6 @@ pub fn rowdot(x: &[f32], w: &[f32], m: usize, n: usize, k: usize, parallel: bool
     out
 }
 
-/// Weight rows widened to f32 per block in [`rowdot_half`]'s portable path.
-const HALF_BLOCK_ROWS: usize = 32;
-
-/// [`rowdot`] for a bf16/f16 weight, each weight row read once, in half precision (half the
-/// bytes of decoding's memory-bound products), and accumulated in f32. With AVX2, FMA and
-/// F16C the kernels widen 8 values per load in registers; otherwise each task widens a
-/// block of [`HALF_BLOCK_ROWS`] weight rows into its own f32 buffer for the f32 kernels.
-pub fn rowdot_half(
-    x: &[f32],
-    w: super::half_weight::HalfRows<'_>,
-    m: usize,
-    n: usize,
-    k: usize,
-    parallel: bool,
-) -> Vec<f32> {
-    assert!(x.len() >= m * k && w.len() >= n * k);
-    #[cfg(target_arch = "x86_64")]
-    if let Some(kernels) = half_kernels(w) {
-        let bits = w.bits();
-        let mut out: Vec<f32> = Vec::with_capacity(m * n);
-        let dst = SendPtr(out.as_mut_ptr());
-        for_each_index(n.div_ceil(HALF_TILE_COLS), parallel, |t| {
-            half_tile(x, bits, t * HALF_TILE_COLS, (m, n, k), dst, kernels)
-        });
-        // SAFETY: every one of the m·n elements was written above.
-        unsafe { out.set_len(m * n) };
-        return out;
-    }
-    rowdot_widened(x, &w, HALF_BLOCK_ROWS, (m, n, k), parallel)
-}
-
 /// `f(0..count)`, split across rayon's threads when `parallel`.
 fn for_each_index(count: usize, parallel: bool, f: impl Fn(usize) + Send + Sync) {
     if parallel {
@@ -90,207 +69,8 @@ fn for_each_index(count: usize, parallel: bool, f: impl Fn(usize) + Send + Sync)
     }
 }
 
-/// [`rowdot`] for any [`RowSource`] weight [n, k] (k-bit codes; [`rowdot_half`]'s portable
-/// path): blocks of `block_rows` weight rows widened into a buffer per task, then dotted
-/// with every input row.
-pub fn rowdot_widened(
-    x: &[f32],
-    w: &impl RowSource,
-    block_rows: usize,
-    (m, n, k): (usize, usize, usize),
-    parallel: bool,
-) -> Vec<f32> {
-    assert!(x.len() >= m * k);
-    let block_rows = block_rows.max(1);
-    let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    let dst = SendPtr(out.as_mut_ptr());
-    let block = |buf: &mut Vec<f32>, b: usize| {
-        let (j0, j1) = (b * block_rows, ((b + 1) * block_rows).min(n));
-        buf.resize((j1 - j0) * k, 0.0);
-        w.widen(j0 * k, buf);
-        for j in j0..j1 {
-            let r = (j - j0) * k;
-            column(x, &buf[r..r + k], j, (m, n, k), dst);
-        }
-    };
-    let blocks = n.div_ceil(block_rows);
-    if parallel {
-        (0..blocks).into_par_iter().for_each_init(Vec::new, block);
-    } else {
-        let mut buf = Vec::new();
-        (0..blocks).for_each(|b| block(&mut buf, b));
-    }
-    // SAFETY: every one of the m·n elements was written above (each block its columns).
-    unsafe { out.set_len(m * n) };
-    out
-}
-
-/// Weight rows per tile of the fused half-precision kernel: each load of an input row
-/// serves this many weight rows, so the inputs are streamed from cache a third as often
-/// (a 4 × 3 tile: 12 accumulators, 3 weight and 1 input register of the 16).
-const HALF_TILE_COLS: usize = 3;
-
-/// The 4-row × 3-weight-row tile kernel and the one-row kernel for a half-precision weight
-/// row given as raw bits.
-#[cfg(target_arch = "x86_64")]
-type HalfKernels = (
-    unsafe fn(&[f32], [&[u16]; HALF_TILE_COLS], usize) -> [[f32; HALF_TILE_COLS]; 4],
-    unsafe fn(&[f32], &[u16]) -> f32,
-);
-
-/// The fused widen-and-multiply kernels for `w`'s dtype, when this CPU runs them.
-#[cfg(target_arch = "x86_64")]
-fn half_kernels(w: super::half_weight::HalfRows<'_>) -> Option<HalfKernels> {
-    use super::half_weight::HalfRows;
-    if !(has_avx2_fma() && std::arch::is_x86_feature_detected!("f16c")) {
-        return None;
-    }
-    Some(match w {
-        HalfRows::Bf16(_) => (tile4x3_half_avx2::<true>, dot_half_avx2::<true>),
-        HalfRows::F16(_) => (tile4x3_half_avx2::<false>, dot_half_avx2::<false>),
-    })
-}
-
-/// Output columns `j0..j0+3` (fewer at the end) for every row of `x`, from the
-/// half-precision weight `bits` [n, k].
-#[cfg(target_arch = "x86_64")]
-fn half_tile(
-    x: &[f32],
-    bits: &[u16],
-    j0: usize,
-    (m, n, k): (usize, usize, usize),
-    dst: SendPtr,
-    (tile, dot1): HalfKernels,
-) {
-    // SAFETY (the writes): i < m, j < n; each (i, j) is written once, by the task of its tile.
-    let put = |i: usize, j: usize, v: f32| unsafe { dst.get().add(i * n + j).write(v) };
-    let row = |j: usize| &bits[j * k..(j + 1) * k];
-    let cols = HALF_TILE_COLS.min(n - j0);
-    let mut i = 0;
-    if cols == HALF_TILE_COLS {
-        let w = [row(j0), row(j0 + 1), row(j0 + 2)];
-        while i + 4 <= m {
-            // SAFETY: the kernels' CPU features were detected (half_kernels); rows
-            // i..i+4 are in x and each weight row holds k values.
-            let d = unsafe { tile(&x[i * k..(i + 4) * k], w, k) };
-            for (r, vals) in d.into_iter().enumerate() {
-                for (c, v) in vals.into_iter().enumerate() {
-                    put(i + r, j0 + c, v);
-                }
-            }
-            i += 4;
-        }
-    }
-    for r in i..m {
-        for j in j0..j0 + cols {
-            // SAFETY: as above.
-            put(r, j, unsafe { dot1(&x[r * k..(r + 1) * k], row(j)) });
-        }
-    }
-}
-
-/// Eight half-precision values at `p` widened to f32: bf16 by a 16-bit shift, f16 by F16C.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn load8_half<const BF16: bool>(p: *const u16) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    let v = _mm_loadu_si128(p as *const __m128i);
-    if BF16 {
-        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
-    } else {
-        _mm256_cvtph_ps(v)
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn half_bits_to_f32<const BF16: bool>(b: u16) -> f32 {
-    if BF16 {
-        f32::from_bits((b as u32) << 16)
-    } else {
-        half::f16::from_bits(b).to_f32()
-    }
-}
-
-/// Four rows of `x4` (4 × k) against three half-precision weight rows: 12 dot products,
-/// each weight vector widened once per 8 values and each input vector loaded once for all
-/// three weight rows.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile4x3_half_avx2<const BF16: bool>(
-    x4: &[f32],
-    w: [&[u16]; HALF_TILE_COLS],
-    k: usize,
-) -> [[f32; HALF_TILE_COLS]; 4] {
-    use std::arch::x86_64::*;
-    assert!(x4.len() >= 4 * k && w.iter().all(|r| r.len() >= k));
-    let pw = w.map(|r| r.as_ptr());
-    let px = [0, 1, 2, 3].map(|r| x4.as_ptr().add(r * k));
-    let mut acc = [[_mm256_setzero_ps(); HALF_TILE_COLS]; 4];
-    let mut p = 0;
-    while p + 8 <= k {
-        let wv = pw.map(|q| load8_half::<BF16>(q.add(p)));
-        for r in 0..4 {
-            let xv = _mm256_loadu_ps(px[r].add(p));
-            for c in 0..HALF_TILE_COLS {
-                acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
-            }
-        }
-        p += 8;
-    }
-    let mut out = [[0f32; HALF_TILE_COLS]; 4];
-    for r in 0..4 {
-        for c in 0..HALF_TILE_COLS {
-            let mut s = hsum256(acc[r][c]);
-            for q in p..k {
-                s += *px[r].add(q) * half_bits_to_f32::<BF16>(*pw[c].add(q));
-            }
-            out[r][c] = s;
-        }
-    }
-    out
-}
-
-/// One row of `x` against a half-precision weight row.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_half_avx2<const BF16: bool>(x: &[f32], w: &[u16]) -> f32 {
-    use std::arch::x86_64::*;
-    let k = x.len().min(w.len());
-    let (px, pw) = (x.as_ptr(), w.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); 2];
-    let mut p = 0;
-    while p + 16 <= k {
-        acc[0] = _mm256_fmadd_ps(
-            _mm256_loadu_ps(px.add(p)),
-            load8_half::<BF16>(pw.add(p)),
-            acc[0],
-        );
-        acc[1] = _mm256_fmadd_ps(
-            _mm256_loadu_ps(px.add(p + 8)),
-            load8_half::<BF16>(pw.add(p + 8)),
-            acc[1],
-        );
-        p += 16;
-    }
-    let mut s = hsum256(_mm256_add_ps(acc[0], acc[1]));
-    for q in p..k {
-        s += *px.add(q) * half_bits_to_f32::<BF16>(*pw.add(q));
-    }
-    s
-}
-
-/// The sum of eight lanes, pairwise (the order [`dot4_avx2`] uses).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
-    let mut lanes = [0f32; 8];
-    std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), v);
-    ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
-        + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
-}
-
 /// Output column `j` for every row of `x`: one pass over weight row `wj` (k values).
-fn column(x: &[f32], wj: &[f32], j: usize, (m, n, k): (usize, usize, usize), dst: SendPtr) {
+fn column(x: &[f32], wj: &[f32], j: usize, (m, n, k): (usize, usize, usize), dst: SendPtr<f32>) {
     let put = |i: usize, v: f32| {
         // SAFETY: i < m and j < n, so i·n + j is inside the m·n allocation; each (i, j)
         // is written exactly once, by the one task that owns column j.
@@ -321,13 +101,26 @@ const TILE: usize = 4;
 /// tile's four interleaved 1-4 KB streams are too short for the hardware prefetcher, and
 /// without it the kernel read DRAM-resident weights at 6.5 GB/s against 16 GB/s with it
 /// (Zen 4, k = 256).
-pub(crate) const PREFETCH_BYTES: usize = 32 << 10;
+const PREFETCH_BYTES: usize = 32 << 10;
+
+/// How many elements ahead a kernel walking tiles of `tile` elements of `elem_bytes` each
+/// prefetches: [`PREFETCH_BYTES`] rounded up to whole tiles, so each tile's rows are
+/// fetched once, by the tile that many before it.
+pub(crate) fn prefetch_ahead(tile: usize, elem_bytes: usize) -> usize {
+    (PREFETCH_BYTES / elem_bytes).div_ceil(tile.max(1)) * tile
+}
 
 /// Output columns `j0..j0+TILE` (fewer at the end) for every row of `x`: 4 × 4 tiles of
 /// (input rows × weight rows), then the rows left over one at a time against the same tile.
 /// A weight row of fewer than TILE at the end goes through [`column`].
 #[cfg(target_arch = "x86_64")]
-fn tile_columns(x: &[f32], w: &[f32], j0: usize, (m, n, k): (usize, usize, usize), dst: SendPtr) {
+fn tile_columns(
+    x: &[f32],
+    w: &[f32],
+    j0: usize,
+    (m, n, k): (usize, usize, usize),
+    dst: SendPtr<f32>,
+) {
     if n - j0 < TILE {
         for j in j0..n {
             column(x, &w[j * k..(j + 1) * k], j, (m, n, k), dst);
@@ -371,10 +164,7 @@ unsafe fn tile4x4_avx512<const R: usize>(x: &[f32], w: &[f32], k: usize) -> [[f3
     let px: [*const f32; R] = std::array::from_fn(|r| x.as_ptr().add(r * k));
     let mut acc = [[_mm512_setzero_ps(); TILE]; R];
     let mut p = 0;
-    // The same rows PREFETCH_BYTES on (whole tiles ahead, so each line is fetched once).
-    let tile_floats = TILE * k;
-    let ahead_floats = (PREFETCH_BYTES / 4).div_ceil(tile_floats.max(1)) * tile_floats;
-    let ahead = pw.map(|q| q.wrapping_add(ahead_floats));
+    let ahead = pw.map(|q| q.wrapping_add(prefetch_ahead(TILE * k, 4)));
     while p + 16 <= k {
         for q in ahead {
             _mm_prefetch::<_MM_HINT_T2>(q.wrapping_add(p) as *const i8);
@@ -405,17 +195,6 @@ unsafe fn tile4x4_avx512<const R: usize>(x: &[f32], w: &[f32], k: usize) -> [[f3
         }
     }
     out
-}
-
-/// The output pointer, shared by the tasks that write disjoint columns.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 type Dot4 = unsafe fn(&[f32], &[f32], usize) -> [f32; 4];
@@ -566,6 +345,7 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    use super::half::HALF_BLOCK_ROWS;
     use super::*;
 
     /// Against an f64 reference, for lengths around the vector widths and both paths.

@@ -124,10 +124,9 @@ pub unsafe fn dots(x: *const u16, w: *const u16, k: usize, mr: usize, nc: usize)
         };
         std::mem::transmute::<__m512i, __m512bh>(v)
     };
-    // The weight rows PREFETCH_BYTES on, into L2, whole tiles ahead (as the f32 row
-    // products do: a tile's four short streams escape the hardware prefetcher).
-    let tile = 4 * k;
-    let ahead = (crate::ops::rowdot::PREFETCH_BYTES / 2).div_ceil(tile.max(1)) * tile;
+    // The weight rows whole tiles ahead, into L2, as the f32 row products do: a tile's four
+    // short streams escape the hardware prefetcher.
+    let ahead = crate::ops::rowdot::prefetch_ahead(4 * k, 2);
     for s in 0..k.div_ceil(32) {
         for j in 0..4 {
             _mm_prefetch::<_MM_HINT_T2>(w.wrapping_add(ahead + j * k + 32 * s) as *const i8);
