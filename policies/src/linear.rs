@@ -154,6 +154,51 @@ impl Linear {
         y.reshape(out_dims)
     }
 
+    /// A scalar whose gradients are those of `Σ g ⊙ forward(x)` (`g` [.., out], the gradient
+    /// at the layer's output): the vector–Jacobian product a checkpointed backward needs of a
+    /// block's last layer. Where one CPU op computes the layer (LoRA or frozen), its backward
+    /// runs without its forward product and the scalar's value is 0 ([`crate::ops::vjp`]);
+    /// elsewhere it is the sum itself. LoRA dropout draws its mask as [`Linear::forward`] does.
+    pub fn vjp_surrogate(&self, x: &Tensor, g: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let lora = ctx
+            .adapter
+            .and_then(|a| a.module(&self.path).map(|m| (a, m)));
+        match (lora, &self.weight) {
+            (Some((adapter, module)), w) => {
+                let (a, b) = (
+                    ctx.param(module.a.as_tensor()),
+                    ctx.param(module.b.as_tensor()),
+                );
+                if crate::ops::lora_linear::applies(x, w, self.bias.as_ref(), &a, &b) {
+                    let mask = ctx.dropout_mask(adapter.config.lora_dropout, x.elem_count());
+                    return crate::ops::lora_linear::lora_linear_vjp(
+                        x,
+                        w,
+                        self.bias.as_ref(),
+                        &a,
+                        &b,
+                        adapter.scale(),
+                        mask,
+                        g,
+                    );
+                }
+            }
+            (None, LinearWeight::Dense(w))
+                if !(w.is_variable() && ctx.grad)
+                    && crate::ops::matmul::takes_any_rank(x, w)
+                    && self
+                        .bias
+                        .as_ref()
+                        .is_none_or(|b| !(b.is_variable() && ctx.grad)) =>
+            {
+                // A frozen bias adds a constant: no gradient.
+                return crate::ops::matmul::frozen_matmul_t_vjp(x, &w.detach(), g);
+            }
+            _ => {}
+        }
+        (self.forward(x, ctx)? * g)?.sum_all()
+    }
+
     /// `x Wᵀ` for `x` [n, in].
     fn base_product(&self, x2: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         match &self.weight {

@@ -38,8 +38,9 @@ pub const LIMIT_ENV: &str = "RLFT_MEMORY_LIMIT_MB";
 /// times 3/2 for what comes on top while the backward runs (gradients in flight, candle's
 /// temporaries, freed memory the allocator keeps): measured on W5, where the kept
 /// activations alone fell 32% short of the peak in f32 and in bf16. With `checkpointing`
-/// the layers keep only their input (one hidden-size vector each) and one layer's set is
-/// alive at a time, twice (the recompute and its gradients). Then the final
+/// the layers keep only their input (one hidden-size vector each), the last layer keeps its
+/// set through the head (`policies::backward`), and one other layer's set is alive at a
+/// time, twice (the recompute and its gradients). Then the final
 /// norm's output and the logits, their softmax and gradient over the vocabulary (one chunk
 /// of rows where the head is chunked: a frozen head on the CPU, `ops::head_logprob`), and
 /// the trainable values, gradients and AdamW's two moments. Weights: [`weight_bytes`].
@@ -92,7 +93,7 @@ fn pass_bytes(
         outputs * 4 + 6 * h + 2 * width + 3 * heads * seq
     };
     let kept = if checkpointing {
-        layers * h + 2 * per_layer
+        layers * h + 3 * per_layer
     } else {
         layers * per_layer * 3 / 2
     };
@@ -327,8 +328,9 @@ mod tests {
             training_bytes(m.as_ref(), b, t, 100, false),
             (4 * (b * t * per_token + 3 * b * t * 512 + 400)) as u64
         );
-        // Checkpointed: each layer keeps its 64-wide input; one layer's set, twice.
-        let per_token = 2 * 64 + 2 * layer + 64;
+        // Checkpointed: each layer keeps its 64-wide input; the last layer's set through the
+        // head, and one other layer's set, twice.
+        let per_token = 2 * 64 + 3 * layer + 64;
         assert_eq!(
             training_bytes(m.as_ref(), b, t, 100, true),
             (4 * (b * t * per_token + 3 * b * t * 512 + 400)) as u64

@@ -89,6 +89,22 @@ pub trait CausalLm: Send + Sync {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor>;
 
+    /// A scalar whose gradients (with respect to `x` and the block's parameters) are those of
+    /// `Σ block_forward(i, x) ⊙ g`, `g` being the gradient at the block's output: what a
+    /// checkpointed backward differentiates for each recomputed block. Its value is not
+    /// meant; a family may skip the products whose outputs no gradient reads (the last
+    /// linear layer's, see [`crate::linear::Linear::vjp_surrogate`]). No cache.
+    fn block_vjp(
+        &self,
+        i: usize,
+        x: &Tensor,
+        g: &Tensor,
+        pass: &PassCtx,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        Ok((self.block_forward(i, x, pass, ctx, None)? * g)?.sum_all()?)
+    }
+
     /// The norm after the last block.
     fn final_norm(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor>;
 

@@ -130,6 +130,80 @@ pub(super) unsafe fn gemm_f32_strided(
     );
 }
 
+/// `dst (+)= a · b` as [`gemm_f32_strided`], with the larger of the output's two dimensions
+/// cut into one part per thread (when [`parallelism`] would thread the product), each part a
+/// single-threaded gemm. For the thin products of a low-rank adapter (rank 16 as one of m, n,
+/// k) gemm's own threading gains little: on 2 cores the rank-16 products of a 576-wide layer
+/// ran at 70–130 GFLOP/s with it, 140–200 cut in two (docs/performance.md). Each output value
+/// is summed as the single-threaded gemm sums it.
+///
+/// # Safety
+/// As [`gemm_f32_strided`].
+pub(super) unsafe fn gemm_f32_split(
+    dst: *mut f32,
+    dst_rs: isize,
+    accumulate: bool,
+    (m, n, k): (usize, usize, usize),
+    (a, a_cs, a_rs): (*const f32, isize, isize),
+    (b, b_cs, b_rs): (*const f32, isize, isize),
+) {
+    let threads = match parallelism(m, n, k) {
+        gemm::Parallelism::Rayon(t) => t,
+        _ => 1,
+    };
+    // Parts start on whole 16-value vectors.
+    let along_m = m >= n;
+    let len = if along_m { m } else { n };
+    let part = len.div_ceil(threads).next_multiple_of(16);
+    if threads <= 1 || part >= len {
+        return gemm_f32_strided(
+            dst,
+            dst_rs,
+            accumulate,
+            (m, n, k),
+            (a, a_cs, a_rs),
+            (b, b_cs, b_rs),
+            gemm::Parallelism::None,
+        );
+    }
+    let (d, pa, pb) = (
+        super::SendPtr(dst),
+        super::SendPtr(a as *mut f32),
+        super::SendPtr(b as *mut f32),
+    );
+    use rayon::prelude::*;
+    (0..len.div_ceil(part)).into_par_iter().for_each(|t| {
+        let (s, e) = (t * part, ((t + 1) * part).min(len));
+        let s_ = s as isize;
+        // SAFETY: part t writes output rows (or columns) s..e alone; its operands are the
+        // same rows of a (or columns of b), inside what the caller's strides address.
+        unsafe {
+            let (d, a, b) = (d.get(), pa.get() as *const f32, pb.get() as *const f32);
+            if along_m {
+                gemm_f32_strided(
+                    d.offset(s_ * dst_rs),
+                    dst_rs,
+                    accumulate,
+                    (e - s, n, k),
+                    (a.offset(s_ * a_rs), a_cs, a_rs),
+                    (b, b_cs, b_rs),
+                    gemm::Parallelism::None,
+                )
+            } else {
+                gemm_f32_strided(
+                    d.offset(s_),
+                    dst_rs,
+                    accumulate,
+                    (m, e - s, k),
+                    (a, a_cs, a_rs),
+                    (b.offset(s_ * b_cs), b_cs, b_rs),
+                    gemm::Parallelism::None,
+                )
+            }
+        }
+    });
+}
+
 pub(super) fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     if n * k >= PARALLEL_MIN_WEIGHT || m * n * k >= PARALLEL_MIN_MACS {
         match candle_core::utils::get_num_threads() {

@@ -6,15 +6,15 @@
 //! computed as `x Wᵀ`, `+ b`, then `(s · xa) Bᵀ` accumulated into `y` (`xa = (m ⊙ x) Aᵀ`,
 //! [n, r]), so a layer leaves one [n, out] tensor in the graph where the composed ops leave
 //! four (the base product, `xa Bᵀ`, its scaled copy, the sum): at real size those copies are
-//! most of what a forward keeps for its backward. The backward recomputes `xa` and, with
-//! `g = dy B` [n, r]:
+//! most of what a forward keeps for its backward. The op keeps `s · xa` ([n, r]: r/out of the
+//! output's size) for the backward, which, with `g = dy B` [n, r], computes
 //!
 //! `dx = dy W + s · m ⊙ (g A)`, `dA = s · gᵀ (m ⊙ x)`, `dB = s · dyᵀ xa`.
 //!
 //! `m` is the inverted-dropout keep-mask (entries 0 or 1/(1−p)), drawn by the caller exactly
 //! where the composed path draws it.
 
-use super::gemm::{gemm_f32_strided, parallelism};
+use super::gemm::gemm_f32_split;
 use crate::linear::LinearWeight;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
@@ -59,20 +59,37 @@ pub fn lora_linear(
     mask: Option<Vec<f32>>,
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
-    if mask.as_ref().is_some_and(|m| m.len() != x.elem_count()) {
-        candle_core::bail!("lora-linear: a dropout mask of the wrong length");
-    }
-    let w = match w {
-        LinearWeight::Dense(t) => LinearWeight::Dense(t.contiguous()?),
-        q => q.clone(),
-    };
-    let op = LoraLinear {
-        w,
-        bias: bias.map(|b| b.to_vec1::<f32>()).transpose()?,
-        scale,
-        mask,
-    };
+    let op = LoraLinear::new(&x, w, bias, scale, mask)?;
     x.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+/// A scalar with the gradients of `Σ g ⊙ lora_linear(x, ..)` (`g` [.., out]) with respect to
+/// `x`, `a` and `b`, computed without the layer's product (value 0: [`super::vjp`]).
+#[allow(clippy::too_many_arguments)]
+pub fn lora_linear_vjp(
+    x: &Tensor,
+    w: &LinearWeight,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<Vec<f32>>,
+    g: &Tensor,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let op = LoraLinear::new(&x, w, bias, scale, mask)?;
+    if g.dims() != super::with_last(x.dims(), w.dims().0).dims() {
+        candle_core::bail!(
+            "lora-linear: an output gradient {:?} for inputs {:?}",
+            g.dims(),
+            x.dims()
+        );
+    }
+    let vjp = super::vjp::Vjp3 {
+        op,
+        g: g.contiguous()?,
+    };
+    x.apply_op3(&a.contiguous()?, &b.contiguous()?, vjp)
 }
 
 struct LoraLinear {
@@ -81,6 +98,34 @@ struct LoraLinear {
     scale: f64,
     /// The keep-mask's values, [n·in] like `x`.
     mask: Option<Vec<f32>>,
+    /// `s · xa` [n, r] from the forward, for the backward's `dB` (a backward without a
+    /// forward before it, or a second one, recomputes it).
+    xa: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl LoraLinear {
+    fn new(
+        x: &Tensor,
+        w: &LinearWeight,
+        bias: Option<&Tensor>,
+        scale: f64,
+        mask: Option<Vec<f32>>,
+    ) -> Result<Self> {
+        if mask.as_ref().is_some_and(|m| m.len() != x.elem_count()) {
+            candle_core::bail!("lora-linear: a dropout mask of the wrong length");
+        }
+        let w = match w {
+            LinearWeight::Dense(t) => LinearWeight::Dense(t.contiguous()?),
+            q => q.clone(),
+        };
+        Ok(LoraLinear {
+            w,
+            bias: bias.map(|b| b.to_vec1::<f32>()).transpose()?,
+            scale,
+            mask,
+            xa: std::sync::Mutex::new(None),
+        })
+    }
 }
 
 /// A CPU tensor's storage.
@@ -160,14 +205,13 @@ impl CustomOp3 for LoraLinear {
         // SAFETY: xd holds n·k values, A r·k (read as Aᵀ: column stride k); xa has room for
         // n·r, all written (accumulate = false) before set_len.
         unsafe {
-            gemm_f32_strided(
+            gemm_f32_split(
                 xa.as_mut_ptr(),
                 r as isize,
                 false,
                 (n, r, k),
                 (xd.as_ptr(), 1, k as isize),
                 (a.as_ptr(), k as isize, 1),
-                parallelism(n, r, k),
             );
             xa.set_len(n * r);
         }
@@ -177,16 +221,16 @@ impl CustomOp3 for LoraLinear {
         // SAFETY: xa holds n·r values, B out·r (read as Bᵀ: column stride r); y holds n·out
         // initialized values.
         unsafe {
-            gemm_f32_strided(
+            gemm_f32_split(
                 y.as_mut_ptr(),
                 out as isize,
                 true,
                 (n, out, r),
                 (xa.as_ptr(), 1, r as isize),
                 (b.as_ptr(), r as isize, 1),
-                parallelism(n, out, r),
             );
         }
+        *self.xa.lock().unwrap_or_else(|e| e.into_inner()) = Some(xa);
         Ok((CpuStorage::F32(y), super::with_last(dims, out)))
     }
 
@@ -239,14 +283,13 @@ impl CustomOp3 for LoraLinear {
             // SAFETY: every operand holds the [rows, cols] its strides describe (checked by the
             // shapes above); dst holds m·n initialized values.
             unsafe {
-                gemm_f32_strided(
+                gemm_f32_split(
                     dst.as_mut_ptr(),
                     mnk.1 as isize,
                     accumulate,
                     mnk,
                     (lhs.0.as_ptr(), lhs.1, lhs.2),
                     (rhs.0.as_ptr(), rhs.1, rhs.2),
-                    parallelism(mnk.0, mnk.1, mnk.2),
                 )
             }
         };
@@ -285,10 +328,14 @@ impl CustomOp3 for LoraLinear {
         // dA = gsᵀ (m ⊙ x): [r, k].
         let mut da = vec![0f32; r * k];
         product(&mut da, false, (r, k, n), (&gs, ri, 1), (xd, 1, ki));
-        // dB = dyᵀ (s · (m ⊙ x) Aᵀ): [out, r], xa recomputed.
-        let mut xa = vec![0f32; n * r];
-        product(&mut xa, false, (n, r, k), (xd, 1, ki), (av, ki, 1));
-        xa.iter_mut().for_each(|v| *v *= s);
+        // dB = dyᵀ (s · (m ⊙ x) Aᵀ): [out, r], from the forward's xa.
+        let kept = self.xa.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let xa = kept.filter(|v| v.len() == n * r).unwrap_or_else(|| {
+            let mut xa = vec![0f32; n * r];
+            product(&mut xa, false, (n, r, k), (xd, 1, ki), (av, ki, 1));
+            xa.iter_mut().for_each(|v| *v *= s);
+            xa
+        });
         let mut db = vec![0f32; out * r];
         product(&mut db, false, (out, r, n), (dyv, oi, 1), (&xa, 1, ri));
         Ok((

@@ -28,6 +28,20 @@ pub fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     bridge1(x, out, FrozenBwd { w: w.clone() })
 }
 
+/// A scalar with the gradient of `Σ g ⊙ frozen_matmul_t(x, w)` with respect to `x`
+/// (`g` [.., out]); where the CPU op runs, computed without the product (value 0:
+/// [`super::vjp`]).
+pub fn frozen_matmul_t_vjp(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<Tensor> {
+    if takes_any_rank(x, w) && g.dims() == super::with_last(x.dims(), w.dim(0)?).dims() {
+        let op = FrozenLinear { w: w.contiguous()? };
+        return x.contiguous()?.apply_op1(super::vjp::Vjp1 {
+            op,
+            g: g.contiguous()?,
+        });
+    }
+    (frozen_matmul_t(x, w)? * g)?.sum_all()
+}
+
 struct FrozenBwd {
     w: Tensor,
 }

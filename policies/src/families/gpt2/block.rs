@@ -99,8 +99,12 @@ impl Mlp {
     }
 
     pub fn forward(&self, h: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let m = self.act.apply(&self.c_fc.forward(h, ctx)?)?;
-        Ok(self.c_proj.forward(&m, ctx)?)
+        Ok(self.c_proj.forward(&self.activation(h, ctx)?, ctx)?)
+    }
+
+    /// `act(c_fc(h))`: the output projection's input.
+    pub fn activation(&self, h: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        Ok(self.act.apply(&self.c_fc.forward(h, ctx)?)?)
     }
 }
 
@@ -165,5 +169,24 @@ impl Block {
         let x = (x + self.attn.forward(&h, pass, ctx, cache)?)?;
         let h = self.ln_2.forward(&x, ctx)?;
         Ok((x + self.mlp.forward(&h, ctx)?)?)
+    }
+
+    /// The surrogate `Σ forward(x) ⊙ g` of [`CausalLm::block_vjp`], without the MLP's output
+    /// projection's product (see the rotary block's).
+    ///
+    /// [`CausalLm::block_vjp`]: crate::families::CausalLm::block_vjp
+    pub fn vjp_surrogate(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        pass: &PassCtx,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let h = self.ln_1.forward(x, ctx)?;
+        let x = (x + self.attn.forward(&h, pass, ctx, None)?)?;
+        let h = self.ln_2.forward(&x, ctx)?;
+        let m = self.mlp.activation(&h, ctx)?;
+        let proj = self.mlp.c_proj.vjp_surrogate(&m, g, ctx)?;
+        Ok(((x * g)?.sum_all()? + proj)?)
     }
 }

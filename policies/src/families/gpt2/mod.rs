@@ -186,6 +186,17 @@ impl CausalLm for Gpt2 {
         nth_block(&self.blocks, i)?.forward(x, pass, ctx, cache)
     }
 
+    fn block_vjp(
+        &self,
+        i: usize,
+        x: &Tensor,
+        g: &Tensor,
+        pass: &PassCtx,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        nth_block(&self.blocks, i)?.vjp_surrogate(x, g, pass, ctx)
+    }
+
     fn final_norm(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         self.ln_f.forward(x, ctx)
     }

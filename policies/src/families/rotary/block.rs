@@ -100,14 +100,18 @@ impl Mlp {
     }
 
     pub fn forward(&self, h: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        Ok(self.down_proj.forward(&self.activation(h, ctx)?, ctx)?)
+    }
+
+    /// `act(gate(h)) · up(h)`: the down projection's input.
+    pub fn activation(&self, h: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let g = self.gate_proj.forward(h, ctx)?;
         let u = self.up_proj.forward(h, ctx)?;
-        let a = match self.act {
+        Ok(match self.act {
             // One op for silu(g) ⊙ u, forward and backward (ops::swiglu).
             Activation::Silu => crate::ops::swiglu(&g, &u)?,
             act => (act.apply(&g)? * u)?,
-        };
-        Ok(self.down_proj.forward(&a, ctx)?)
+        })
     }
 }
 
@@ -186,5 +190,26 @@ impl Block {
         let x = (x + self.self_attn.forward(&h, pass, ctx, cache)?)?;
         let h = self.post_attention_layernorm.forward(&x, ctx)?;
         Ok((x + self.mlp.forward(&h, ctx)?)?)
+    }
+
+    /// The surrogate `Σ forward(x) ⊙ g` of [`CausalLm::block_vjp`], without the down
+    /// projection's product: `forward(x) = x' + down(a)`, so it is `Σ x' ⊙ g` plus the down
+    /// layer's [`Linear::vjp_surrogate`].
+    ///
+    /// [`CausalLm::block_vjp`]: crate::families::CausalLm::block_vjp
+    /// [`Linear::vjp_surrogate`]: crate::linear::Linear::vjp_surrogate
+    pub fn vjp_surrogate(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        pass: &PassCtx,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x, ctx)?;
+        let x = (x + self.self_attn.forward(&h, pass, ctx, None)?)?;
+        let h = self.post_attention_layernorm.forward(&x, ctx)?;
+        let a = self.mlp.activation(&h, ctx)?;
+        let down = self.mlp.down_proj.vjp_surrogate(&a, g, ctx)?;
+        Ok(((x * g)?.sum_all()? + down)?)
     }
 }
