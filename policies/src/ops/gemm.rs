@@ -133,9 +133,9 @@ pub(super) unsafe fn gemm_f32_strided(
 /// `dst (+)= a · b` as [`gemm_f32_strided`], with the larger of the output's two dimensions
 /// cut into one part per thread (when [`parallelism`] would thread the product), each part a
 /// single-threaded gemm. For the thin products of a low-rank adapter (rank 16 as one of m, n,
-/// k) gemm's own threading gains little: on 2 cores the rank-16 products of a 576-wide layer
-/// ran at 70–130 GFLOP/s with it, 140–200 cut in two (docs/performance.md). Each output value
-/// is summed as the single-threaded gemm sums it.
+/// k) gemm's own threading splits the work unevenly: in a W5 step on 2 cores the LoRA op's
+/// products took ~13% less time cut this way (docs/performance.md). Each output value is
+/// summed as the single-threaded gemm sums it.
 ///
 /// # Safety
 /// As [`gemm_f32_strided`].
