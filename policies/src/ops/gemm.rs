@@ -151,57 +151,45 @@ pub(super) unsafe fn gemm_f32_split(
         gemm::Parallelism::Rayon(t) => t,
         _ => 1,
     };
-    // Parts start on whole 16-value vectors.
+    // Parts start on whole 16-value vectors; one part is the whole product.
     let along_m = m >= n;
     let len = if along_m { m } else { n };
-    let part = len.div_ceil(threads).next_multiple_of(16);
-    if threads <= 1 || part >= len {
-        return gemm_f32_strided(
-            dst,
-            dst_rs,
-            accumulate,
-            (m, n, k),
-            (a, a_cs, a_rs),
-            (b, b_cs, b_rs),
-            gemm::Parallelism::None,
-        );
-    }
+    let part = len.div_ceil(threads).next_multiple_of(16).min(len).max(1);
     let (d, pa, pb) = (
         super::SendPtr(dst),
         super::SendPtr(a as *mut f32),
         super::SendPtr(b as *mut f32),
     );
-    use rayon::prelude::*;
-    (0..len.div_ceil(part)).into_par_iter().for_each(|t| {
+    let run = |t: usize| {
         let (s, e) = (t * part, ((t + 1) * part).min(len));
         let s_ = s as isize;
-        // SAFETY: part t writes output rows (or columns) s..e alone; its operands are the
-        // same rows of a (or columns of b), inside what the caller's strides address.
+        // Part t: output rows (or columns) s..e, from the same rows of a (or columns of b).
+        let (d_at, a_at, b_at, mnk) = if along_m {
+            (s_ * dst_rs, s_ * a_rs, 0, (e - s, n, k))
+        } else {
+            (s_, 0, s_ * b_cs, (m, e - s, k))
+        };
+        // SAFETY: part t writes its own rows (or columns) of dst; its operands lie inside
+        // what the caller's strides address.
         unsafe {
-            let (d, a, b) = (d.get(), pa.get() as *const f32, pb.get() as *const f32);
-            if along_m {
-                gemm_f32_strided(
-                    d.offset(s_ * dst_rs),
-                    dst_rs,
-                    accumulate,
-                    (e - s, n, k),
-                    (a.offset(s_ * a_rs), a_cs, a_rs),
-                    (b, b_cs, b_rs),
-                    gemm::Parallelism::None,
-                )
-            } else {
-                gemm_f32_strided(
-                    d.offset(s_),
-                    dst_rs,
-                    accumulate,
-                    (m, e - s, k),
-                    (a, a_cs, a_rs),
-                    (b.offset(s_ * b_cs), b_cs, b_rs),
-                    gemm::Parallelism::None,
-                )
-            }
+            gemm_f32_strided(
+                d.get().offset(d_at),
+                dst_rs,
+                accumulate,
+                mnk,
+                ((pa.get() as *const f32).offset(a_at), a_cs, a_rs),
+                ((pb.get() as *const f32).offset(b_at), b_cs, b_rs),
+                gemm::Parallelism::None,
+            )
         }
-    });
+    };
+    let parts = len.div_ceil(part);
+    if parts <= 1 {
+        run(0)
+    } else {
+        use rayon::prelude::*;
+        (0..parts).into_par_iter().for_each(run);
+    }
 }
 
 pub(super) fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
@@ -376,6 +364,68 @@ mod tests {
             .unwrap()
             .to_scalar()
             .unwrap()
+    }
+
+    /// The split product equals the plain single-threaded one, cut along m or along n, with
+    /// and without accumulation, strided operands (a transposed lhs), small and large enough
+    /// to be cut.
+    #[test]
+    fn split_product_equals_the_whole() {
+        let val = |i: usize| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5;
+        // (m, n, k): cut along m (a LoRA xa), along n (a LoRA dA) — both past
+        // PARALLEL_MIN_MACS, so cut wherever there are two threads — and too small to cut.
+        for (m, n, k) in [(1000, 16, 300), (16, 600, 1000), (40, 16, 30)] {
+            let a: Vec<f32> = (0..m * k).map(val).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| val(i + 17)).collect();
+            for (transposed, accumulate) in [(false, false), (true, true)] {
+                // a as [m, k] row-major, or read as the transpose of a [k, m] row-major array.
+                let (a_cs, a_rs) = if transposed {
+                    (m as isize, 1)
+                } else {
+                    (1, k as isize)
+                };
+                let init: Vec<f32> = (0..m * n).map(|i| val(i + 5)).collect();
+                let (mut whole, mut split) = (init.clone(), init);
+                // SAFETY: a holds m·k values, b k·n (row-major, [k, n]), dst m·n.
+                unsafe {
+                    gemm_f32_strided(
+                        whole.as_mut_ptr(),
+                        n as isize,
+                        accumulate,
+                        (m, n, k),
+                        (a.as_ptr(), a_cs, a_rs),
+                        (b.as_ptr(), 1, n as isize),
+                        gemm::Parallelism::None,
+                    );
+                    gemm_f32_split(
+                        split.as_mut_ptr(),
+                        n as isize,
+                        accumulate,
+                        (m, n, k),
+                        (a.as_ptr(), a_cs, a_rs),
+                        (b.as_ptr(), 1, n as isize),
+                    );
+                }
+                let worst = whole
+                    .iter()
+                    .zip(&split)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(worst <= 1e-4, "({m}, {n}, {k}) {transposed}: {worst}");
+                // The reference itself: one entry by hand.
+                let (i, j) = (m - 1, n - 1);
+                let mut want = if accumulate { val(i * n + j + 5) } else { 0.0 };
+                for p in 0..k {
+                    let av = if transposed {
+                        a[p * m + i]
+                    } else {
+                        a[i * k + p]
+                    };
+                    want += av * b[p * n + j];
+                }
+                assert!((split[i * n + j] - want).abs() <= 1e-3, "({m}, {n}, {k})");
+            }
+        }
     }
 
     /// Agrees with candle's matmul for both layouts, for a view at an offset (a narrowed
