@@ -4,6 +4,7 @@
 //! `y = x Wᵀ + b + (α/r) · B A dropout(x)`
 
 use crate::ctx::ForwardCtx;
+use crate::lora::{Adapter, LoraModule};
 use crate::ops::frozen_matmul_t;
 use crate::quant::QuantWeight;
 use candle_core::{DType, Result, Tensor};
@@ -75,6 +76,19 @@ pub struct Linear {
     pub conv1d: bool,
 }
 
+/// The single CPU op [`Linear::one_op`] found for a layer.
+enum OneOp {
+    /// The LoRA op with the adapter's (tracked or detached) `A`, `B`, its scale and mask.
+    Lora {
+        a: Tensor,
+        b: Tensor,
+        scale: f64,
+        mask: Option<Vec<f32>>,
+    },
+    /// The frozen op with the (detached) weight.
+    Frozen(Tensor),
+}
+
 impl Linear {
     /// A layer with a dense weight.
     pub fn dense(path: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
@@ -105,49 +119,72 @@ impl Linear {
         })
     }
 
+    /// The adapter's module for this layer, if the active adapter has one.
+    fn lora<'a>(&self, ctx: &ForwardCtx<'a>) -> Option<(&'a Adapter, &'a LoraModule)> {
+        ctx.adapter
+            .and_then(|a| a.module(&self.path).map(|m| (a, m)))
+    }
+
+    /// The one CPU op that computes this layer on `x`, when there is one: the LoRA op
+    /// (`ops::lora_linear`, its dropout mask drawn here, where the composed path would draw
+    /// it) or, without an adapter module, the frozen op (`ops::matmul`; the bias is added
+    /// after it). Both take `x` as it comes: no reshapes in the graph.
+    fn one_op(&self, x: &Tensor, ctx: &ForwardCtx) -> Option<OneOp> {
+        match (self.lora(ctx), &self.weight) {
+            (Some((adapter, module)), w) => {
+                let (a, b) = (
+                    ctx.param(module.a.as_tensor()),
+                    ctx.param(module.b.as_tensor()),
+                );
+                crate::ops::lora_linear::applies(x, w, self.bias.as_ref(), &a, &b).then(|| {
+                    let mask = ctx.dropout_mask(adapter.config.lora_dropout, x.elem_count());
+                    OneOp::Lora {
+                        a,
+                        b,
+                        scale: adapter.scale(),
+                        mask,
+                    }
+                })
+            }
+            (None, LinearWeight::Dense(w)) => (!(w.is_variable() && ctx.grad)
+                && crate::ops::matmul::takes_any_rank(x, w))
+            .then(|| OneOp::Frozen(w.detach())),
+            (None, LinearWeight::Quantized(_)) => None,
+        }
+    }
+
     /// `x`: [..., in] → [..., out].
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let lora = ctx
-            .adapter
-            .and_then(|a| a.module(&self.path).map(|m| (a, m)));
-        if let Some((adapter, module)) = lora {
-            let (a, b) = (
-                ctx.param(module.a.as_tensor()),
-                ctx.param(module.b.as_tensor()),
-            );
-            if crate::ops::lora_linear::applies(x, &self.weight, self.bias.as_ref(), &a, &b) {
-                // One op for base + adapter (ops::lora_linear): one output in the graph, and
-                // no reshapes around it.
-                let p = adapter.config.lora_dropout;
-                let mask = ctx.dropout_mask(p, x.elem_count());
+        let bias = self.bias.as_ref();
+        match self.one_op(x, ctx) {
+            // One op for base + adapter: one output in the graph.
+            Some(OneOp::Lora { a, b, scale, mask }) => {
                 return crate::ops::lora_linear::lora_linear(
                     x,
                     &self.weight,
-                    self.bias.as_ref(),
+                    bias,
                     &a,
                     &b,
-                    adapter.scale(),
+                    scale,
                     mask,
                 );
             }
-        }
-        if let (None, LinearWeight::Dense(w)) = (lora, &self.weight) {
-            if !(w.is_variable() && ctx.grad) && crate::ops::matmul::takes_any_rank(x, w) {
-                // The frozen op takes x as it comes: no reshapes in the graph.
-                let y = frozen_matmul_t(x, &w.detach())?;
-                return match &self.bias {
+            Some(OneOp::Frozen(w)) => {
+                let y = frozen_matmul_t(x, &w)?;
+                return match bias {
                     Some(b) => y.broadcast_add(&ctx.param(b)),
                     None => Ok(y),
                 };
             }
+            None => {}
         }
         let out_dims = crate::ops::with_last(x.dims(), self.out_features());
         let x2 = x.reshape(((), self.in_features()))?;
         let mut y = self.base_product(&x2, ctx)?;
-        if let Some(b) = &self.bias {
+        if let Some(b) = bias {
             y = y.broadcast_add(&ctx.param(b))?;
         }
-        if let Some((adapter, module)) = lora {
+        if let Some((adapter, module)) = self.lora(ctx) {
             let delta = module.delta(&x2, adapter.scale(), adapter.config.lora_dropout, ctx)?;
             y = (y + delta.to_dtype(x.dtype())?)?;
         }
@@ -160,43 +197,25 @@ impl Linear {
     /// runs without its forward product and the scalar's value is 0 ([`crate::ops::vjp`]);
     /// elsewhere it is the sum itself. LoRA dropout draws its mask as [`Linear::forward`] does.
     pub fn vjp_surrogate(&self, x: &Tensor, g: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let lora = ctx
-            .adapter
-            .and_then(|a| a.module(&self.path).map(|m| (a, m)));
-        match (lora, &self.weight) {
-            (Some((adapter, module)), w) => {
-                let (a, b) = (
-                    ctx.param(module.a.as_tensor()),
-                    ctx.param(module.b.as_tensor()),
-                );
-                if crate::ops::lora_linear::applies(x, w, self.bias.as_ref(), &a, &b) {
-                    let mask = ctx.dropout_mask(adapter.config.lora_dropout, x.elem_count());
-                    return crate::ops::lora_linear::lora_linear_vjp(
-                        x,
-                        w,
-                        self.bias.as_ref(),
-                        &a,
-                        &b,
-                        adapter.scale(),
-                        mask,
-                        g,
-                    );
-                }
+        let bias = self.bias.as_ref();
+        let trainable_bias = bias.is_some_and(|b| b.is_variable() && ctx.grad);
+        match self.one_op(x, ctx) {
+            Some(OneOp::Lora { a, b, scale, mask }) => crate::ops::lora_linear::lora_linear_vjp(
+                x,
+                &self.weight,
+                bias,
+                &a,
+                &b,
+                scale,
+                mask,
+                g,
+            ),
+            // A frozen bias adds a constant: no gradient.
+            Some(OneOp::Frozen(w)) if !trainable_bias => {
+                crate::ops::matmul::frozen_matmul_t_vjp(x, &w, g)
             }
-            (None, LinearWeight::Dense(w))
-                if !(w.is_variable() && ctx.grad)
-                    && crate::ops::matmul::takes_any_rank(x, w)
-                    && self
-                        .bias
-                        .as_ref()
-                        .is_none_or(|b| !(b.is_variable() && ctx.grad)) =>
-            {
-                // A frozen bias adds a constant: no gradient.
-                return crate::ops::matmul::frozen_matmul_t_vjp(x, &w.detach(), g);
-            }
-            _ => {}
+            _ => (self.forward(x, ctx)? * g)?.sum_all(),
         }
-        (self.forward(x, ctx)? * g)?.sum_all()
     }
 
     /// `x Wᵀ` for `x` [n, in].

@@ -18,7 +18,7 @@ pub mod rope;
 pub mod rowdot;
 pub mod softmax;
 pub mod swiglu;
-pub(crate) mod vjp;
+pub mod vjp;
 
 use candle_core::{CpuStorage, DType, Layout, Shape};
 

@@ -4,7 +4,7 @@
 //! through the surrogate `Σ y ⊙ g` (`g` the gradient at the block's output `y`). A block ends
 //! `y = x + f(a)` with `f` a linear layer, whose backward reads its input and the gradient at
 //! its output, never the output itself: computing `f(a)` there is a wasted product (the
-//! down projection: a quarter of a Llama block's products). [`vjp1`] and [`vjp3`] put an op's
+//! down projection: a quarter of a Llama block's products). [`Vjp1`] and [`Vjp3`] put an op's
 //! backward behind a scalar node with `g` fixed as the gradient at the op's output:
 //!
 //! `∂s/∂args = gᵀ ∂op(args)/∂args`, the gradients of `Σ g ⊙ op(args)`,
@@ -28,7 +28,7 @@ fn zero() -> (CpuStorage, Shape) {
 }
 
 /// The surrogate of a one-input op whose backward does not read its output.
-pub(crate) struct Vjp1<O> {
+pub struct Vjp1<O> {
     pub op: O,
     /// The gradient at the op's output, shaped as that output.
     pub g: Tensor,
@@ -47,8 +47,9 @@ impl<O: CustomOp1> CustomOp1 for Vjp1<O> {
 }
 
 /// The surrogate of a three-input op whose backward does not read its output.
-pub(crate) struct Vjp3<O> {
+pub struct Vjp3<O> {
     pub op: O,
+    /// The gradient at the op's output, shaped as that output.
     pub g: Tensor,
 }
 

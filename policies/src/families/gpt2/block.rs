@@ -98,11 +98,7 @@ impl Mlp {
         })
     }
 
-    pub fn forward(&self, h: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        Ok(self.c_proj.forward(&self.activation(h, ctx)?, ctx)?)
-    }
-
-    /// `act(c_fc(h))`: the output projection's input.
+    /// `act(c_fc(h))`: the output projection's input (the MLP is `c_proj(activation(h))`).
     pub fn activation(&self, h: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         Ok(self.act.apply(&self.c_fc.forward(h, ctx)?)?)
     }
@@ -165,10 +161,24 @@ impl Block {
         ctx: &ForwardCtx,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        let (x, m) = self.mlp_input(x, pass, ctx, cache)?;
+        Ok((x + self.mlp.c_proj.forward(&m, ctx)?)?)
+    }
+
+    /// The block up to its last product: the residual stream after the attention `x'` and
+    /// the MLP's output projection's input `m`, so that `forward(x) = x' + c_proj(m)`.
+    fn mlp_input(
+        &self,
+        x: &Tensor,
+        pass: &PassCtx,
+        ctx: &ForwardCtx,
+        cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor, Tensor)> {
         let h = self.ln_1.forward(x, ctx)?;
         let x = (x + self.attn.forward(&h, pass, ctx, cache)?)?;
         let h = self.ln_2.forward(&x, ctx)?;
-        Ok((x + self.mlp.forward(&h, ctx)?)?)
+        let m = self.mlp.activation(&h, ctx)?;
+        Ok((x, m))
     }
 
     /// The surrogate `Σ forward(x) ⊙ g` of [`CausalLm::block_vjp`], without the MLP's output
@@ -182,10 +192,7 @@ impl Block {
         pass: &PassCtx,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
-        let h = self.ln_1.forward(x, ctx)?;
-        let x = (x + self.attn.forward(&h, pass, ctx, None)?)?;
-        let h = self.ln_2.forward(&x, ctx)?;
-        let m = self.mlp.activation(&h, ctx)?;
+        let (x, m) = self.mlp_input(x, pass, ctx, None)?;
         let proj = self.mlp.c_proj.vjp_surrogate(&m, g, ctx)?;
         Ok(((x * g)?.sum_all()? + proj)?)
     }

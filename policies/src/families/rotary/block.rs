@@ -99,11 +99,8 @@ impl Mlp {
         })
     }
 
-    pub fn forward(&self, h: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        Ok(self.down_proj.forward(&self.activation(h, ctx)?, ctx)?)
-    }
-
-    /// `act(gate(h)) · up(h)`: the down projection's input.
+    /// `act(gate(h)) · up(h)`: the down projection's input (the MLP is
+    /// `down_proj(activation(h))`).
     pub fn activation(&self, h: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let g = self.gate_proj.forward(h, ctx)?;
         let u = self.up_proj.forward(h, ctx)?;
@@ -186,10 +183,24 @@ impl Block {
         ctx: &ForwardCtx,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        let (x, a) = self.mlp_input(x, pass, ctx, cache)?;
+        Ok((x + self.mlp.down_proj.forward(&a, ctx)?)?)
+    }
+
+    /// The block up to its last product: the residual stream after the attention `x'` and
+    /// the down projection's input `a`, so that `forward(x) = x' + down_proj(a)`.
+    fn mlp_input(
+        &self,
+        x: &Tensor,
+        pass: &PassCtx,
+        ctx: &ForwardCtx,
+        cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor, Tensor)> {
         let h = self.input_layernorm.forward(x, ctx)?;
         let x = (x + self.self_attn.forward(&h, pass, ctx, cache)?)?;
         let h = self.post_attention_layernorm.forward(&x, ctx)?;
-        Ok((x + self.mlp.forward(&h, ctx)?)?)
+        let a = self.mlp.activation(&h, ctx)?;
+        Ok((x, a))
     }
 
     /// The surrogate `Σ forward(x) ⊙ g` of [`CausalLm::block_vjp`], without the down
@@ -205,10 +216,7 @@ impl Block {
         pass: &PassCtx,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
-        let h = self.input_layernorm.forward(x, ctx)?;
-        let x = (x + self.self_attn.forward(&h, pass, ctx, None)?)?;
-        let h = self.post_attention_layernorm.forward(&x, ctx)?;
-        let a = self.mlp.activation(&h, ctx)?;
+        let (x, a) = self.mlp_input(x, pass, ctx, None)?;
         let down = self.mlp.down_proj.vjp_surrogate(&a, g, ctx)?;
         Ok(((x * g)?.sum_all()? + down)?)
     }
