@@ -2,10 +2,12 @@
 //! rows. gemm packs its right operand into panels on every call, and for `Wᵀ` (a row-major
 //! weight read by columns) that packing is a scalar strided copy of the whole weight: half
 //! of a decoding profile. With few rows (`f32_max_rows`) each weight row is read once,
-//! straight from memory, against every input row: f32 weights here (AVX-512 4 × 4 tiles,
-//! AVX2 four-row kernels, a portable loop), half-precision and coded weights in [`half`].
+//! straight from memory, against every input row: f32 weights here (AVX-512 4 × 4 and AVX2
+//! 3 × 3 tiles in [`tiles`], four-row kernels, a portable loop), half-precision and coded
+//! weights in [`half`].
 
 mod half;
+mod tiles;
 
 pub use half::{rowdot_half, rowdot_widened};
 
@@ -16,24 +18,10 @@ use rayon::prelude::*;
 /// f32: [`f32_max_rows`]).
 pub const ROWDOT_MAX_ROWS: usize = 16;
 
-/// Up to this many rows an f32 product takes [`rowdot`] with AVX-512's 4 × 4 tiles: against
-/// gemm (which packs the weight on every call), on Zen 4 with SmolLM2's 576 × 576 weights
-/// from DRAM, 32 rows took 255 µs against 745, 64 rows 447 against 937, 128 rows the same
-/// time; so decoding batches up to 64 rows (GRPO's 32 completions) read each weight once.
-const TILE_MAX_ROWS: usize = 64;
-
-/// The most rows [`rowdot`] takes for an f32 weight on this CPU.
+/// The most rows [`rowdot`] takes for an f32 weight on this CPU: its tiles' bound
+/// ([`tiles`]), else [`ROWDOT_MAX_ROWS`].
 pub fn f32_max_rows() -> usize {
-    if has_tiles() {
-        TILE_MAX_ROWS
-    } else {
-        ROWDOT_MAX_ROWS
-    }
-}
-
-/// Whether this CPU runs [`tile4x4_avx512`] (AVX-512F).
-fn has_tiles() -> bool {
-    crate::ops::simd_level() == crate::ops::SimdLevel::Avx512
+    tiles::tiles().map_or(ROWDOT_MAX_ROWS, |t| t.max_rows.max(ROWDOT_MAX_ROWS))
 }
 
 /// `out[i·n + j] = Σ_p x[i·k + p] · w[j·k + p]` for `x` [m, k], `w` [n, k], both row-major.
@@ -42,11 +30,9 @@ pub fn rowdot(x: &[f32], w: &[f32], m: usize, n: usize, k: usize, parallel: bool
     assert!(x.len() >= m * k && w.len() >= n * k);
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let dst = SendPtr(out.as_mut_ptr());
-    #[cfg(target_arch = "x86_64")]
-    if has_tiles() {
-        // Tiles of TILE weight rows: each input vector loaded once for all of them.
-        for_each_index(n.div_ceil(TILE), parallel, |t| {
-            tile_columns(x, w, t * TILE, (m, n, k), dst)
+    if let Some(t) = tiles::tiles().filter(|t| m >= t.min_rows) {
+        for_each_index(n.div_ceil(t.width), parallel, |c| {
+            tiles::columns(t, x, w, c * t.width, (m, n, k), dst)
         });
         // SAFETY: every one of the m·n elements was written above (each task its columns).
         unsafe { out.set_len(m * n) };
@@ -94,10 +80,7 @@ fn column(x: &[f32], wj: &[f32], j: usize, (m, n, k): (usize, usize, usize), dst
     }
 }
 
-/// Weight rows per tile of [`tile4x4_avx512`].
-const TILE: usize = 4;
-
-/// How far ahead [`tile4x4_avx512`] prefetches weight rows (into L2), in bytes: a
+/// How far ahead the tiles prefetch weight rows (into L2), in bytes: a
 /// tile's four interleaved 1-4 KB streams are too short for the hardware prefetcher, and
 /// without it the kernel read DRAM-resident weights at 6.5 GB/s against 16 GB/s with it
 /// (Zen 4, k = 256).
@@ -108,93 +91,6 @@ const PREFETCH_BYTES: usize = 32 << 10;
 /// fetched once, by the tile that many before it.
 pub(crate) fn prefetch_ahead(tile: usize, elem_bytes: usize) -> usize {
     (PREFETCH_BYTES / elem_bytes).div_ceil(tile.max(1)) * tile
-}
-
-/// Output columns `j0..j0+TILE` (fewer at the end) for every row of `x`: 4 × 4 tiles of
-/// (input rows × weight rows), then the rows left over one at a time against the same tile.
-/// A weight row of fewer than TILE at the end goes through [`column`].
-#[cfg(target_arch = "x86_64")]
-fn tile_columns(
-    x: &[f32],
-    w: &[f32],
-    j0: usize,
-    (m, n, k): (usize, usize, usize),
-    dst: SendPtr<f32>,
-) {
-    if n - j0 < TILE {
-        for j in j0..n {
-            column(x, &w[j * k..(j + 1) * k], j, (m, n, k), dst);
-        }
-        return;
-    }
-    let wt = &w[j0 * k..(j0 + TILE) * k];
-    // SAFETY (the writes): i < m, j0 + c < n; each (i, j) is written once, by this task.
-    let put = |i: usize, c: usize, v: f32| unsafe { dst.get().add(i * n + j0 + c).write(v) };
-    let mut i = 0;
-    while i + 4 <= m {
-        // SAFETY: AVX-512F was detected (rowdot); rows i..i+4 are in x, wt holds TILE rows.
-        let d = unsafe { tile4x4_avx512::<4>(&x[i * k..(i + 4) * k], wt, k) };
-        for (r, vals) in d.into_iter().enumerate() {
-            for (c, v) in vals.into_iter().enumerate() {
-                put(i + r, c, v);
-            }
-        }
-        i += 4;
-    }
-    while i < m {
-        // SAFETY: as above, one input row.
-        let d = unsafe { tile4x4_avx512::<1>(&x[i * k..(i + 1) * k], wt, k) };
-        for (c, v) in d[0].into_iter().enumerate() {
-            put(i, c, v);
-        }
-        i += 1;
-    }
-}
-
-/// `R` input rows of `x` (R × k) against four weight rows of `w` (4 × k): R × 4 dot products
-/// with one 16-lane accumulator each, every weight vector loaded once for the R rows and
-/// every input vector once for the four weight rows (the k tail by masked loads, zeros
-/// beyond k). Each sum: lanes accumulated over k in steps of 16, then the lanes added.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn tile4x4_avx512<const R: usize>(x: &[f32], w: &[f32], k: usize) -> [[f32; TILE]; R] {
-    use std::arch::x86_64::*;
-    assert!(x.len() >= R * k && w.len() >= TILE * k);
-    let pw: [*const f32; TILE] = std::array::from_fn(|c| w.as_ptr().add(c * k));
-    let px: [*const f32; R] = std::array::from_fn(|r| x.as_ptr().add(r * k));
-    let mut acc = [[_mm512_setzero_ps(); TILE]; R];
-    let mut p = 0;
-    let ahead = pw.map(|q| q.wrapping_add(prefetch_ahead(TILE * k, 4)));
-    while p + 16 <= k {
-        for q in ahead {
-            _mm_prefetch::<_MM_HINT_T2>(q.wrapping_add(p) as *const i8);
-        }
-        let wv = [0, 1, 2, 3].map(|c| _mm512_loadu_ps(pw[c].add(p)));
-        for r in 0..R {
-            let xv = _mm512_loadu_ps(px[r].add(p));
-            for c in 0..TILE {
-                acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
-            }
-        }
-        p += 16;
-    }
-    if p < k {
-        let mask: __mmask16 = ((1u32 << (k - p)) - 1) as u16;
-        let wv = [0, 1, 2, 3].map(|c| _mm512_maskz_loadu_ps(mask, pw[c].add(p)));
-        for r in 0..R {
-            let xv = _mm512_maskz_loadu_ps(mask, px[r].add(p));
-            for c in 0..TILE {
-                acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
-            }
-        }
-    }
-    let mut out = [[0f32; TILE]; R];
-    for r in 0..R {
-        for c in 0..TILE {
-            out[r][c] = _mm512_reduce_add_ps(acc[r][c]);
-        }
-    }
-    out
 }
 
 type Dot4 = unsafe fn(&[f32], &[f32], usize) -> [f32; 4];
@@ -358,7 +254,13 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
         };
-        for (m, n, k) in [(1, 1, 1), (3, 5, 7), (8, 33, 40), (16, 70, 257)] {
+        for (m, n, k) in [
+            (1, 1, 1),
+            (3, 5, 7),
+            (8, 33, 40),
+            (16, 70, 257),
+            (7, 10, 23),
+        ] {
             let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
             let w: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
             for parallel in [false, true] {
@@ -371,6 +273,27 @@ mod tests {
                         assert!(
                             (out[i * n + j] as f64 - want).abs() < 1e-5,
                             "{m}x{n}x{k} [{i},{j}]"
+                        );
+                    }
+                }
+            }
+            // AVX2's tiles on their own (an AVX-512 host picked its own above).
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2_fma() {
+                let t = tiles::AVX2;
+                let mut out = vec![f32::NAN; m * n];
+                let dst = SendPtr(out.as_mut_ptr());
+                for c in 0..n.div_ceil(t.width) {
+                    tiles::columns(t, &x, &w, c * t.width, (m, n, k), dst);
+                }
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
+                            .sum();
+                        assert!(
+                            (out[i * n + j] as f64 - want).abs() < 1e-5,
+                            "AVX2 tiles {m}x{n}x{k} [{i},{j}]"
                         );
                     }
                 }
