@@ -173,17 +173,24 @@ unsafe fn dot4_avx2(x4: &[f32], w: &[f32], k: usize) -> [f32; 4] {
     }
     let mut out = [0f32; 4];
     for r in 0..4 {
-        let v = _mm256_add_ps(acc[r][0], acc[r][1]);
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-        let mut s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
-            + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        let mut s = hsum256(_mm256_add_ps(acc[r][0], acc[r][1]));
         for q in p..k {
             s += *px[r].add(q) * *pw.add(q);
         }
         out[r] = s;
     }
     out
+}
+
+/// The sum of eight lanes, pairwise: the last step of the four-row AVX2 kernels here and
+/// in [`half`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
+    let mut lanes = [0f32; 8];
+    std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), v);
+    ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+        + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
 }
 
 /// Four independent partial sums so the compiler can keep several multiply-adds in flight.
@@ -227,11 +234,10 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         );
         i += 8;
     }
-    let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-    let mut s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
-        + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    let mut s = hsum256(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ));
     while i < n {
         s += *pa.add(i) * *pb.add(i);
         i += 1;

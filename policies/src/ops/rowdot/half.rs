@@ -2,6 +2,8 @@
 //! ([`RowSource`]): each weight row read once in its stored width and multiplied in f32,
 //! by fused widen-and-FMA kernels (AVX2 + F16C) or by widening a block of rows at a time.
 
+#[cfg(target_arch = "x86_64")]
+use super::hsum256;
 use super::{column, for_each_index, has_avx2_fma};
 use crate::ops::half_weight::RowSource;
 use crate::ops::SendPtr;
@@ -225,14 +227,4 @@ unsafe fn dot_half_avx2<const BF16: bool>(x: &[f32], w: &[u16]) -> f32 {
         s += *px.add(q) * half_bits_to_f32::<BF16>(*pw.add(q));
     }
     s
-}
-
-/// The sum of eight lanes, pairwise (the order [`dot4_avx2`] uses).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
-    let mut lanes = [0f32; 8];
-    std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), v);
-    ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
-        + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
 }
