@@ -64,7 +64,7 @@ pub(super) const AVX2: Tiles = Tiles {
 
 /// Output columns `j0..j0+width` (fewer at the end) for every row of `x`: full tiles of
 /// input rows, then the rows left over one at a time against the same weight rows. Fewer
-/// than `width` weight rows at the end go through [`column`].
+/// than `width` weight rows at the end go through [`column()`].
 pub(super) fn columns(
     t: Tiles,
     x: &[f32],
@@ -201,7 +201,10 @@ unsafe fn tile3x3_avx2<const R: usize>(x: &[f32], w: &[f32], k: usize, out: &mut
     }
 }
 
-/// The sum of a vector's eight lanes.
+/// The sum of a vector's eight lanes, by shuffles. Not [`super::hsum256`] (the four-row
+/// kernels' stored-lanes tree): summed in that order the tiles round differently, and the
+/// two-rank reward-model/DPO parity test in `tests/distributed.rs` moved past its bound
+/// (relative 2.5e-4 against 1e-4), so the tiles keep the order they were measured with.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
 unsafe fn hsum_avx(v: std::arch::x86_64::__m256) -> f32 {
